@@ -1,0 +1,34 @@
+"""nnunet-tucker: post-training Tucker compression of trained nnU-Net v2 networks.
+
+The public API is imported lazily so that the start-up hook, which imports this package in every
+Python process, costs nothing until compression is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TuckerConfig": "nnunet_tucker.config",
+    "TuckerConfigError": "nnunet_tucker.config",
+    "compress_network": "nnunet_tucker.surgery",
+    "CompressionReport": "nnunet_tucker.accounting",
+    "TuckerPredictor": "nnunet_tucker.nnunet.predictor",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from .accounting import CompressionReport
+    from .config import TuckerConfig, TuckerConfigError
+    from .nnunet.predictor import TuckerPredictor
+    from .surgery import compress_network
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'nnunet_tucker' has no attribute {name!r}")

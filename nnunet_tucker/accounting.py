@@ -1,0 +1,207 @@
+"""What a compression changed: parameters and multiply-accumulates per layer and in total.
+
+MACs come from `torch.utils.flop_counter.FlopCounterMode` on a copy of the network on the meta
+device (shapes only, no arithmetic), so counting a full-size patch costs no compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    from .config import TuckerConfig
+    from .surgery import LayerPlan
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Parameters and MACs of a network; `macs_by_module` maps qualified names to MACs."""
+
+    params: int
+    macs: int | None
+    macs_by_module: dict[str, int]
+
+
+def count_params(network: nn.Module) -> int:
+    """Number of distinct parameters (shared modules counted once)."""
+    return sum(p.numel() for p in network.parameters())
+
+
+def count_macs(network: nn.Module, input_shape: Sequence[int]) -> tuple[int, dict[str, int]]:
+    """Total MACs of one forward pass on `input_shape`, and MACs per qualified module name."""
+    clone = copy.deepcopy(network).to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        clone(torch.empty(tuple(input_shape), device="meta"))
+    root = type(clone).__name__
+    by_module = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key.startswith(root + "."):
+            by_module[key[len(root) + 1 :]] = sum(ops.values()) // 2
+    return counter.get_total_flops() // 2, by_module
+
+
+def measure(network: nn.Module, input_shape: Sequence[int] | None) -> Measurement:
+    """Parameters, and MACs if `input_shape` is given."""
+    if input_shape is None:
+        return Measurement(count_params(network), None, {})
+    macs, by_module = count_macs(network, input_shape)
+    return Measurement(count_params(network), macs, by_module)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One convolution: its shape, its ranks (None if kept) and what it costs before and after."""
+
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    ranks: tuple[int, int] | None
+    reason: str
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    relative_error: float | None
+
+
+def _macs_of(aliases: Sequence[str], by_module: dict[str, int]) -> int | None:
+    return next((by_module[a] for a in aliases if a in by_module), None)
+
+
+def _layer_params(layer: LayerPlan) -> tuple[int, int]:
+    s, bias = layer.spec, layer.bias
+    k = math.prod(s.kernel_size)
+    before = s.in_channels * s.out_channels * k // s.groups + (s.out_channels if bias else 0)
+    if layer.ranks is None:
+        return before, before
+    r_in, r_out = layer.ranks
+    after = s.in_channels * r_in + r_in * r_out * k + r_out * s.out_channels + (s.out_channels if bias else 0)
+    return before, after
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer records and totals of one compression; `to_json()` for machines, `to_table()` for people."""
+
+    config: dict[str, Any]
+    input_shape: tuple[int, ...] | None
+    layers: list[LayerRecord]
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    decomposition_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        plan: Sequence[LayerPlan],
+        errors: dict[str, float],
+        before: Measurement,
+        after: Measurement,
+        config: TuckerConfig,
+        seconds: float,
+        input_shape: Sequence[int] | None = None,
+    ) -> CompressionReport:
+        records = []
+        for layer in plan:
+            params_before, params_after = _layer_params(layer)
+            records.append(
+                LayerRecord(
+                    name=layer.name,
+                    kind=("ConvTranspose" if layer.spec.transposed else "Conv") + f"{len(layer.spec.kernel_size)}d",
+                    in_channels=layer.spec.in_channels,
+                    out_channels=layer.spec.out_channels,
+                    kernel_size=layer.spec.kernel_size,
+                    stride=layer.spec.stride,
+                    ranks=layer.ranks,
+                    reason=layer.reason,
+                    params_before=params_before,
+                    params_after=params_after,
+                    macs_before=_macs_of(layer.aliases, before.macs_by_module),
+                    macs_after=_macs_of(layer.aliases, after.macs_by_module),
+                    relative_error=errors.get(layer.name),
+                )
+            )
+        return cls(
+            config=config.to_dict(),
+            input_shape=tuple(input_shape) if input_shape is not None else None,
+            layers=records,
+            params_before=before.params,
+            params_after=after.params,
+            macs_before=before.macs,
+            macs_after=after.macs,
+            decomposition_seconds=seconds,
+        )
+
+    @property
+    def decomposed_layers(self) -> int:
+        return sum(1 for layer in self.layers if layer.ranks is not None)
+
+    def summary(self) -> str:
+        """One line: ratio, policy, parameters and MACs before → after."""
+        c = self.config
+        text = (
+            f"rank_ratio={c['rank_ratio']} policy={c['policy']}: "
+            f"{self.decomposed_layers}/{len(self.layers)} convolutions decomposed, "
+            f"parameters {self.params_before / 1e6:.2f}M → {self.params_after / 1e6:.2f}M "
+            f"({_pct(self.params_after, self.params_before)})"
+        )
+        if self.macs_before is not None and self.macs_after is not None:
+            text += (
+                f", MACs {self.macs_before / 1e9:.1f}G → {self.macs_after / 1e9:.1f}G "
+                f"({_pct(self.macs_after, self.macs_before)}) per {'×'.join(map(str, self.input_shape[2:]))} patch"
+            )
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decomposed_layers"] = self.decomposed_layers
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_table(self) -> str:
+        """A fixed-width table of every layer, then the totals."""
+        head = (
+            f"{'layer':<48} {'type':<15} {'in':>4} {'out':>4} {'kernel':<8} {'stride':<8} "
+            f"{'ranks':<9} {'params':>17} {'GMACs':>15} {'rel.err':>7}"
+        )
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            ranks = f"{r.ranks[0]},{r.ranks[1]}" if r.ranks else "-"
+            macs = (
+                f"{r.macs_before / 1e9:.2f}→{r.macs_after / 1e9:.2f}"
+                if r.macs_before is not None and r.macs_after is not None
+                else ""
+            )
+            err = f"{r.relative_error:.3f}" if r.relative_error is not None else ""
+            rows.append(
+                f"{_shorten(r.name, 48):<48} {r.kind:<15} {r.in_channels:>4} {r.out_channels:>4} "
+                f"{'x'.join(map(str, r.kernel_size)):<8} {'x'.join(map(str, r.stride)):<8} {ranks:<9} "
+                f"{f'{r.params_before}→{r.params_after}':>17} {macs:>15} {err:>7}"
+            )
+        rows += ["-" * len(head), self.summary()]
+        return "\n".join(rows)
+
+
+def _pct(after: float, before: float) -> str:
+    return f"{100 * after / before:.1f}%" if before else "n/a"
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]

@@ -1,0 +1,169 @@
+"""What to compress and how: `TuckerConfig`, read from code, the environment or a model's plans.json.
+
+Sources are partial mappings of config fields. `resolve_config` merges them, later sources
+overriding earlier ones, so callers pass them lowest precedence first:
+plans.json ``"tucker"`` field < ``TUCKER_*`` environment variables < command-line flags.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+POLICIES = ("auto", "paper")
+
+
+class TuckerConfigError(ValueError):
+    """A compression setting has a value that is not allowed; the message names setting and value."""
+
+
+@dataclass(frozen=True)
+class _Field:
+    env: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_patterns(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+_FIELDS: dict[str, _Field] = {
+    "rank_ratio": _Field(
+        "TUCKER_RANK_RATIO", float, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"
+    ),
+    "policy": _Field(
+        "TUCKER_POLICY", str, lambda v: v in POLICIES, "one of " + ", ".join(repr(p) for p in POLICIES)
+    ),
+    "rank_min": _Field("TUCKER_RANK_MIN", int, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "rank_multiple": _Field(
+        "TUCKER_RANK_MULTIPLE", int, lambda v: _is_int(v) and v >= 1, "an integer >= 1"
+    ),
+    "hooi_iterations": _Field(
+        "TUCKER_HOOI_ITERATIONS", int, lambda v: _is_int(v) and v >= 0, "an integer >= 0"
+    ),
+    "exclude": _Field(
+        "TUCKER_EXCLUDE",
+        _parse_patterns,
+        lambda v: isinstance(v, tuple) and all(isinstance(p, str) and p for p in v),
+        "a list of module-name patterns (fnmatch), comma-separated in the environment",
+    ),
+}
+
+
+def _checked(name: str, value: Any, where: str) -> Any:
+    spec = _FIELDS[name]
+    if name == "exclude" and isinstance(value, list):
+        value = tuple(value)
+    if not spec.check(value):
+        raise TuckerConfigError(f"{where}={value!r} is not allowed: it must be {spec.allowed}")
+    return value
+
+
+@dataclass(frozen=True)
+class TuckerConfig:
+    """How to Tucker-compress a network.
+
+    rank_ratio: share of each channel mode kept, R = min(C, max(rank_min, ceil(C * rank_ratio))).
+    policy: ``"auto"`` leaves layers as they are where decomposition cannot save multiply-accumulates
+        (single-channel stems, small 1x1 heads, ranks too high); ``"paper"`` decomposes every
+        convolution but the 1x1 ones, as in the published method.
+    rank_min: lower bound of every rank.
+    rank_multiple: ranks are rounded up to a multiple of this (hardware alignment, e.g. 8).
+    hooi_iterations: HOOI refinement steps after the HOSVD start (0 = plain HOSVD).
+    exclude: fnmatch patterns of module names to leave as they are.
+    """
+
+    rank_ratio: float
+    policy: str = "auto"
+    rank_min: int = 8
+    rank_multiple: int = 1
+    hooi_iterations: int = 0
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name), f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TuckerConfig | None:
+        """The config the ``TUCKER_*`` environment variables ask for, or None if they ask for none."""
+        return resolve_config(read_env(environ))
+
+    @classmethod
+    def from_plans(cls, plans: Mapping[str, Any], source: str = "plans.json") -> TuckerConfig | None:
+        """The config a plans dict's top-level ``"tucker"`` object asks for, or None without one."""
+        return resolve_config(read_plans(plans, source))
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Validated config fields set by ``TUCKER_*`` environment variables (empty if none)."""
+    environ = os.environ if environ is None else environ
+    found = {}
+    for name, spec in _FIELDS.items():
+        text = environ.get(spec.env)
+        if text is None or text.strip() == "":
+            continue
+        try:
+            value = spec.parse(text.strip())
+        except ValueError:
+            raise TuckerConfigError(
+                f"{spec.env}={text!r} is not allowed: it must be {spec.allowed}"
+            ) from None
+        found[name] = _checked(name, value, spec.env)
+    return found
+
+
+def read_plans(plans: Mapping[str, Any], source: str = "plans.json") -> dict[str, Any]:
+    """Validated config fields from the top-level ``"tucker"`` object of a plans dict (empty if absent)."""
+    section = plans.get("tucker")
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise TuckerConfigError(
+            f"{source}: 'tucker' must be an object like {{\"rank_ratio\": 0.5}}, not {section!r}"
+        )
+    unknown = sorted(set(section) - set(_FIELDS))
+    if unknown:
+        raise TuckerConfigError(
+            f"{source}: unknown key(s) {unknown} in 'tucker'; allowed keys: {sorted(_FIELDS)}"
+        )
+    return {k: _checked(k, v, f"{source} 'tucker.{k}'") for k, v in section.items()}
+
+
+def resolve_config(*sources: Mapping[str, Any]) -> TuckerConfig | None:
+    """Merge partial configs, later ones winning field by field; None when no source asks for anything."""
+    merged: dict[str, Any] = {}
+    for source in sources:
+        merged.update({k: v for k, v in source.items() if v is not None})
+    if not merged:
+        return None
+    if "rank_ratio" not in merged:
+        raise TuckerConfigError(
+            f"compression settings {sorted(merged)} were given without a rank ratio: set "
+            "TUCKER_RANK_RATIO, the plans.json field 'tucker.rank_ratio' or -tucker_rank_ratio"
+        )
+    return TuckerConfig(**merged)
+
+
+def env_variables() -> dict[str, str]:
+    """Config field name -> environment variable that sets it (for documentation and CLIs)."""
+    return {name: spec.env for name, spec in _FIELDS.items()}

@@ -1,0 +1,186 @@
+"""Build the small demo model shipped with the package: a genuine nnU-Net v2 model trained on phantoms.
+
+Everything is done by nnU-Net's own code, so the result is an ordinary nnU-Net model folder:
+
+1. ``synthetic.make_raw_dataset`` writes Dataset990_Phantom into a temporary nnUNet_raw;
+2. ``nnUNetv2_plan_and_preprocess`` (run as a subprocess) fingerprints, plans and preprocesses
+   ``3d_fullres``;
+3. the 3d_fullres architecture in the plans is narrowed (fewer features per stage) so that training
+   and inference are quick on a CPU; the preprocessed data do not depend on it;
+4. ``nnUNetTrainer`` trains folds 0 and 1 in-process on the CPU with a short schedule;
+5. dataset.json, plans.json and the final checkpoints, stripped of optimizer state and training
+   logs, are moved to ``<out_dir>/Dataset990_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres``.
+
+``out_dir`` is laid out like an nnUNet_results folder, so ``nnUNet_results=<out_dir> nnUNetv2_predict
+-d 990 -c 3d_fullres -f 0 1`` uses it directly. ``python -m nnunet_tucker.demo_model`` regenerates
+the shipped copy (see ``demo_model_folder``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from nnunet_tucker.synthetic import make_raw_dataset
+
+logger = logging.getLogger(__name__)
+
+DATASET_ID = 990
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_Phantom"
+CONFIGURATION = "3d_fullres"
+MODEL_FOLDER_NAME = f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}"
+FOLDS = (0, 1)
+SHIPPED_ROOT = Path(__file__).resolve().parent / "data" / "demo_model"
+
+# Narrow network: nnU-Net's own plan for the phantoms is [32, 64, 128, 256, 320].
+FEATURES_PER_STAGE_CAP = (8, 16, 32, 64, 64)
+# Checkpoint entries nnU-Net's predictor reads, plus the epoch count for the record.
+CHECKPOINT_KEYS = ("network_weights", "trainer_name", "init_args", "inference_allowed_mirroring_axes",
+                   "current_epoch")
+
+
+def demo_model_folder() -> Path:
+    """Path of the model folder shipped inside the package (holds dataset.json, plans.json, fold_0, fold_1)."""
+    return SHIPPED_ROOT / DATASET_NAME / MODEL_FOLDER_NAME
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, restoring the old values afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _narrow_architecture(plans_file: Path) -> list[int]:
+    """Cap features_per_stage of the 3d_fullres plan in place; return the new feature counts."""
+    plans = json.loads(plans_file.read_text())
+    arch = plans["configurations"][CONFIGURATION]["architecture"]
+    features = arch["arch_kwargs"]["features_per_stage"]
+    if len(features) > len(FEATURES_PER_STAGE_CAP):
+        raise RuntimeError(f"nnU-Net planned {len(features)} stages, expected at most {len(FEATURES_PER_STAGE_CAP)}")
+    arch["arch_kwargs"]["features_per_stage"] = [min(f, c) for f, c in zip(features, FEATURES_PER_STAGE_CAP)]
+    plans_file.write_text(json.dumps(plans, indent=4))
+    return arch["arch_kwargs"]["features_per_stage"]
+
+
+def _train_fold(fold: int, epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int) -> list[float]:
+    """Train one fold with nnUNetTrainer on the CPU; return the last epoch's pseudo Dice per class.
+
+    The nnUNet_* environment variables must be set. The stock trainer (with a shorter schedule set
+    before it initialises its optimizer and LR schedule) writes checkpoints under the trainer name
+    'nnUNetTrainer', which nnU-Net's inference finds by name.
+    """
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, fold, device=torch.device("cpu"))
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
+    trainer.save_every = epochs + 1  # no intermediate checkpoint_latest.pth
+    trainer.run_training()
+    return [float(d) for d in trainer.logger.get_value("dice_per_class_or_region", step=-1)]
+
+
+def _export(trained_folder: Path, out_folder: Path) -> None:
+    """Copy dataset.json, plans.json and slimmed final checkpoints of FOLDS to ``out_folder``."""
+    out_folder.mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy2(trained_folder / name, out_folder / name)
+    for fold in FOLDS:
+        checkpoint = torch.load(trained_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu",
+                                weights_only=False)
+        slim = {k: checkpoint[k] for k in CHECKPOINT_KEYS}
+        slim["network_weights"] = {k: v.float().contiguous() for k, v in slim["network_weights"].items()}
+        (out_folder / f"fold_{fold}").mkdir()
+        torch.save(slim, out_folder / f"fold_{fold}" / "checkpoint_final.pth")
+
+
+def build_demo_model(
+    out_dir: Path,
+    seed: int = 0,
+    n_train: int = 16,
+    epochs: int = 10,
+    iterations_per_epoch: int = 10,
+    val_iterations_per_epoch: int = 2,
+    n_proc_da: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Generate phantoms, plan, preprocess and train folds 0 and 1; return the new model folder.
+
+    The model folder is ``out_dir/Dataset990_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres``. All
+    intermediate files live in a temporary directory; the finished folder is moved into place at the
+    end, replacing an existing one only if ``overwrite``. ``n_proc_da`` is nnU-Net's number of data
+    augmentation worker processes (nnUNet_n_proc_DA).
+    """
+    target = Path(out_dir) / DATASET_NAME / MODEL_FOLDER_NAME
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    torch.manual_seed(seed)
+
+    with tempfile.TemporaryDirectory(prefix="nnunet_tucker_demo_") as tmp:
+        tmp_path = Path(tmp)
+        paths = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+        with _environment(**{k: str(v) for k, v in paths.items()}, nnUNet_n_proc_DA=str(n_proc_da)):
+            make_raw_dataset(paths["nnUNet_raw"], DATASET_ID, "Phantom", n_train, seed)
+
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
+                 "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2", "-npfp", "2",
+                 "--verify_dataset_integrity"],
+                check=True,
+            )
+            features = _narrow_architecture(paths["nnUNet_preprocessed"] / DATASET_NAME / "nnUNetPlans.json")
+            logger.info("Planned and preprocessed in %.0f s; features per stage %s",
+                        time.perf_counter() - start, features)
+
+            for fold in FOLDS:
+                start = time.perf_counter()
+                dice = _train_fold(fold, epochs, iterations_per_epoch, val_iterations_per_epoch)
+                logger.info("Fold %d trained in %.0f s; pseudo Dice per class %s", fold,
+                            time.perf_counter() - start, [round(d, 3) for d in dice])
+
+        exported = tmp_path / "export"
+        _export(paths["nnUNet_results"] / DATASET_NAME / MODEL_FOLDER_NAME, exported)
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(exported), str(target))
+    logger.info("Demo model written to %s", target)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: regenerate the shipped demo model (or build one elsewhere with --out-dir)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=SHIPPED_ROOT,
+                        help="nnUNet_results-like folder to write into (default: the shipped copy)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training phantoms")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    build_demo_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()

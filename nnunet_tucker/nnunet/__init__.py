@@ -1,0 +1,1 @@
+"""Everything that knows nnU-Net: the predictor, the start-up hook, model folders, the weights cache."""

@@ -1,0 +1,142 @@
+"""Network surgery: plan which convolutions to decompose, swap them for `TuckerConv`, convert state dicts.
+
+dynamic_network_architectures registers one conv module under several names (``convs.0.conv`` and
+``convs.0.all_modules.0``; the decoder also holds the encoder). Every name of one module ends up
+pointing at one `TuckerConv`, and state-dict conversion writes the decomposed weights under every name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .accounting import CompressionReport, measure
+from .config import TuckerConfig
+from .decomposition import ConvSpec, choose_ranks
+from .layers import TuckerConv, conv_spec, decompose_conv_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one convolution module: `ranks` (in, out) or None to keep it, and why."""
+
+    name: str
+    aliases: tuple[str, ...]
+    spec: ConvSpec
+    ranks: tuple[int, int] | None
+    reason: str
+    bias: bool
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "ranks": list(self.ranks) if self.ranks else None}
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module behind `torch.compile` (``_orig_mod``) or DDP (``module``) wrappers."""
+    while True:
+        inner = getattr(network, "_orig_mod", None) or (
+            network.module if isinstance(network, nn.parallel.DistributedDataParallel) else None
+        )
+        if inner is None:
+            return network
+        network = inner
+
+
+def _module_names(network: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every qualified name it is registered under, in registration order."""
+    names: dict[int, list[str]] = {}
+    for name, module in network.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def plan_compression(network: nn.Module, config: TuckerConfig) -> list[LayerPlan]:
+    """One `LayerPlan` per distinct convolution module (shared modules once), from shapes alone."""
+    network = unwrap(network)
+    names = _module_names(network)
+    plans = []
+    for name, module in network.named_modules():
+        if not isinstance(module, _ConvNd):
+            continue
+        aliases = tuple(names[id(module)])
+        spec = conv_spec(module)
+        if any(fnmatch.fnmatchcase(a, p) for a in aliases for p in config.exclude):
+            ranks, reason = None, "excluded by pattern"
+        else:
+            ranks, reason = choose_ranks(
+                spec, config.rank_ratio, config.policy, config.rank_min, config.rank_multiple
+            )
+        plans.append(LayerPlan(name, aliases, spec, ranks, reason, module.bias is not None))
+    return plans
+
+
+def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
+    """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`."""
+    network = unwrap(network)
+    replacements: dict[int, TuckerConv] = {}
+    for layer in plan:
+        if layer.ranks is None:
+            continue
+        conv = network.get_submodule(layer.name)
+        if not isinstance(conv, _ConvNd) or conv_spec(conv) != layer.spec:
+            raise ValueError(f"layer {layer.name!r} does not match the compression plan: found {conv!r}")
+        replacements[id(conv)] = TuckerConv(conv, *layer.ranks)
+    for module in list(network.modules()):
+        for child_name, child in list(module._modules.items()):
+            if child is not None and id(child) in replacements:
+                module._modules[child_name] = replacements[id(child)]
+
+
+def convert_state_dict(
+    state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """An original state dict in the compressed layout, plus each decomposed layer's relative error.
+
+    Keys of layers left as they are pass through unchanged; each decomposed layer is decomposed
+    once and written under all of its aliases.
+    """
+    converted = dict(state_dict)
+    errors: dict[str, float] = {}
+    for layer in plan:
+        if layer.ranks is None:
+            continue
+        weight = state_dict[f"{layer.name}.weight"]
+        bias = state_dict.get(f"{layer.name}.bias")
+        decomposed, errors[layer.name] = decompose_conv_weights(
+            weight, bias, layer.spec, layer.ranks, hooi_iterations
+        )
+        for alias in layer.aliases:
+            converted.pop(f"{alias}.weight", None)
+            converted.pop(f"{alias}.bias", None)
+            converted.update({f"{alias}.{k}": v for k, v in decomposed.items()})
+    return converted, errors
+
+
+def compress_network(
+    network: nn.Module, config: TuckerConfig, input_shape: tuple[int, ...] | None = None
+) -> CompressionReport:
+    """Decompose the convolutions of `network` in place, as `config` says; return the report.
+
+    `input_shape` (e.g. ``(1, 1, *patch_size)``) lets the report count multiply-accumulates.
+    """
+    network = unwrap(network)
+    plan = plan_compression(network, config)
+    before = measure(network, input_shape)
+    start = time.perf_counter()
+    state, errors = convert_state_dict(network.state_dict(), plan, config.hooi_iterations)
+    seconds = time.perf_counter() - start
+    swap_modules(network, plan)
+    network.load_state_dict(state)
+    after = measure(network, input_shape)
+    report = CompressionReport.build(plan, errors, before, after, config, seconds, input_shape)
+    logger.debug("compressed network:\n%s", report.to_table())
+    return report
