@@ -19,7 +19,14 @@ _EXPORTS = {
     "TuckerPredictor": "nnunet_tucker.nnunet.predictor",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "CompressionReport",
+    "TuckerConfig",
+    "TuckerConfigError",
+    "TuckerPredictor",
+    "compress_network",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from .accounting import CompressionReport

@@ -167,3 +167,8 @@ def resolve_config(*sources: Mapping[str, Any]) -> TuckerConfig | None:
 def env_variables() -> dict[str, str]:
     """Config field name -> environment variable that sets it (for documentation and CLIs)."""
     return {name: spec.env for name, spec in _FIELDS.items()}
+
+
+def check_field(name: str, value: Any, where: str) -> Any:
+    """`value` for field `name` if allowed, else a `TuckerConfigError` naming `where` (a flag, a key)."""
+    return _checked(name, value, where)

@@ -52,7 +52,13 @@ def _gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_: object)
     """
     transpose = matrix.shape[0] > matrix.shape[1]
     m = matrix.T if transpose else matrix
-    eigenvalues, u = torch.linalg.eigh(m @ m.T)
+    gram = m @ m.T
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK's eigh on a few hundred rows: 100x slower with threads on a busy CPU
+    try:
+        eigenvalues, u = torch.linalg.eigh(gram)
+    finally:
+        torch.set_num_threads(threads)
     eigenvalues, u = eigenvalues.flip(0), u.flip(1)
     n = m.shape[0] if n_eigenvecs is None else n_eigenvecs
     u, s = u[:, :n], eigenvalues[:n].clamp_min(0).sqrt()

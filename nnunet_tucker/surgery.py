@@ -8,9 +8,8 @@ pointing at one `TuckerConv`, and state-dict conversion writes the decomposed we
 from __future__ import annotations
 
 import fnmatch
-import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,6 @@ from .accounting import CompressionReport, measure
 from .config import TuckerConfig
 from .decomposition import ConvSpec, choose_ranks
 from .layers import TuckerConv, conv_spec, decompose_conv_weights
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,22 +118,53 @@ def convert_state_dict(
     return converted, errors
 
 
+def converted_shapes(state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan]) -> dict[str, tuple]:
+    """Key -> shape of `convert_state_dict(state_dict, plan)`, without decomposing anything."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for layer in plan:
+        if layer.ranks is None:
+            continue
+        (r_in, r_out), s = layer.ranks, layer.spec
+        ones = (1,) * len(s.kernel_size)
+        core = (r_in, r_out) if s.transposed else (r_out, r_in)
+        new = {
+            "first.weight": (r_in, s.in_channels, *ones),
+            "core.weight": (*core, *s.kernel_size),
+            "last.weight": (s.out_channels, r_out, *ones),
+        }
+        if layer.bias:
+            new["last.bias"] = (s.out_channels,)
+        for alias in layer.aliases:
+            shapes.pop(f"{alias}.weight", None)
+            shapes.pop(f"{alias}.bias", None)
+            shapes.update({f"{alias}.{k}": v for k, v in new.items()})
+    return shapes
+
+
+Converter = Callable[[dict[str, torch.Tensor], list[LayerPlan]], tuple[dict[str, torch.Tensor], dict[str, float]]]
+
+
 def compress_network(
-    network: nn.Module, config: TuckerConfig, input_shape: tuple[int, ...] | None = None
+    network: nn.Module,
+    config: TuckerConfig,
+    input_shape: tuple[int, ...] | None = None,
+    convert: Converter | None = None,
 ) -> CompressionReport:
     """Decompose the convolutions of `network` in place, as `config` says; return the report.
 
     `input_shape` (e.g. ``(1, 1, *patch_size)``) lets the report count multiply-accumulates.
+    `convert` replaces `convert_state_dict` for the network's weights (e.g. to go through a cache).
     """
     network = unwrap(network)
     plan = plan_compression(network, config)
     before = measure(network, input_shape)
     start = time.perf_counter()
-    state, errors = convert_state_dict(network.state_dict(), plan, config.hooi_iterations)
+    if convert is None:
+        state, errors = convert_state_dict(network.state_dict(), plan, config.hooi_iterations)
+    else:
+        state, errors = convert(network.state_dict(), plan)
     seconds = time.perf_counter() - start
     swap_modules(network, plan)
     network.load_state_dict(state)
     after = measure(network, input_shape)
-    report = CompressionReport.build(plan, errors, before, after, config, seconds, input_shape)
-    logger.debug("compressed network:\n%s", report.to_table())
-    return report
+    return CompressionReport.build(plan, errors, before, after, config, seconds, input_shape)

@@ -120,14 +120,14 @@ def make_phantom(
     organs.append((LABELS["liver"], 60 + jitter(6), grid.blob(rng, centre, axes, 0.12)))
     # Spleen: patient's left, posterior-lateral, upper abdomen.
     centre = np.array([0.2 * z_len + jitter(8), y_back - 50 + jitter(6), body_c[2] + 52 + jitter(5)])
-    axes = np.array([rng.uniform(26, 34), rng.uniform(20, 26), rng.uniform(13, 17)])
+    axes = np.array([rng.uniform(30, 38), rng.uniform(22, 28), rng.uniform(15, 19)])
     organs.append((LABELS["spleen"], 45 + jitter(4), grid.blob(rng, centre, axes, 0.12)))
     # Kidneys: both sides of the spine, lower than liver and spleen.
     kidneys = np.zeros(shape, dtype=bool)
     for side in (-1, 1):
         centre = np.array([-0.12 * z_len + jitter(8), y_back - 40 + jitter(4),
                            body_c[2] + side * 44 + jitter(4)])
-        axes = np.array([rng.uniform(26, 32), rng.uniform(14, 18), rng.uniform(12, 15)])
+        axes = np.array([rng.uniform(28, 34), rng.uniform(16, 20), rng.uniform(14, 17)])
         kidneys |= grid.blob(rng, centre, axes, 0.1)
     organs.append((LABELS["kidney"], 30 + jitter(4), kidneys))
 

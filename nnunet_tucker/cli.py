@@ -1,0 +1,152 @@
+"""Console scripts: ``nnunet-tucker`` (report, ...) and ``nnUNetv2_predict_tucker``. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from .config import POLICIES, TuckerConfigError, check_field, env_variables, read_env, read_plans, resolve_config
+
+logger = logging.getLogger("nnunet_tucker")
+
+_HELP = {
+    "rank_ratio": "share of each channel mode kept, in (0, 1]; R = min(C, max(rank_min, ceil(C * ratio)))",
+    "policy": f"rank policy, one of {', '.join(POLICIES)} (default auto: skip layers that would not get cheaper)",
+    "rank_min": "lower bound of every rank (default 8)",
+    "rank_multiple": "round ranks up to a multiple of this, e.g. 8 for tensor cores (default 1)",
+    "hooi_iterations": "HOOI refinement iterations after the HOSVD start (default 0)",
+    "exclude": "fnmatch patterns of module names to leave as they are",
+}
+_TYPES = {"rank_ratio": float, "policy": str, "rank_min": int, "rank_multiple": int, "hooi_iterations": int}
+
+
+def _flag(name: str, nnunet_style: bool) -> str:
+    return f"-tucker_{name}" if nnunet_style else "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, nnunet_style: bool = False) -> None:
+    """Add one flag per config field: ``--rank-ratio`` style, or nnU-Net's ``-tucker_rank_ratio`` style."""
+    group = parser.add_argument_group("Tucker compression (flags override TUCKER_* variables and plans.json)")
+    for name, env in env_variables().items():
+        kwargs: dict[str, Any] = {"dest": f"tucker_{name}", "default": None, "help": f"{_HELP[name]} [{env}]"}
+        if name == "exclude":
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = _TYPES[name]
+        if name == "policy":
+            kwargs["choices"] = POLICIES
+        group.add_argument(_flag(name, nnunet_style), **kwargs)
+
+
+def config_fields_from_args(args: argparse.Namespace, nnunet_style: bool = False) -> dict[str, Any]:
+    """The config fields given as flags, validated and named by their flag in errors."""
+    fields = {}
+    for name in env_variables():
+        value = getattr(args, f"tucker_{name}")
+        if value is not None:
+            fields[name] = check_field(name, tuple(value) if name == "exclude" else value, _flag(name, nnunet_style))
+    return fields
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    print(f"nnunet-tucker: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .surgery import compress_network
+
+    flags = config_fields_from_args(args)
+    if args.preset:
+        from .nnunet.presets import build_preset
+
+        network, input_shape = build_preset(args.preset)
+        config = resolve_config(read_env(), flags)
+    else:
+        from .nnunet.model_folder import load_trained_model
+
+        model = load_trained_model(args.model, folds=[args.fold], checkpoint_name=args.chk)
+        network, input_shape = model.network, model.input_shape
+        config = resolve_config(read_plans(model.plans, source=f"{args.model}/plans.json"), read_env(), flags)
+    if config is None:
+        return _fail("no compression asked for: give --rank-ratio (or set TUCKER_RANK_RATIO)")
+    report = compress_network(network, config, input_shape)
+    print(report.to_json() if args.json else report.to_table())
+    return 0
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-m", "--model", help="trained nnU-Net model folder (holds plans.json, fold_X/)")
+    from .nnunet.presets import PRESETS
+
+    source.add_argument("--preset", choices=sorted(PRESETS), help="built-in TotalSegmentator architecture")
+    parser.add_argument("-f", "--fold", default="0", help="fold whose weights to use (default 0)")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet-tucker", description="Post-training Tucker compression of trained nnU-Net v2 models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    report = sub.add_parser("report", help="per-layer ranks, parameters and MACs of a compression, as a table or JSON")
+    _add_source_arguments(report)
+    add_config_arguments(report)
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.set_defaults(run=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.run(args)
+    except TuckerConfigError as e:
+        return _fail(str(e))
+
+
+# --------------------------------------------------------------------------------- nnUNetv2_predict_tucker
+def predict_entry_point(argv: list[str] | None = None) -> None:
+    """``nnUNetv2_predict`` with the same flags, defaults and output, plus ``-tucker_*`` flags.
+
+    The Tucker flags are validated, then exported as ``TUCKER_*`` variables (a flag overrides the
+    variable it names), and nnU-Net's own entry point runs with the remaining arguments.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(parser, nnunet_style=True)
+    args, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print()
+    try:
+        fields = config_fields_from_args(args, nnunet_style=True)
+    except TuckerConfigError as e:
+        parser.exit(2, f"nnUNetv2_predict_tucker: error: {e}\n")
+    env = env_variables()
+    for name, value in fields.items():
+        os.environ[env[name]] = ",".join(value) if name == "exclude" else str(value)
+
+    from nnunetv2.inference import predict_from_raw_data
+
+    from .nnunet.hook import patch_predictor_class
+
+    patch_predictor_class(predict_from_raw_data.nnUNetPredictor)
+    sys.argv = [sys.argv[0], *rest]
+    predict_from_raw_data.predict_entry_point()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

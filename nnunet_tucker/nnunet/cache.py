@@ -1,0 +1,105 @@
+"""A disk cache of decomposed weights, so parallel and repeated model loads decompose once.
+
+An entry is keyed by the content of the original state dict, the compression plan (names and
+ranks), the HOOI setting and the package version. It is written to a temporary file and renamed
+into place (atomic; concurrent writers of one key write the same bytes), read back with
+``torch.load(weights_only=True)`` and checked against the expected keys and shapes; anything
+unreadable or unexpected is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..surgery import LayerPlan, convert_state_dict, converted_shapes
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$TUCKER_CACHE_DIR``, else ``$XDG_CACHE_HOME/nnunet_tucker``, else ``~/.cache/nnunet_tucker``."""
+    if os.environ.get("TUCKER_CACHE_DIR"):
+        return Path(os.environ["TUCKER_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nnunet_tucker"
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (names, dtypes, shapes and values)."""
+    h = hashlib.blake2b(digest_size=20)
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class DecompositionCache:
+    """Decomposed state dicts on disk under `directory`; `convert` is a drop-in `convert_state_dict`."""
+
+    def __init__(self, directory: Path | None = None, hooi_iterations: int = 0) -> None:
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.hooi_iterations = hooi_iterations
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan]) -> str:
+        layout = json.dumps(
+            {
+                "weights": state_dict_digest(state_dict),
+                "plan": [layer.to_dict() for layer in plan],
+                "hooi_iterations": self.hooi_iterations,
+                "version": __version__,
+            },
+            sort_keys=True,
+        )
+        return hashlib.blake2b(layout.encode(), digest_size=20).hexdigest()
+
+    def convert(
+        self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """`convert_state_dict` through the cache."""
+        path = self.directory / f"{self.key(state_dict, plan)}.pt"
+        entry = self._load(path, converted_shapes(state_dict, plan))
+        if entry is not None:
+            self.hits += 1
+            return entry
+        self.misses += 1
+        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations)
+        self._store(path, state, errors)
+        return state, errors
+
+    def _load(self, path: Path, shapes: dict[str, tuple]) -> tuple[dict, dict] | None:
+        if not path.is_file():
+            return None
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            state, errors = entry["state_dict"], entry["errors"]
+            if {k: tuple(v.shape) for k, v in state.items()} != shapes:
+                raise ValueError("keys or shapes differ from the compression plan")
+            return state, {k: float(v) for k, v in errors.items()}
+        except Exception as e:  # unreadable, truncated, foreign: recompute
+            logger.warning("ignoring unusable cache entry %s (%s); decomposing again", path, e)
+            return None
+
+    def _store(self, path: Path, state: dict, errors: dict) -> None:
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"state_dict": state, "errors": errors}, f)
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only or full disk must not stop a prediction
+            logger.warning("could not write the decomposition cache %s (%s)", path, e)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)

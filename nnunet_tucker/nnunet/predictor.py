@@ -1,0 +1,135 @@
+"""Compression inside nnU-Net's predictor: `TuckerPredictor` and `compress_predictor`.
+
+nnU-Net reloads every fold's state dict for every case (`predict_logits_from_preprocessed_data`),
+so the network is compressed once per model load and every fold's state dict is converted once,
+through the disk cache; the predictor then runs unchanged (folds, mirroring, sliding window,
+CPU/CUDA, ``nnUNet_compile``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+from ..accounting import CompressionReport
+from ..config import TuckerConfig, read_env, read_plans, resolve_config
+from ..surgery import compress_network, plan_compression, unwrap
+from .cache import DecompositionCache
+
+logger = logging.getLogger("nnunet_tucker")
+
+
+def _ensure_visible_logging() -> None:
+    """Route INFO lines to stderr when nothing else configured logging (nnU-Net's CLIs do not,
+    and TotalSegmentator swallows stdout)."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("nnunet-tucker: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def requested_config(predictor: nnUNetPredictor) -> TuckerConfig | None:
+    """The config that applies to `predictor`: its own `tucker_config` fields > ``TUCKER_*`` > plans."""
+    explicit = getattr(predictor, "tucker_config", None)
+    if explicit is False:
+        return None
+    if isinstance(explicit, TuckerConfig):
+        return explicit
+    plans = predictor.plans_manager.plans if predictor.plans_manager is not None else {}
+    return resolve_config(read_plans(plans), read_env(), explicit or {})
+
+
+def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) -> CompressionReport | None:
+    """Compress an initialised predictor's network and fold weights if compression is asked for.
+
+    Does nothing (returns None) when no config applies, when the predictor carries no fold
+    weights (nnU-Net's trainer validates its live training network that way), or when this
+    load was already compressed.
+    """
+    config = requested_config(predictor)
+    if config is None:
+        return None
+    folds = predictor.list_of_parameters
+    if not folds:
+        logger.debug("no fold weights to compress (training-time validation); left as is")
+        return None
+    if getattr(predictor, "_tucker_compressed_folds", None) is folds:
+        return None
+    _ensure_visible_logging()
+
+    network = unwrap(predictor.network)
+    input_shape = (
+        1,
+        determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json),
+        *predictor.configuration_manager.patch_size,
+    )
+    cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
+    start = time.perf_counter()
+    plan = plan_compression(network, config)
+    converted = [cache.convert(state_dict, plan) for state_dict in folds]
+    report = compress_network(network, config, input_shape, convert=lambda *_: converted[0])
+    report.decomposition_seconds = time.perf_counter() - start
+    report.extra.update(
+        {"model": source, "folds": len(folds), "cache_hits": cache.hits, "cache_misses": cache.misses,
+         "cache_dir": str(cache.directory)}
+    )
+    predictor.list_of_parameters = [state for state, _ in converted]
+    predictor._tucker_compressed_folds = predictor.list_of_parameters
+    predictor.tucker_report = report
+
+    timing = (
+        "cache hit" if cache.misses == 0
+        else f"decomposed {cache.misses} fold(s) in {report.decomposition_seconds:.1f} s"
+    )
+    logger.info("%s; %s%s", report.summary(), timing, f" [{source}]" if source else "")
+    _write_report(report)
+    return report
+
+
+def _write_report(report: CompressionReport) -> None:
+    """Write the report as JSON to ``$TUCKER_REPORT`` (atomically) when that variable is set."""
+    target = os.environ.get("TUCKER_REPORT")
+    if not target:
+        return
+    path = Path(target).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(report.to_json())
+    os.replace(tmp, path)
+
+
+class TuckerPredictor(nnUNetPredictor):
+    """`nnUNetPredictor` that compresses the model it loads.
+
+    `tucker_config` is a `TuckerConfig` (used as is) or a mapping of config fields that take
+    precedence over ``TUCKER_*`` variables and the plans' ``"tucker"`` field; with None, those
+    two decide, as they do for every predictor when the start-up hook is active; False loads the
+    model uncompressed whatever they say.
+    """
+
+    def __init__(
+        self, *args: Any, tucker_config: TuckerConfig | Mapping[str, Any] | bool | None = None, **kwargs: Any
+    ):
+        super().__init__(*args, **kwargs)
+        self.tucker_config = tucker_config
+        self.tucker_report: CompressionReport | None = None
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, *args: Any, **kwargs: Any):
+        super().initialize_from_trained_model_folder(model_training_output_dir, *args, **kwargs)
+        compress_predictor(self, source=str(model_training_output_dir))
+
+    def manual_initialization(self, *args: Any, **kwargs: Any):
+        super().manual_initialization(*args, **kwargs)
+        compress_predictor(self)
