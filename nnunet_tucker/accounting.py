@@ -76,8 +76,11 @@ class LayerRecord:
     relative_error: float | None
 
 
-def _macs_of(aliases: Sequence[str], by_module: dict[str, int]) -> int | None:
-    return next((by_module[a] for a in aliases if a in by_module), None)
+def _macs_of(aliases: Sequence[str], measured: Measurement) -> int | None:
+    """A layer's MACs; 0 for a layer the forward pass does not run (e.g. deep-supervision heads)."""
+    if measured.macs is None:
+        return None
+    return next((measured.macs_by_module[a] for a in aliases if a in measured.macs_by_module), 0)
 
 
 def _layer_params(layer: LayerPlan) -> tuple[int, int]:
@@ -131,8 +134,8 @@ class CompressionReport:
                     reason=layer.reason,
                     params_before=params_before,
                     params_after=params_after,
-                    macs_before=_macs_of(layer.aliases, before.macs_by_module),
-                    macs_after=_macs_of(layer.aliases, after.macs_by_module),
+                    macs_before=_macs_of(layer.aliases, before),
+                    macs_after=_macs_of(layer.aliases, after),
                     relative_error=errors.get(layer.name),
                 )
             )

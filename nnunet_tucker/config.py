@@ -77,9 +77,9 @@ class TuckerConfig:
     """How to Tucker-compress a network.
 
     rank_ratio: share of each channel mode kept, R = min(C, max(rank_min, ceil(C * rank_ratio))).
-    policy: ``"auto"`` leaves layers as they are where decomposition cannot save multiply-accumulates
-        (single-channel stems, small 1x1 heads, ranks too high); ``"paper"`` decomposes every
-        convolution but the 1x1 ones, as in the published method.
+    policy: ``"paper"`` decomposes every convolution but the 1x1 ones, as in the published method;
+        ``"auto"`` also leaves layers as they are where decomposition cannot pay off (single-channel
+        stems, full ranks, no multiply-accumulates saved).
     rank_min: lower bound of every rank.
     rank_multiple: ranks are rounded up to a multiple of this (hardware alignment, e.g. 8).
     hooi_iterations: HOOI refinement steps after the HOSVD start (0 = plain HOSVD).
@@ -123,12 +123,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         if text is None or text.strip() == "":
             continue
         try:
-            value = spec.parse(text.strip())
-        except ValueError:
-            raise TuckerConfigError(
-                f"{spec.env}={text!r} is not allowed: it must be {spec.allowed}"
-            ) from None
-        found[name] = _checked(name, value, spec.env)
+            found[name] = _checked(name, spec.parse(text.strip()), spec.env)
+        except (ValueError, TuckerConfigError):
+            raise TuckerConfigError(f"{spec.env}={text!r} is not allowed: it must be {spec.allowed}") from None
     return found
 
 

@@ -128,7 +128,7 @@ def choose_ranks(
     """
     if spec.groups != 1:
         return None, "grouped convolution"
-    if spec.pointwise and policy == "paper":
+    if spec.pointwise:  # segmentation heads, projections: a bottleneck on logits, little to save
         return None, "1x1 convolution"
     r_in = paper_rank(spec.in_channels, ratio, rank_min, rank_multiple)
     r_out = paper_rank(spec.out_channels, ratio, rank_min, rank_multiple)

@@ -1,0 +1,64 @@
+import pytest
+
+from nnunet_tucker.config import TuckerConfig, TuckerConfigError, read_env, read_plans, resolve_config
+
+
+def test_defaults_and_dict():
+    c = TuckerConfig(0.5)
+    assert c.policy == "auto" and c.rank_min == 8 and c.rank_multiple == 1 and c.exclude == ()
+    assert TuckerConfig(**c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("rank_ratio", 0), ("rank_ratio", -0.1), ("rank_ratio", 1.5), ("rank_ratio", float("nan")),
+     ("rank_ratio", "0.5"), ("policy", "fast"), ("rank_min", 0), ("rank_multiple", 2.5),
+     ("hooi_iterations", -1), ("rank_min", True)],
+)
+def test_invalid_values_name_field_and_value(field, value):
+    kwargs = {"rank_ratio": 0.5, field: value}
+    with pytest.raises(TuckerConfigError, match=field) as e:
+        TuckerConfig(**kwargs)
+    assert repr(value) in str(e.value) and "must be" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-0.5", "1.01", "inf", "nan"])
+def test_env_rank_ratio_rejected_with_variable_name(text):
+    with pytest.raises(TuckerConfigError, match=r"TUCKER_RANK_RATIO='.*' is not allowed: it must be a number in \(0, 1\]"):
+        TuckerConfig.from_env({"TUCKER_RANK_RATIO": text})
+
+
+def test_env_reading():
+    assert TuckerConfig.from_env({}) is None
+    assert TuckerConfig.from_env({"TUCKER_RANK_RATIO": " "}) is None
+    c = TuckerConfig.from_env(
+        {"TUCKER_RANK_RATIO": "0.3", "TUCKER_POLICY": "paper", "TUCKER_RANK_MULTIPLE": "8",
+         "TUCKER_EXCLUDE": "decoder.*, encoder.stages.0.*"}
+    )
+    assert c == TuckerConfig(0.3, policy="paper", rank_multiple=8, exclude=("decoder.*", "encoder.stages.0.*"))
+    with pytest.raises(TuckerConfigError, match="TUCKER_RANK_MIN='eight'"):
+        read_env({"TUCKER_RANK_MIN": "eight"})
+
+
+def test_settings_without_ratio_are_an_error():
+    with pytest.raises(TuckerConfigError, match="without a rank ratio"):
+        TuckerConfig.from_env({"TUCKER_POLICY": "paper"})
+
+
+def test_plans_field():
+    assert TuckerConfig.from_plans({"configurations": {}}) is None
+    assert TuckerConfig.from_plans({"tucker": {"rank_ratio": 0.5, "rank_min": 4}}) == TuckerConfig(0.5, rank_min=4)
+    with pytest.raises(TuckerConfigError, match=r"plans.json 'tucker.rank_ratio'=2 is not allowed"):
+        TuckerConfig.from_plans({"tucker": {"rank_ratio": 2}})
+    with pytest.raises(TuckerConfigError, match=r"unknown key\(s\) \['ratio'\]"):
+        read_plans({"tucker": {"ratio": 0.5}})
+    with pytest.raises(TuckerConfigError, match="must be an object"):
+        read_plans({"tucker": 0.5})
+
+
+def test_precedence_is_field_by_field_later_wins():
+    plans = read_plans({"tucker": {"rank_ratio": 0.9, "policy": "paper", "rank_min": 4}})
+    env = read_env({"TUCKER_RANK_RATIO": "0.5"})
+    flags = {"rank_min": 16}
+    assert resolve_config(plans, env, flags) == TuckerConfig(0.5, policy="paper", rank_min=16)
+    assert resolve_config({}, {}, {}) is None

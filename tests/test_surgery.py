@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+from conftest import build
+
+from nnunet_tucker import TuckerConfig, compress_network
+from nnunet_tucker.accounting import count_macs, count_params
+from nnunet_tucker.layers import TuckerConv
+from nnunet_tucker.nnunet.presets import build_preset
+from nnunet_tucker.surgery import convert_state_dict, converted_shapes, plan_compression, swap_modules
+
+
+def _relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_full_rank_paper_compression_is_exact(architecture):
+    net, shape = build(architecture)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        reference = net(x)
+        report = compress_network(net, TuckerConfig(1.0, policy="paper", rank_min=1), shape)
+        out = net(x)
+    assert report.decomposed_layers > 0
+    assert sum(isinstance(m, TuckerConv) for m in net.modules()) == report.decomposed_layers
+    assert _relative_error(out, reference) <= 1e-5
+
+
+def test_shared_modules_are_decomposed_once_and_every_alias_points_at_it():
+    net, shape = build("plain3d")
+    first_conv = net.encoder.stages[0][0].convs[1]
+    report = compress_network(net, TuckerConfig(0.5, rank_min=4), shape)
+    assert first_conv.conv is first_conv.all_modules[0] and isinstance(first_conv.conv, TuckerConv)
+    assert net.decoder.encoder is net.encoder
+    names = [layer.name for layer in report.layers]
+    assert len(names) == len(set(names)) and not any("all_modules" in n for n in names)
+    distinct = {id(m) for m in net.modules() if isinstance(m, TuckerConv)}
+    assert len(distinct) == report.decomposed_layers
+
+
+def test_converted_state_dict_loads_strictly_into_a_fresh_compressed_network(architecture):
+    config = TuckerConfig(0.5, rank_min=2)
+    original, shape = build(architecture, seed=1)
+    compressed, _ = build(architecture, seed=1)
+    compress_network(compressed, config)
+
+    fresh, _ = build(architecture, seed=2)  # other weights: everything must come from the state dict
+    plan = plan_compression(fresh, config)
+    converted, errors = convert_state_dict(original.state_dict(), plan)
+    assert converted_shapes(original.state_dict(), plan) == {k: tuple(v.shape) for k, v in converted.items()}
+    swap_modules(fresh, plan)
+    fresh.load_state_dict(converted, strict=True)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), compressed(x), atol=1e-5)
+    assert set(errors) == {layer.name for layer in plan if layer.ranks}
+
+
+def test_plan_is_deterministic_and_exclude_patterns_apply():
+    a, _ = build("resenc3d", seed=0)
+    b, _ = build("resenc3d", seed=5)
+    config = TuckerConfig(0.3, rank_multiple=8, exclude=("decoder.*",))
+    plan_a, plan_b = plan_compression(a, config), plan_compression(b, config)
+    assert plan_a == plan_b
+    assert all(layer.ranks is None for layer in plan_a if layer.name.startswith("decoder."))
+    assert all(r % 8 == 0 or r in (layer.spec.in_channels, layer.spec.out_channels)
+               for layer in plan_a if layer.ranks for r in layer.ranks)
+
+
+def test_report_counts_and_serialises():
+    net, shape = build("plain3d")
+    params, (macs, _) = count_params(net), count_macs(net, shape)
+    report = compress_network(net, TuckerConfig(0.5, rank_min=4), shape)
+    assert (report.params_before, report.macs_before) == (params, macs)
+    assert report.params_after == count_params(net) < params
+    assert report.macs_after == count_macs(net, shape)[0] < macs
+    data = json.loads(report.to_json())
+    assert data["config"]["rank_ratio"] == 0.5 and len(data["layers"]) == len(report.layers)
+    for layer in report.layers:
+        assert layer.macs_before is not None
+        if layer.ranks:
+            assert 0 <= layer.relative_error < 1 and layer.params_after < layer.params_before
+    table = report.to_table()
+    assert "encoder.stages.0.0.convs.0.conv" in table and report.summary() in table
+
+
+PUBLISHED_1_5MM = {0.9: 27.92, 0.7: 17.35, 0.5: 9.24, 0.4: 6.18, 0.3: 3.69, 0.2: 1.85, 0.1: 0.62, 0.05: 0.25}
+
+
+@pytest.mark.parametrize("ratio, published", sorted(PUBLISHED_1_5MM.items()))
+def test_paper_policy_reproduces_published_parameter_counts(ratio, published):
+    net, _ = build_preset("totalseg-1.5mm")
+    assert abs(count_params(net) / 1e6 - 31.19) < 0.03
+    swap_modules(net, plan_compression(net, TuckerConfig(ratio, policy="paper", rank_min=8)))
+    millions = count_params(net) / 1e6
+    assert abs(millions - published) <= max(0.03, 0.02 * published), millions
+
+
+def test_3mm_preset_matches_published_macs():
+    net, shape = build_preset("totalseg-3mm")
+    assert round(count_macs(net, shape)[0] / 1e9, 1) == 367.8
