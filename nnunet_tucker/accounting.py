@@ -182,7 +182,7 @@ class CompressionReport:
         """A fixed-width table of every layer, then the totals."""
         head = (
             f"{'layer':<48} {'type':<15} {'in':>4} {'out':>4} {'kernel':<8} {'stride':<8} "
-            f"{'ranks':<9} {'params':>17} {'GMACs':>15} {'rel.err':>7}"
+            f"{'ranks':<9} {'params':>17} {'GMACs':>15} {'rel.err':>7}  note"
         )
         rows = [head, "-" * len(head)]
         for r in self.layers:
@@ -196,7 +196,7 @@ class CompressionReport:
             rows.append(
                 f"{_shorten(r.name, 48):<48} {r.kind:<15} {r.in_channels:>4} {r.out_channels:>4} "
                 f"{'x'.join(map(str, r.kernel_size)):<8} {'x'.join(map(str, r.stride)):<8} {ranks:<9} "
-                f"{f'{r.params_before}→{r.params_after}':>17} {macs:>15} {err:>7}"
+                f"{f'{r.params_before}→{r.params_after}':>17} {macs:>15} {err:>7}  {'' if r.ranks else r.reason}"
             )
         rows += ["-" * len(head), self.summary()]
         return "\n".join(rows)

@@ -1,0 +1,30 @@
+import json
+
+from nnunet_tucker.cli import main
+
+
+def test_report_preset_json(capsys):
+    assert main(["report", "--preset", "totalseg-3mm", "--rank-ratio", "0.3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert round(data["macs_before"] / 1e9, 1) == 367.8
+    assert data["macs_after"] < data["macs_before"] / 5
+    assert data["config"]["policy"] == "auto" and data["decomposed_layers"] > 20
+
+
+def test_report_table_reads_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("TUCKER_RANK_RATIO", "0.5")
+    assert main(["report", "--preset", "totalseg-3mm", "--policy", "paper", "--exclude", "decoder.*"]) == 0
+    out = capsys.readouterr().out
+    assert "rank_ratio=0.5 policy=paper" in out
+    assert all("excluded by pattern" in line for line in out.splitlines() if line.startswith("decoder."))
+
+
+def test_bad_flag_value_is_named(capsys):
+    assert main(["report", "--preset", "totalseg-3mm", "--rank-ratio", "1.5"]) == 2
+    assert "--rank-ratio=1.5 is not allowed: it must be a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_nothing_asked_for(capsys, monkeypatch):
+    monkeypatch.delenv("TUCKER_RANK_RATIO", raising=False)
+    assert main(["report", "--preset", "totalseg-3mm"]) == 2
+    assert "no compression asked for" in capsys.readouterr().err
