@@ -24,7 +24,8 @@ def test_invalid_values_name_field_and_value(field, value):
 
 @pytest.mark.parametrize("text", ["abc", "0", "-0.5", "1.01", "inf", "nan"])
 def test_env_rank_ratio_rejected_with_variable_name(text):
-    with pytest.raises(TuckerConfigError, match=r"TUCKER_RANK_RATIO='.*' is not allowed: it must be a number in \(0, 1\]"):
+    pattern = r"TUCKER_RANK_RATIO='.*' is not allowed: it must be a number in \(0, 1\]"
+    with pytest.raises(TuckerConfigError, match=pattern):
         TuckerConfig.from_env({"TUCKER_RANK_RATIO": text})
 
 

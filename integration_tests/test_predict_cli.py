@@ -1,0 +1,132 @@
+"""The unchanged nnU-Net console scripts compress the model they load when asked (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import dice_per_class, load_segmentations, predict, record, run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def baseline(nnunet_env, cases, workspace):
+    out = workspace / "pred_baseline"
+    result = predict(nnunet_env, cases, out, "-f", "0")
+    assert "nnunet-tucker" not in result.stderr  # nothing asked, nothing done
+    return load_segmentations(out)
+
+
+@pytest.fixture(scope="session")
+def compressed_half(nnunet_env, cases, workspace):
+    out, report = workspace / "pred_env_0.5", workspace / "report_0.5.json"
+    result = predict(nnunet_env, cases, out, "-f", "0", TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+    return load_segmentations(out), result.stderr, json.loads(report.read_text())
+
+
+def test_trained_model_segments_the_phantoms(baseline, cases):
+    reference = load_segmentations(cases.parent / "labels")
+    scores = dice_per_class(baseline, {k: v for k, v in reference.items()})
+    record("uncompressed vs reference labels", scores)
+    assert min(scores.values()) > 0.7, scores
+
+
+def test_ratio_one_paper_policy_gives_the_same_segmentation(nnunet_env, cases, workspace, baseline):
+    out = workspace / "pred_env_1.0"
+    result = predict(nnunet_env, cases, out, "-f", "0",
+                     TUCKER_RANK_RATIO="1.0", TUCKER_POLICY="paper", TUCKER_RANK_MIN="1")
+    assert "rank_ratio=1.0 policy=paper" in result.stderr
+    segs = load_segmentations(out)
+    assert all(np.array_equal(segs[k], baseline[k]) for k in baseline)
+
+
+def test_environment_variable_compresses_and_reports(compressed_half, baseline):
+    segs, stderr, report = compressed_half
+    line = next(line for line in stderr.splitlines() if line.startswith("nnunet-tucker:"))
+    assert "rank_ratio=0.5 policy=auto" in line and "parameters" in line and "MACs" in line
+    assert report["decomposed_layers"] > 0 and report["params_after"] < report["params_before"]
+    assert report["macs_after"] < report["macs_before"] and report["extra"]["folds"] == 1
+    scores = dice_per_class(segs, baseline)
+    record("ratio 0.5 (auto) vs uncompressed", scores)
+    assert min(scores.values()) > 0.8, scores
+
+
+def test_one_flag_command_matches_the_environment_variable(nnunet_env, cases, workspace, compressed_half):
+    out = workspace / "pred_flag_0.5"
+    result = predict(nnunet_env, cases, out, "-f", "0", "-tucker_rank_ratio", "0.5",
+                     script="nnUNetv2_predict_tucker")
+    assert "rank_ratio=0.5" in result.stderr and "cache hit" in result.stderr  # same key as the env run
+    segs = load_segmentations(out)
+    assert all(np.array_equal(segs[k], compressed_half[0][k]) for k in segs)
+
+
+def test_flag_overrides_environment(nnunet_env, cases, workspace):
+    out = workspace / "pred_flag_over_env"
+    result = predict(nnunet_env, cases, out, "-f", "0", "--disable_tta", "-tucker_rank_ratio", "0.3",
+                     script="nnUNetv2_predict_tucker", TUCKER_RANK_RATIO="0.9", TUCKER_POLICY="paper")
+    assert "rank_ratio=0.3 policy=paper" in result.stderr
+
+
+def test_two_fold_ensemble(nnunet_env, cases, workspace, baseline):
+    out, report = workspace / "pred_2folds", workspace / "report_2folds.json"
+    predict(nnunet_env, cases, out, "-f", "0", "1", "--disable_tta",
+            TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+    data = json.loads(report.read_text())
+    assert data["extra"]["folds"] == 2
+    scores = dice_per_class(load_segmentations(out), baseline)
+    record("ratio 0.5, folds 0+1, no TTA vs uncompressed fold 0", scores)
+    assert min(scores.values()) > 0.8
+
+
+def test_num_parts_processes_share_one_cache_entry(nnunet_env, cases, workspace, tmp_path):
+    out = workspace / "pred_parts"
+    env = {**nnunet_env, "TUCKER_RANK_RATIO": "0.4", "TUCKER_CACHE_DIR": str(tmp_path / "cache")}
+    base = ["nnUNetv2_predict", "-i", str(cases), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "0",
+            "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", "-num_parts", "2"]
+    procs = [subprocess.Popen([*base, "-part_id", str(i)], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert all("rank_ratio=0.4" in e for e in errors)
+    assert len(load_segmentations(out)) == 2
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_plans_field_asks_for_compression(nnunet_env, cases, workspace, model_folder, compressed_half):
+    folder = workspace / "with_plans_field"
+    shutil.copytree(model_folder, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["tucker"] = {"rank_ratio": 0.5}
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+    out = workspace / "pred_plans_field"
+    result = run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(out), "-m", str(folder),
+                  "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], nnunet_env)
+    assert "rank_ratio=0.5" in result.stderr
+    segs = load_segmentations(out)
+    assert all(np.array_equal(segs[k], compressed_half[0][k]) for k in segs)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-0.5", "1.5"])
+def test_invalid_ratio_stops_before_any_prediction(nnunet_env, cases, tmp_path, value):
+    out = tmp_path / "out"
+    result = predict(nnunet_env, cases, out, "-f", "0", check=False, TUCKER_RANK_RATIO=value)
+    assert result.returncode != 0
+    assert f"TUCKER_RANK_RATIO='{value}' is not allowed: it must be a number in (0, 1]" in result.stderr
+    assert not list(out.glob("*.nii.gz"))
+
+
+def test_malformed_plans_field_is_named(nnunet_env, cases, workspace, model_folder, tmp_path):
+    folder = tmp_path / "bad_plans"
+    shutil.copytree(model_folder, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["tucker"] = {"rank_ratio": 0.5, "ranks": "low"}
+    (folder / "plans.json").write_text(json.dumps(plans))
+    result = run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(tmp_path / "out"),
+                  "-m", str(folder), "-f", "0", "-device", "cpu"], nnunet_env, check=False)
+    assert result.returncode != 0
+    assert "plans.json: unknown key(s) ['ranks'] in 'tucker'" in result.stderr
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
