@@ -56,24 +56,40 @@ def _module_names(network: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def plan_compression(network: nn.Module, config: TuckerConfig) -> list[LayerPlan]:
-    """One `LayerPlan` per distinct convolution module (shared modules once), from shapes alone."""
+def _plan(network: nn.Module, decide: Callable[[tuple[str, ...], ConvSpec], tuple]) -> list[LayerPlan]:
+    """One `LayerPlan` per distinct convolution not yet decomposed, ranks from `decide(aliases, spec)`."""
     network = unwrap(network)
     names = _module_names(network)
+    inside_decomposed = {id(m) for t in network.modules() if isinstance(t, TuckerConv) for m in t.modules()}
     plans = []
     for name, module in network.named_modules():
-        if not isinstance(module, _ConvNd):
-            continue
-        aliases = tuple(names[id(module)])
-        spec = conv_spec(module)
-        if any(fnmatch.fnmatchcase(a, p) for a in aliases for p in config.exclude):
-            ranks, reason = None, "excluded by pattern"
-        else:
-            ranks, reason = choose_ranks(
-                spec, config.rank_ratio, config.policy, config.rank_min, config.rank_multiple
-            )
-        plans.append(LayerPlan(name, aliases, spec, ranks, reason, module.bias is not None))
+        if isinstance(module, _ConvNd) and id(module) not in inside_decomposed:
+            aliases = tuple(names[id(module)])
+            spec = conv_spec(module)
+            plans.append(LayerPlan(name, aliases, spec, *decide(aliases, spec), module.bias is not None))
     return plans
+
+
+def plan_compression(network: nn.Module, config: TuckerConfig) -> list[LayerPlan]:
+    """One `LayerPlan` per distinct convolution module (shared modules once), from shapes alone."""
+
+    def decide(aliases: tuple[str, ...], spec: ConvSpec) -> tuple:
+        if any(fnmatch.fnmatchcase(a, p) for a in aliases for p in config.exclude):
+            return None, "excluded by pattern"
+        return choose_ranks(spec, config.rank_ratio, config.policy, config.rank_min, config.rank_multiple)
+
+    return _plan(network, decide)
+
+
+def plan_compression_from_ranks(network: nn.Module, ranks: dict[str, list[int]]) -> list[LayerPlan]:
+    """The plan that decomposes exactly the named layers with the given ``[in_rank, out_rank]``."""
+    plan = _plan(network, lambda aliases, _: (
+        (tuple(ranks[aliases[0]]), "decomposed") if aliases[0] in ranks else (None, "kept")
+    ))
+    unknown = set(ranks) - {layer.name for layer in plan}
+    if unknown:
+        raise ValueError(f"ranks given for layers the network does not have: {sorted(unknown)}")
+    return plan
 
 
 def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:

@@ -1,0 +1,71 @@
+"""TotalSegmentator from PyPI, offline, against a local model folder, compresses when TUCKER_RANK_RATIO is set."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest import run
+
+pytestmark = pytest.mark.integration
+
+TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
+TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
+
+
+@pytest.fixture(scope="module")
+def totalseg_env(tmp_path_factory, model_folder, nnunet_env):
+    """A TotalSegmentator home whose `--fast` model is the demo model (no download, no usage stats)."""
+    home = tmp_path_factory.mktemp("totalseg_home")
+    target = home / "nnunet" / "results" / TASK_FOLDER / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    shutil.copytree(model_folder, target)
+    for checkpoint in target.glob("fold_*/checkpoint_final.pth"):
+        data = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        data["trainer_name"] = TRAINER
+        torch.save(data, checkpoint)
+    (home / "config.json").write_text(
+        json.dumps({"totalseg_id": "totalseg_test", "send_usage_stats": False, "prediction_counter": 0})
+    )
+    env = {k: v for k, v in nnunet_env.items() if not k.startswith("nnUNet_")}
+    env["TOTALSEG_HOME_DIR"] = str(home)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ct(cases):
+    return sorted(cases.glob("*.nii.gz"))[0]
+
+
+def _check_report(path, stderr):
+    report = json.loads(path.read_text())
+    assert TASK_FOLDER in report["extra"]["model"]
+    assert report["config"]["rank_ratio"] == 0.5 and report["decomposed_layers"] > 0
+    assert report["params_after"] < report["params_before"]
+    assert any(line.startswith("nnunet-tucker: rank_ratio=0.5") for line in stderr.splitlines()), stderr
+
+
+def test_totalsegmentator_cli_fast_compresses(totalseg_env, ct, tmp_path):
+    report = tmp_path / "report.json"
+    result = run(["TotalSegmentator", "-i", str(ct), "-o", str(tmp_path / "seg"), "--fast", "-d", "cpu"],
+                 totalseg_env, TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+    _check_report(report, result.stderr)
+    assert (tmp_path / "seg" / "spleen.nii.gz").is_file()
+
+
+def test_totalsegmentator_python_api_compresses(totalseg_env, ct, tmp_path):
+    report = tmp_path / "report.json"
+    code = (
+        "from totalsegmentator.python_api import totalsegmentator; "
+        f"totalsegmentator({str(ct)!r}, {str(tmp_path / 'seg')!r}, fast=True, device='cpu', ml=True)"
+    )
+    result = run([sys.executable, "-c", code], totalseg_env, TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+    _check_report(report, result.stderr)
+
+
+def test_totalsegmentator_without_request_is_untouched(totalseg_env, ct, tmp_path):
+    result = run(["TotalSegmentator", "-i", str(ct), "-o", str(tmp_path / "seg"), "--fast", "-d", "cpu"],
+                 totalseg_env)
+    assert "nnunet-tucker" not in result.stderr
