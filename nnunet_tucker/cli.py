@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from .config import POLICIES, TuckerConfigError, check_field, env_variables, read_env, read_plans, resolve_config
@@ -83,6 +84,51 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- compress
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .nnunet.model_folder import compress_model_folder
+
+    config = resolve_config(read_env(), config_fields_from_args(args))
+    if config is None:
+        return _fail("no compression asked for: give --rank-ratio (or set TUCKER_RANK_RATIO)")
+    report = compress_model_folder(args.input, args.output, config, args.folds, args.chk, args.overwrite)
+    print(report.to_json() if args.json else f"{args.output}: {report.summary()}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .nnunet.evaluate import evaluate
+
+    flags = config_fields_from_args(args)
+    config = None if args.compressed else resolve_config(read_env(), flags)
+    if args.compressed and flags:
+        return _fail("give either -c COMPRESSED_FOLDER or compression flags (--rank-ratio, ...), not both")
+    if config is None and not args.compressed:
+        return _fail("nothing to compare: give -c COMPRESSED_FOLDER or --rank-ratio")
+    evaluation = evaluate(
+        args.model, args.input, args.output, compressed=args.compressed, config=config, labels=args.labels,
+        folds=args.folds, checkpoint_name=args.chk, device=args.device, use_mirroring=not args.disable_tta,
+        tolerance=args.tolerance, nsd_tolerance_mm=args.nsd_tolerance_mm,
+    )
+    written = evaluation.write(Path(args.output))
+    print(evaluation.to_markdown())
+    print("written: " + ", ".join(str(p) for p in written))
+    if evaluation.failing:
+        print(f"nnunet-tucker: gate FAILED (tolerance {args.tolerance}): {', '.join(evaluation.failing)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .nnunet.demo import run_demo
+
+    run_demo(Path(args.output), args.rank_ratio or 0.5, overwrite=args.overwrite)
+    return 0
+
+
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("-m", "--model", help="trained nnU-Net model folder (holds plans.json, fold_X/)")
@@ -105,15 +151,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(report)
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.set_defaults(run=_cmd_report)
+
+    compress = sub.add_parser("compress", help="write a compressed copy of a trained model folder")
+    compress.add_argument("-i", "--input", required=True, help="trained nnU-Net model folder (left untouched)")
+    compress.add_argument("-o", "--output", required=True, help="new model folder to write")
+    compress.add_argument("-f", "--folds", nargs="+", help="folds to compress (default: all found)")
+    compress.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    compress.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_config_arguments(compress)
+    compress.set_defaults(run=_cmd_compress)
+
+    ev = sub.add_parser("evaluate", help="compare original and compressed predictions per class; gate on a tolerance")
+    ev.add_argument("-m", "--model", required=True, help="original trained model folder")
+    ev.add_argument("-c", "--compressed", help="compressed model folder (or give --rank-ratio etc.)")
+    ev.add_argument("-i", "--input", required=True, help="folder of nnU-Net input images (CASE_0000.nii.gz)")
+    ev.add_argument("-r", "--labels", help="folder of reference label maps (CASE.nii.gz), optional")
+    ev.add_argument("-o", "--output", required=True, help="folder for predictions, JSON, Markdown and PNG figures")
+    ev.add_argument("-f", "--folds", nargs="+", help="folds to use (default: all found)")
+    ev.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    ev.add_argument("-device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    ev.add_argument("--disable_tta", "--disable-tta", dest="disable_tta", action="store_true",
+                    help="no mirroring test-time augmentation")
+    ev.add_argument("--tolerance", type=float, help="fail (exit 1) if any class loses more Dice than this")
+    ev.add_argument("--nsd-tolerance-mm", type=float, default=2.0, help="surface tolerance of the NSD (default 2 mm)")
+    add_config_arguments(ev)
+    ev.set_defaults(run=_cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="compress the shipped demo model and check it on synthetic CT (offline)")
+    demo.add_argument("-o", "--output", default="tucker_demo", help="output folder (default ./tucker_demo)")
+    demo.add_argument("--rank-ratio", dest="rank_ratio", type=float, help="rank ratio (default 0.5)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    demo.set_defaults(run=_cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from .nnunet.model_folder import ModelFolderError
+
     try:
         return args.run(args)
-    except TuckerConfigError as e:
+    except (TuckerConfigError, ModelFolderError) as e:
         return _fail(str(e))
 
 

@@ -28,10 +28,10 @@ from ..accounting import CompressionReport
 from ..config import TuckerConfig
 from ..surgery import compress_network, convert_state_dict, plan_compression
 from .architecture import compressed_architecture
+from .predictor import COMPRESSED_KEY
 
 logger = logging.getLogger(__name__)
 
-COMPRESSED_KEY = "tucker_compressed"
 MANIFEST_NAME = "tucker_manifest.json"
 
 

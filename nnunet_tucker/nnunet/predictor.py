@@ -25,6 +25,8 @@ from ..config import TuckerConfig, read_env, read_plans, resolve_config
 from ..surgery import compress_network, plan_compression, unwrap
 from .cache import DecompositionCache
 
+COMPRESSED_KEY = "tucker_compressed"  # marks folders written by `compress_model_folder`
+
 logger = logging.getLogger("nnunet_tucker")
 
 
@@ -59,6 +61,11 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     """
     config = requested_config(predictor)
     if config is None:
+        return None
+    if COMPRESSED_KEY in predictor.plans_manager.plans:
+        _ensure_visible_logging()
+        logger.warning("%s is already compressed by nnunet-tucker; the compression request is ignored",
+                       source or "this model")
         return None
     folds = predictor.list_of_parameters
     if not folds:

@@ -1,0 +1,246 @@
+"""The safety check: predict a folder of images with the original and the compressed model through
+nnU-Net's own prediction path, and compare per class (Dice, NSD, volumes), optionally against
+reference labels; gate on a tolerance. Writes JSON, Markdown and PNG figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from ..config import TuckerConfig
+from ..metrics import compare_segmentations
+from .model_folder import ModelFolderError
+from .predictor import TuckerPredictor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictionRun:
+    """One model's prediction of the image folder."""
+
+    label: str
+    model: str
+    output_folder: Path
+    seconds: float
+    report: dict[str, Any] | None = None
+
+
+def predict_folder(
+    model_folder: Path,
+    images: Path,
+    output_folder: Path,
+    tucker_config: TuckerConfig | bool,
+    folds: list[str] | None,
+    checkpoint_name: str,
+    device: torch.device,
+    use_mirroring: bool,
+    label: str,
+) -> PredictionRun:
+    """Run nnU-Net's predictor (`predict_from_files`) on a folder; `tucker_config=False` = uncompressed."""
+    predictor = TuckerPredictor(
+        tile_step_size=0.5, use_mirroring=use_mirroring, device=device, tucker_config=tucker_config,
+        allow_tqdm=True,
+    )
+    start = time.perf_counter()
+    use_folds = [f if f == "all" else int(f) for f in folds] if folds else None
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
+    predictor.predict_from_files(
+        str(images), str(output_folder), save_probabilities=False, overwrite=True,
+        num_processes_preprocessing=1, num_processes_segmentation_export=1,
+    )
+    seconds = time.perf_counter() - start
+    report = predictor.tucker_report.to_dict() if predictor.tucker_report else None
+    return PredictionRun(label, str(model_folder), output_folder, seconds, report)
+
+
+def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
+
+
+@dataclass
+class Evaluation:
+    """Per-case, per-class scores of the compressed vs the original segmentation (and vs references)."""
+
+    classes: dict[str, int]
+    runs: list[PredictionRun]
+    cases: dict[str, dict[str, Any]]
+    tolerance: float | None
+    failing: list[str] = field(default_factory=list)
+
+    def mean(self, comparison: str, metric: str) -> dict[str, float]:
+        """Mean over cases of `metric` for each class, for a comparison key of `cases`."""
+        out = {}
+        for name in self.classes:
+            values = [c[comparison][name][metric] for c in self.cases.values() if comparison in c]
+            if values:
+                out[name] = float(np.mean(values))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = {
+            "compressed_vs_original": {m: self.mean("compressed_vs_original", m) for m in ("dice", "nsd")},
+            "wall_seconds": {r.label: r.seconds for r in self.runs},
+        }
+        if any("original_vs_reference" in c for c in self.cases.values()):
+            for key in ("original_vs_reference", "compressed_vs_reference"):
+                summary[key] = {m: self.mean(key, m) for m in ("dice", "nsd")}
+        return {
+            "classes": self.classes,
+            "runs": [{"label": r.label, "model": r.model, "seconds": r.seconds, "compression": r.report}
+                     for r in self.runs],
+            "summary": summary,
+            "cases": self.cases,
+            "tolerance": self.tolerance,
+            "passed": not self.failing,
+            "failing_classes": self.failing,
+        }
+
+    def to_markdown(self) -> str:
+        d = self.to_dict()["summary"]
+        with_ref = "original_vs_reference" in d
+        head = "| class | Dice vs original | NSD vs original |" + (
+            " Dice original vs ref | Dice compressed vs ref |" if with_ref else ""
+        )
+        lines = ["# nnunet-tucker evaluation", "", head, "|" + "---|" * (head.count("|") - 1)]
+        for name in self.classes:
+            row = (f"| {name} | {d['compressed_vs_original']['dice'][name]:.4f} "
+                   f"| {d['compressed_vs_original']['nsd'][name]:.4f} |")
+            if with_ref:
+                row += (f" {d['original_vs_reference']['dice'][name]:.4f} "
+                        f"| {d['compressed_vs_reference']['dice'][name]:.4f} |")
+            lines.append(row)
+        lines += ["", "| run | wall time (s) |", "|---|---|"]
+        lines += [f"| {r.label} | {r.seconds:.1f} |" for r in self.runs]
+        compressed = next((r.report for r in self.runs if r.report), None)
+        if compressed:
+            c = compressed
+            lines += ["", f"Parameters {c['params_before'] / 1e6:.3f}M → {c['params_after'] / 1e6:.3f}M, "
+                      f"MACs {c['macs_before'] / 1e9:.2f}G → {c['macs_after'] / 1e9:.2f}G per patch."]
+        if self.tolerance is not None:
+            verdict = "PASSED" if not self.failing else f"FAILED: {', '.join(self.failing)}"
+            lines += ["", f"Gate (tolerance {self.tolerance}): {verdict}"]
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: Path) -> list[Path]:
+        """evaluation.json, evaluation.md, dice_per_class.png and quality_vs_speed.png in `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "evaluation.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        (folder / "evaluation.md").write_text(self.to_markdown())
+        return [folder / "evaluation.json", folder / "evaluation.md", *self._plots(folder)]
+
+    def _plots(self, folder: Path) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        summary = self.to_dict()["summary"]
+        names = list(self.classes)
+        x = np.arange(len(names))
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.5))
+        bars = [("compressed vs original", summary["compressed_vs_original"]["dice"])]
+        if "original_vs_reference" in summary:
+            bars += [("original vs reference", summary["original_vs_reference"]["dice"]),
+                     ("compressed vs reference", summary["compressed_vs_reference"]["dice"])]
+        width = 0.8 / len(bars)
+        for i, (label, values) in enumerate(bars):
+            ax.bar(x + i * width - 0.4 + width / 2, [values[n] for n in names], width, label=label)
+        if self.tolerance is not None:
+            ax.axhline(1 - self.tolerance, color="red", linestyle="--", linewidth=1, label="gate")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylim(max(0.0, min(min(v.values()) for _, v in bars) - 0.05), 1.0)
+        ax.set_ylabel("Dice")
+        ax.legend(fontsize=8, loc="lower left")
+        ax.set_title("Per-class Dice")
+        fig.tight_layout()
+        dice_png = folder / "dice_per_class.png"
+        fig.savefig(dice_png, dpi=120)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        original = next(r for r in self.runs if r.report is None)
+        for run in self.runs:
+            worst = 1.0 if run is original else min(summary["compressed_vs_original"]["dice"].values())
+            ax.scatter(original.seconds / run.seconds, worst, s=60)
+            ax.annotate(run.label, (original.seconds / run.seconds, worst), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+        ax.set_xlabel("speed-up (wall time, original / run)")
+        ax.set_ylabel("worst-class Dice vs original")
+        ax.set_title("Quality vs speed")
+        fig.tight_layout()
+        speed_png = folder / "quality_vs_speed.png"
+        fig.savefig(speed_png, dpi=120)
+        plt.close(fig)
+        return [dice_png, speed_png]
+
+
+def evaluate(
+    original: Path,
+    images: Path,
+    output: Path,
+    compressed: Path | None = None,
+    config: TuckerConfig | None = None,
+    labels: Path | None = None,
+    folds: list[str] | None = None,
+    checkpoint_name: str = "checkpoint_final.pth",
+    device: str = "cpu",
+    use_mirroring: bool = True,
+    tolerance: float | None = None,
+    nsd_tolerance_mm: float = 2.0,
+) -> Evaluation:
+    """Predict `images` with the original model and with the compressed one (a compressed model
+    folder, or `config` applied on the fly) and compare them per class; see `Evaluation`."""
+    if (compressed is None) == (config is None):
+        raise ValueError("give either a compressed model folder or a compression config, not both or neither")
+    images, output = Path(images), Path(output)
+    if not images.is_dir() or not list(images.glob("*_0000.*")):
+        raise ModelFolderError(f"{images} holds no nnU-Net input images (CASE_0000.nii.gz, ...)")
+    dev = torch.device(device)
+    runs = [
+        predict_folder(Path(original), images, output / "original", False, folds, checkpoint_name, dev,
+                       use_mirroring, "original"),
+        predict_folder(Path(compressed or original), images, output / "compressed",
+                       False if compressed is not None else config, folds, checkpoint_name, dev,
+                       use_mirroring, "compressed"),
+    ]
+    if compressed is not None:
+        manifest = Path(compressed) / "tucker_manifest.json"
+        runs[1].report = json.loads(manifest.read_text()) if manifest.is_file() else None
+
+    dataset = json.loads((Path(original) / "dataset.json").read_text())
+    classes = {k: int(v) for k, v in dataset["labels"].items() if isinstance(v, int) and int(v) > 0}
+    cases: dict[str, dict[str, Any]] = {}
+    for path in tqdm(sorted((output / "original").glob("*.nii.gz")), desc="comparing", unit="case"):
+        seg_original, spacing = _read(path)
+        seg_compressed, _ = _read(output / "compressed" / path.name)
+        case = {"compressed_vs_original": compare_segmentations(
+            seg_compressed, seg_original, classes, spacing, nsd_tolerance_mm)}
+        if labels is not None and (Path(labels) / path.name).is_file():
+            reference, _ = _read(Path(labels) / path.name)
+            case["original_vs_reference"] = compare_segmentations(
+                seg_original, reference, classes, spacing, nsd_tolerance_mm)
+            case["compressed_vs_reference"] = compare_segmentations(
+                seg_compressed, reference, classes, spacing, nsd_tolerance_mm)
+        cases[path.name] = case
+
+    evaluation = Evaluation(classes, runs, cases, tolerance)
+    if tolerance is not None:
+        agreement = evaluation.mean("compressed_vs_original", "dice")
+        failing = {n for n, v in agreement.items() if v < 1 - tolerance}
+        if labels is not None:
+            before = evaluation.mean("original_vs_reference", "dice")
+            after = evaluation.mean("compressed_vs_reference", "dice")
+            failing |= {n for n in before if before[n] - after.get(n, 0.0) > tolerance}
+        evaluation.failing = sorted(failing, key=list(classes).index)
+    return evaluation
