@@ -92,7 +92,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if config is None:
         return _fail("no compression asked for: give --rank-ratio (or set TUCKER_RANK_RATIO)")
     report = compress_model_folder(args.input, args.output, config, args.folds, args.chk, args.overwrite)
-    print(report.to_json() if args.json else f"{args.output}: {report.summary()}")
+    if args.json:
+        print(report.to_json())
     return 0
 
 

@@ -1,8 +1,9 @@
 """Synthetic CT-like phantoms with label maps, for tests, demos and the shipped demo model.
 
 Every phantom is a small abdominal CT look-alike in Hounsfield units: air outside an elliptic body
-with a subcutaneous fat layer, soft tissue inside, and four labelled structures whose position, size
-and shape vary with the seed (smooth, randomly deformed and rotated ellipsoids):
+with a subcutaneous fat layer (~-100 HU), a soft-tissue wall (~40 HU), an abdominal cavity of visceral
+fat with soft-tissue bowel loops (some with gas) mostly in front, and four labelled structures whose
+position, size and shape vary with the seed (smooth, randomly deformed and rotated ellipsoids):
 
     1 liver (~60 HU), 2 spleen (~45 HU), 3 kidneys (left and right, ~30 HU), 4 bone (a column of
     vertebra-like blobs, ~400-700 HU).
@@ -97,14 +98,22 @@ def make_phantom(
     sp = grid.spacing
     labels = np.zeros(shape, dtype=np.uint8)
 
-    # Body: an elliptic cylinder along z whose outline wobbles smoothly, with a subcutaneous fat layer.
+    # Body: an elliptic cylinder along z whose outline wobbles smoothly: a subcutaneous fat layer, a
+    # muscular wall, and an abdominal cavity of visceral fat with bowel loops, mostly anterior.
     body_c = np.array([0.0, rng.uniform(-6, 6), rng.uniform(-6, 6)])
     body_ax = np.array([1e6, rng.uniform(66, 76), rng.uniform(82, 90)])
+    fat, wall = rng.uniform(6, 12), rng.uniform(8, 12)
     body = grid.blob(rng, body_c, body_ax, 0.03, (0.0, 0.0, 0.0))
-    inner = grid.blob(rng, body_c, body_ax - rng.uniform(6, 12), 0.03, (0.0, 0.0, 0.0)) & body
+    inner = grid.blob(rng, body_c, body_ax - fat, 0.03, (0.0, 0.0, 0.0)) & body
+    cavity = grid.blob(rng, body_c, body_ax - fat - wall, 0.03, (0.0, 0.0, 0.0)) & inner
+    anteriority = (body_c[1] - grid.yy) / body_ax[1]  # 1 at the front skin, -1 at the back
+    bowel = cavity & (_smooth_field(rng, shape, 5 / sp) > 0.2 - 2.5 * anteriority)
+    gas = bowel & (_smooth_field(rng, shape, 2 / sp) > 2.3)
     image = np.full(shape, AIR_HU)
     image[body] = FAT_HU
     image[inner] = (TISSUE_HU + 8 * _smooth_field(rng, shape, 6 / sp))[inner]  # slowly varying soft tissue
+    image[cavity & ~bowel] = FAT_HU + 10
+    image[gas] = -700
 
     y_back = body_c[1] + body_ax[1]  # posterior skin surface, y in mm
     z_len = shape[0] * sp[0]

@@ -198,6 +198,9 @@ def compress_model_folder(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should look like any other
     try:
         shutil.copy2(source / "dataset.json", staging / "dataset.json")
         _write_json(staging / "plans.json", plans)
