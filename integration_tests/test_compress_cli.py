@@ -99,7 +99,8 @@ def test_missing_plugin_names_the_package(compressed, nnunet_env, cases, tmp_pat
                   str(compressed), "-f", "0", "-device", "cpu"], nnunet_env, check=False,
                  PYTHONPATH=str(stub.parent), TUCKER_HOOK="0")
     assert result.returncode != 0
-    assert "nnunet_tucker" in result.stderr and "Missing key" not in result.stderr
+    assert "Network class nnunet_tucker.nnunet.architecture.TuckerNetwork not found" in result.stderr
+    assert "Missing key" not in result.stderr
 
 
 @pytest.fixture(scope="module")
