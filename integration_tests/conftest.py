@@ -42,9 +42,10 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_folder(workspace) -> Path:
-    """The demo model as it sits in a user's nnUNet_results; checked byte for byte after the session."""
+    """The shipped demo model (or the folder in $NNUNET_TUCKER_TEST_MODEL) as it sits in a user's
+    nnUNet_results; checked byte for byte after the session."""
     target = workspace / "results" / DATASET_NAME / MODEL_FOLDER_NAME
-    shutil.copytree(demo_model_folder(), target)
+    shutil.copytree(os.environ.get("NNUNET_TUCKER_TEST_MODEL") or demo_model_folder(), target)
     before = folder_digest(target)
     yield target
     assert folder_digest(target) == before, "a test modified the user's model folder"
