@@ -94,7 +94,8 @@ def test_bad_checkpoint_gives_clear_error_and_no_output(model_folder, nnunet_env
 def test_missing_plugin_names_the_package(compressed, nnunet_env, cases, tmp_path):
     stub = tmp_path / "stub" / "nnunet_tucker"
     stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'nnunet_tucker'\")\n")
+    # behaves as an absent package: ModuleNotFoundError naming it
+    (stub / "__init__.py").write_text("raise ModuleNotFoundError('No module named nnunet_tucker', name=__name__)\n")
     result = run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(tmp_path / "o"), "-m",
                   str(compressed), "-f", "0", "-device", "cpu"], nnunet_env, check=False,
                  PYTHONPATH=str(stub.parent), TUCKER_HOOK="0")

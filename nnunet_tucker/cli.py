@@ -122,6 +122,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- bench
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmark import benchmark, to_table, write_outputs
+    from .config import TuckerConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.preset:
+        from .nnunet.presets import build_preset
+
+        network, input_shape = build_preset(args.preset)
+        source = args.preset
+    else:
+        from .nnunet.model_folder import load_trained_model
+
+        model = load_trained_model(args.model, folds=[args.fold], checkpoint_name=args.chk)
+        network, input_shape, source = model.network, model.input_shape, str(args.model)
+    configs = [
+        TuckerConfig(ratio, policy=policy, rank_min=args.rank_min, rank_multiple=multiple)
+        for policy in args.policies for ratio in args.ratios for multiple in args.rank_multiples
+    ]
+    timings = benchmark(network, input_shape, configs, args.device, args.rounds, args.warmup,
+                        autocast=args.fp16, compile=args.compile)
+    meta = {
+        "source": source, "input_shape": list(input_shape), "device": args.device, "threads": torch.get_num_threads(),
+        "fp16_autocast": args.fp16, "torch_compile": args.compile, "rounds": args.rounds, "torch": torch.__version__,
+        "title": f"{source}, {args.device}{' fp16' if args.fp16 else ''}{' compiled' if args.compile else ''}",
+    }
+    print(f"{meta['title']}, input {tuple(input_shape)}, {meta['threads']} threads, {args.rounds} interleaved rounds")
+    print(to_table(timings))
+    write_outputs(timings, meta, Path(args.json) if args.json else None, Path(args.png) if args.png else None)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .nnunet.demo import run_demo
@@ -178,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nsd-tolerance-mm", type=float, default=2.0, help="surface tolerance of the NSD (default 2 mm)")
     add_config_arguments(ev)
     ev.set_defaults(run=_cmd_evaluate)
+
+    bench = sub.add_parser("bench", help="time the original and compressed variants side by side (forward pass)")
+    _add_source_arguments(bench)
+    bench.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.3, 0.1], help="rank ratios to time")
+    bench.add_argument("--policies", nargs="+", default=["auto"], choices=POLICIES, help="rank policies to time")
+    bench.add_argument("--rank-multiples", type=int, nargs="+", default=[1], help="rank alignments to time")
+    bench.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank (default 8)")
+    bench.add_argument("-device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (default 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's own setting)")
+    bench.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    bench.add_argument("--json", help="write every timing to this JSON file")
+    bench.add_argument("--png", help="write a plot of speed-up vs MAC reduction to this PNG file")
+    bench.set_defaults(run=_cmd_bench)
 
     demo = sub.add_parser("demo", help="compress the shipped demo model and check it on synthetic CT (offline)")
     demo.add_argument("-o", "--output", default="tucker_demo", help="output folder (default ./tucker_demo)")
