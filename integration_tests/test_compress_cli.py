@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import folder_digest, load_segmentations, predict, run
+from helpers import folder_digest, load_segmentations, predict, run
 
 pytestmark = pytest.mark.integration
 

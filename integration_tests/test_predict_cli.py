@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import dice_per_class, load_segmentations, predict, record, run
+from helpers import dice_per_class, load_segmentations, predict, record, run
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run
+from helpers import run
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 import json
 
-from conftest import build
+from networks import build
 
 from nnunet_tucker import TuckerConfig
 from nnunet_tucker.benchmark import benchmark, to_table, write_outputs

@@ -1,7 +1,7 @@
 import logging
 
 import torch
-from conftest import build
+from networks import build
 
 from nnunet_tucker import TuckerConfig
 from nnunet_tucker.nnunet.cache import DecompositionCache, state_dict_digest

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import build
+from networks import build
 
 from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.accounting import count_macs, count_params
