@@ -52,7 +52,7 @@ CHECKPOINT_KEYS = ("network_weights", "trainer_name", "init_args", "inference_al
 
 
 def demo_model_folder() -> Path:
-    """Path of the model folder shipped inside the package (holds dataset.json, plans.json, fold_0, fold_1)."""
+    """Path of the model folder shipped inside the package (dataset.json, plans.json, fold_0, fold_1)."""
     return SHIPPED_ROOT / DATASET_NAME / MODEL_FOLDER_NAME
 
 
@@ -77,26 +77,62 @@ def _narrow_architecture(plans_file: Path) -> list[int]:
     arch = plans["configurations"][CONFIGURATION]["architecture"]
     features = arch["arch_kwargs"]["features_per_stage"]
     if len(features) > len(FEATURES_PER_STAGE_CAP):
-        raise RuntimeError(f"nnU-Net planned {len(features)} stages, expected at most {len(FEATURES_PER_STAGE_CAP)}")
-    arch["arch_kwargs"]["features_per_stage"] = [min(f, c) for f, c in zip(features, FEATURES_PER_STAGE_CAP)]
+        raise RuntimeError(f"nnU-Net planned {len(features)} stages, at most {len(FEATURES_PER_STAGE_CAP)} "
+                           "expected")
+    arch["arch_kwargs"]["features_per_stage"] = [
+        min(f, cap) for f, cap in zip(features, FEATURES_PER_STAGE_CAP[:len(features)], strict=True)]
     plans_file.write_text(json.dumps(plans, indent=4))
     return arch["arch_kwargs"]["features_per_stage"]
 
 
-def _train_fold(fold: int, epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int) -> list[float]:
-    """Train one fold with nnUNetTrainer on the CPU; return the last epoch's pseudo Dice per class.
+_CPU = torch.device("cpu")
 
-    The nnUNet_* environment variables must be set. The stock trainer (with a shorter schedule set
-    before it initialises its optimizer and LR schedule) writes checkpoints under the trainer name
-    'nnUNetTrainer', which nnU-Net's inference finds by name.
+
+def _trainer_class(epochs: int, iterations_per_epoch: int, val_iterations_per_epoch: int,
+                   lr: float) -> type:
+    """nnUNetTrainer with a recipe sized for a few minutes on a CPU.
+
+    Short schedule; AdamW with poly LR decay (as nnU-Net's nnUNetTrainerAdam), which converges in far
+    fewer iterations than the default SGD; no mirroring, so left and right organs keep their sides (as
+    in TotalSegmentator's nnUNetTrainerNoMirroring; the checkpoint then disables mirroring at inference).
+    The architecture is built by the inherited code, so the checkpoints load as plain 'nnUNetTrainer'.
+    Built on demand because importing nnU-Net is slow.
     """
-    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    trainer = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, fold, device=torch.device("cpu"))
-    trainer.num_epochs = epochs
-    trainer.num_iterations_per_epoch = iterations_per_epoch
-    trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
-    trainer.save_every = epochs + 1  # no intermediate checkpoint_latest.pth
+    class nnUNetTrainerDemo(nnUNetTrainer):
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = _CPU):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = epochs
+            self.num_iterations_per_epoch = iterations_per_epoch
+            self.num_val_iterations_per_epoch = val_iterations_per_epoch
+            self.initial_lr = lr
+            self.save_every = epochs + 1  # no intermediate checkpoint_latest.pth
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
+                                          weight_decay=self.weight_decay, amsgrad=True)
+            return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+        def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+            rotation, dummy_2d, initial_patch_size, _ = \
+                super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+            self.inference_allowed_mirroring_axes = None
+            return rotation, dummy_2d, initial_patch_size, None
+
+    return nnUNetTrainerDemo
+
+
+def _train_fold(trainer_class: type, fold: int) -> list[float]:
+    """Train one fold on the CPU (needs the nnUNet_* environment variables); return the last pseudo Dice."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = load_json(str(preprocessed / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # nnUNetTrainer pops this key
+    trainer = trainer_class(plans, CONFIGURATION, fold, load_json(str(preprocessed / "dataset.json")), _CPU)
     trainer.run_training()
     return [float(d) for d in trainer.logger.get_value("dice_per_class_or_region", step=-1)]
 
@@ -110,6 +146,7 @@ def _export(trained_folder: Path, out_folder: Path) -> None:
         checkpoint = torch.load(trained_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu",
                                 weights_only=False)
         slim = {k: checkpoint[k] for k in CHECKPOINT_KEYS}
+        slim["trainer_name"] = "nnUNetTrainer"  # same network builder; a name nnU-Net's inference can find
         slim["network_weights"] = {k: v.float().contiguous() for k, v in slim["network_weights"].items()}
         (out_folder / f"fold_{fold}").mkdir()
         torch.save(slim, out_folder / f"fold_{fold}" / "checkpoint_final.pth")
@@ -122,6 +159,7 @@ def build_demo_model(
     epochs: int = 10,
     iterations_per_epoch: int = 10,
     val_iterations_per_epoch: int = 2,
+    lr: float = 1e-3,
     n_proc_da: int = 1,
     overwrite: bool = False,
 ) -> Path:
@@ -154,14 +192,16 @@ def build_demo_model(
             logger.info("Planned and preprocessed in %.0f s; features per stage %s",
                         time.perf_counter() - start, features)
 
+            trainer_class = _trainer_class(epochs, iterations_per_epoch, val_iterations_per_epoch, lr)
             for fold in FOLDS:
                 start = time.perf_counter()
-                dice = _train_fold(fold, epochs, iterations_per_epoch, val_iterations_per_epoch)
+                dice = _train_fold(trainer_class, fold)
                 logger.info("Fold %d trained in %.0f s; pseudo Dice per class %s", fold,
                             time.perf_counter() - start, [round(d, 3) for d in dice])
 
         exported = tmp_path / "export"
-        _export(paths["nnUNet_results"] / DATASET_NAME / MODEL_FOLDER_NAME, exported)
+        trained = f"{trainer_class.__name__}__nnUNetPlans__{CONFIGURATION}"
+        _export(paths["nnUNet_results"] / DATASET_NAME / trained, exported)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)

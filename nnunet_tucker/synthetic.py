@@ -2,8 +2,9 @@
 
 Every phantom is a small abdominal CT look-alike in Hounsfield units: air outside an elliptic body
 with a subcutaneous fat layer (~-100 HU), a soft-tissue wall (~40 HU), an abdominal cavity of visceral
-fat with soft-tissue bowel loops (some with gas) mostly in front, and four labelled structures whose
-position, size and shape vary with the seed (smooth, randomly deformed and rotated ellipsoids):
+fat with bowel loops (mottled fluid and soft tissue, some gas) mostly in front, and four labelled
+structures whose position, size and shape vary with the seed (smooth, randomly deformed and rotated
+ellipsoids):
 
     1 liver (~60 HU), 2 spleen (~45 HU), 3 kidneys (left and right, ~30 HU), 4 bone (a column of
     vertebra-like blobs, ~400-700 HU).
@@ -30,8 +31,9 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 LABELS: dict[str, int] = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "bone": 4}
-DEFAULT_SHAPE: tuple[int, int, int] = (48, 96, 96)
-DEFAULT_SPACING: tuple[float, float, float] = (3.0, 2.0, 2.0)
+# 128 x 192 x 192 mm: small enough that the demo model trains in minutes and predicts in seconds on a CPU.
+DEFAULT_SHAPE: tuple[int, int, int] = (32, 64, 64)
+DEFAULT_SPACING: tuple[float, float, float] = (4.0, 3.0, 3.0)
 
 # Per-case phantom seeds: train case i of dataset seed s uses s * _CASES_PER_SEED + i, test cases add
 # _TEST_SEED_OFFSET, so the two ranges never overlap.
@@ -108,11 +110,12 @@ def make_phantom(
     cavity = grid.blob(rng, body_c, body_ax - fat - wall, 0.03, (0.0, 0.0, 0.0)) & inner
     anteriority = (body_c[1] - grid.yy) / body_ax[1]  # 1 at the front skin, -1 at the back
     bowel = cavity & (_smooth_field(rng, shape, 5 / sp) > 0.2 - 2.5 * anteriority)
-    gas = bowel & (_smooth_field(rng, shape, 2 / sp) > 2.3)
+    gas = bowel & (_smooth_field(rng, shape, 2 / sp) > 1.8)
     image = np.full(shape, AIR_HU)
     image[body] = FAT_HU
     image[inner] = (TISSUE_HU + 8 * _smooth_field(rng, shape, 6 / sp))[inner]  # slowly varying soft tissue
     image[cavity & ~bowel] = FAT_HU + 10
+    image[bowel] = (15 + 20 * _smooth_field(rng, shape, 3 / sp))[bowel]
     image[gas] = -700
 
     y_back = body_c[1] + body_ax[1]  # posterior skin surface, y in mm
@@ -150,14 +153,14 @@ def make_phantom(
         image[mask] = hu
 
     # Spine: vertebral bodies and posterior arches, separated by discs, around a spinal canal.
-    spine_c = np.array([0.0, y_back - 28 + jitter(3), body_c[2] + jitter(4)])
+    spine_c = np.array([0.0, y_back - 34 + jitter(3), body_c[2] + jitter(4)])
     column = grid.blob(rng, spine_c + [0, 6, 0], np.array([1e6, 22, 19]), 0.05, (0, 5, 5)) & inner
     image[column & (labels == 0)] = 70  # discs and ligaments
     height, disc = rng.uniform(18, 22), rng.uniform(5, 7)
     bone = np.zeros(shape, dtype=bool)
     for z in np.arange(-z_len / 2 + jitter(height / 2), z_len / 2 + height, height + disc):
         vertebra = grid.blob(rng, spine_c + [z, 0, 0], np.array([height / 2, 12, 15]), 0.05, (5, 5, 5))
-        vertebra |= grid.blob(rng, spine_c + [z, 16, 0], np.array([height / 2.5, 9, 11]), 0.08, (5, 5, 5))
+        vertebra |= grid.blob(rng, spine_c + [z, 18, 0], np.array([height / 2.5, 10, 14]), 0.08, (5, 5, 5))
         bone |= vertebra & inner
         hu = rng.uniform(400, 550)
         image[vertebra & inner] = hu
