@@ -62,7 +62,7 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     config = requested_config(predictor)
     if config is None:
         return None
-    if COMPRESSED_KEY in predictor.plans_manager.plans:
+    if predictor.plans_manager is not None and COMPRESSED_KEY in predictor.plans_manager.plans:
         _ensure_visible_logging()
         logger.warning("%s is already compressed by nnunet-tucker; the compression request is ignored",
                        source or "this model")
