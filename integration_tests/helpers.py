@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,16 @@ def folder_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def script(name: str) -> str:
+    """The console script `name` installed beside this interpreter (no reliance on PATH or shims)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.is_file() else name
+
+
 def run(args: list[str], env: dict[str, str], check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
     """Run a console script with `env` plus `extra_env`; on failure show its output."""
     full_env = {**env, **extra_env}
+    args = [script(args[0]), *args[1:]]
     result = subprocess.run(args, env=full_env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import dice_per_class, load_segmentations, predict, record, run
+from helpers import dice_per_class, load_segmentations, predict, record, run, script
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def test_two_fold_ensemble(nnunet_env, cases, workspace, baseline):
 def test_num_parts_processes_share_one_cache_entry(nnunet_env, cases, workspace, tmp_path):
     out = workspace / "pred_parts"
     env = {**nnunet_env, "TUCKER_RANK_RATIO": "0.4", "TUCKER_CACHE_DIR": str(tmp_path / "cache")}
-    base = ["nnUNetv2_predict", "-i", str(cases), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "0",
+    base = [script("nnUNetv2_predict"), "-i", str(cases), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "0",
             "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", "-num_parts", "2"]
     procs = [subprocess.Popen([*base, "-part_id", str(i)], env=env, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
