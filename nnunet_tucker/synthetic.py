@@ -144,9 +144,9 @@ def make_phantom(
     organs.append((LABELS["kidney"], 30 + jitter(4), kidneys))
 
     for _label, _hu, mask in organs:
-        # Fat capsule about 4 mm thick around each organ, inside the body wall only.
+        # Fat capsule two voxels thick around each organ (perirenal and visceral fat), inside the wall.
         capsule = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1), iterations=2) & inner
-        image[capsule & (labels == 0)] = FAT_HU + 20
+        image[capsule] = FAT_HU + 20
     for label, hu, mask in organs:
         mask = mask & inner
         labels[mask] = label
