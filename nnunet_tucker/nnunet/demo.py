@@ -68,6 +68,10 @@ def _summary(evaluation: Evaluation) -> str:
             f"  {name:<10} {s['compressed_vs_original']['dice'][name]:17.4f} "
             f"{s['original_vs_reference']['dice'][name]:17.4f} {s['compressed_vs_reference']['dice'][name]:17.4f}"
         )
-    verdict = "passed" if d["passed"] else "FAILED for " + ", ".join(d["failing_classes"])
+    verdict = (
+        "passed: this setting keeps every class" if d["passed"]
+        else "not passed for " + ", ".join(d["failing_classes"]) + ": do not deploy this setting; try a milder "
+        "--rank-ratio (e.g. 0.9)"
+    )
     lines.append(f"\n  safety gate (every class within 0.05 Dice of the original): {verdict}")
     return "\n".join(lines)
