@@ -69,3 +69,18 @@ def test_totalsegmentator_without_request_is_untouched(totalseg_env, ct, tmp_pat
     result = run(["TotalSegmentator", "-i", str(ct), "-o", str(tmp_path / "seg"), "--fast", "-d", "cpu"],
                  totalseg_env)
     assert "nnunet-tucker" not in result.stderr
+
+
+def test_totalsegmentator_loads_a_compressed_model_folder(totalseg_env, ct, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(totalseg_env["TOTALSEG_HOME_DIR"], home)
+    model = home / "nnunet" / "results" / TASK_FOLDER / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    compressed = tmp_path / "compressed"
+    run(["nnunet-tucker", "compress", "-i", str(model), "-o", str(compressed), "--rank-ratio", "0.5", "-f", "0"],
+        totalseg_env)
+    shutil.rmtree(model)
+    shutil.move(compressed, model)
+    result = run(["TotalSegmentator", "-i", str(ct), "-o", str(tmp_path / "seg"), "--fast", "-d", "cpu"],
+                 {**totalseg_env, "TOTALSEG_HOME_DIR": str(home)}, TUCKER_HOOK="0")
+    assert (tmp_path / "seg" / "spleen.nii.gz").is_file()
+    assert "nnunet-tucker" not in result.stderr  # decomposed weights loaded as they are, no hook involved
