@@ -8,6 +8,7 @@ The source folder is only read; the output is built in a temporary folder and mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -100,10 +102,11 @@ def load_trained_model(
         raise ModelFolderError(f"{folder} has no fold_*/{checkpoint_name}")
     checkpoints = [_read_checkpoint(folder / f"fold_{f}" / checkpoint_name) for f in folds]
 
-    predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(
-        str(folder), [f if f == "all" else int(f) for f in folds], checkpoint_name
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints; keep stdout clean for --json
+        predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(
+            str(folder), [f if f == "all" else int(f) for f in folds], checkpoint_name
+        )
     input_shape = (
         1,
         determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json),
