@@ -149,9 +149,12 @@ def write_outputs(timings: Sequence[VariantTiming], meta: dict, json_path: Path 
         fig, ax = plt.subplots(figsize=(5, 4))
         top = max(t.mac_reduction for t in timings)
         ax.plot([1, top], [1, top], "--", color="grey", linewidth=1, label="speed-up = MAC reduction")
-        for t in timings:
+        for i, t in enumerate(timings):
             ax.scatter(t.mac_reduction, t.speedup)
-            ax.annotate(t.name, (t.mac_reduction, t.speedup), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(t.name, (t.mac_reduction, t.speedup), textcoords="offset points",
+                        xytext=(4, 4 if i % 2 else -10), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.axhline(1.0, color="red", linewidth=0.8)
         ax.set_xlabel("MAC reduction (original / variant)")
         ax.set_ylabel("speed-up (median forward pass)")
