@@ -62,21 +62,25 @@ def _fail(message: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _cmd_report(args: argparse.Namespace) -> int:
-    from .surgery import compress_network
-
-    flags = config_fields_from_args(args)
+def _load_network(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict | None, str]:
+    """The network named by ``--preset`` or ``-m/-f/-chk``: (network, input shape, plans or None, source)."""
     if args.preset:
         from .nnunet.presets import build_preset
 
         network, input_shape = build_preset(args.preset)
-        config = resolve_config(read_env(), flags)
-    else:
-        from .nnunet.model_folder import load_trained_model
+        return network, input_shape, None, args.preset
+    from .nnunet.model_folder import load_trained_model
 
-        model = load_trained_model(args.model, folds=[args.fold], checkpoint_name=args.chk)
-        network, input_shape = model.network, model.input_shape
-        config = resolve_config(read_plans(model.plans, source=f"{args.model}/plans.json"), read_env(), flags)
+    model = load_trained_model(args.model, folds=[args.fold], checkpoint_name=args.chk)
+    return model.network, model.input_shape, model.plans, str(args.model)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .surgery import compress_network
+
+    network, input_shape, plans, source = _load_network(args)
+    plans_fields = read_plans(plans, source=f"{source}/plans.json") if plans is not None else {}
+    config = resolve_config(plans_fields, read_env(), config_fields_from_args(args))
     if config is None:
         return _fail("no compression asked for: give --rank-ratio (or set TUCKER_RANK_RATIO)")
     report = compress_network(network, config, input_shape)
@@ -131,16 +135,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.preset:
-        from .nnunet.presets import build_preset
-
-        network, input_shape = build_preset(args.preset)
-        source = args.preset
-    else:
-        from .nnunet.model_folder import load_trained_model
-
-        model = load_trained_model(args.model, folds=[args.fold], checkpoint_name=args.chk)
-        network, input_shape, source = model.network, model.input_shape, str(args.model)
+    network, input_shape, _, source = _load_network(args)
     configs = [
         TuckerConfig(ratio, policy=policy, rank_min=args.rank_min, rank_multiple=multiple)
         for policy in args.policies for ratio in args.ratios for multiple in args.rank_multiples

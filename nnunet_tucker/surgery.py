@@ -157,28 +157,25 @@ def converted_shapes(state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPl
     return shapes
 
 
-Converter = Callable[[dict[str, torch.Tensor], list[LayerPlan]], tuple[dict[str, torch.Tensor], dict[str, float]]]
-
-
 def compress_network(
     network: nn.Module,
     config: TuckerConfig,
     input_shape: tuple[int, ...] | None = None,
-    convert: Converter | None = None,
+    decomposed: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None,
 ) -> CompressionReport:
     """Decompose the convolutions of `network` in place, as `config` says; return the report.
 
     `input_shape` (e.g. ``(1, 1, *patch_size)``) lets the report count multiply-accumulates.
-    `convert` replaces `convert_state_dict` for the network's weights (e.g. to go through a cache).
+    `decomposed` is the `convert_state_dict` result for the network's weights when it is already at
+    hand (e.g. from a cache); otherwise the weights are decomposed here.
     """
     network = unwrap(network)
     plan = plan_compression(network, config)
     before = measure(network, input_shape)
     start = time.perf_counter()
-    if convert is None:
-        state, errors = convert_state_dict(network.state_dict(), plan, config.hooi_iterations)
-    else:
-        state, errors = convert(network.state_dict(), plan)
+    if decomposed is None:
+        decomposed = convert_state_dict(network.state_dict(), plan, config.hooi_iterations)
+    state, errors = decomposed
     seconds = time.perf_counter() - start
     swap_modules(network, plan)
     network.load_state_dict(state)

@@ -6,13 +6,18 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
+# in-plane-only first stage and downsampling, as nnU-Net plans for thick-slice CT
+ANISOTROPIC_4_STAGES = dict(
+    kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+)
+
 ARCHITECTURES = {
     "plain3d": dict(
         cls=PlainConvUNet, dims=3, input_shape=(1, 1, 16, 32, 32),
         kwargs=dict(
             input_channels=1, n_stages=4, features_per_stage=[8, 16, 32, 48], conv_op=nn.Conv3d,
-            kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-            strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+            **ANISOTROPIC_4_STAGES,
             n_conv_per_stage=2, num_classes=3, n_conv_per_stage_decoder=2, conv_bias=True,
         ),
     ),
@@ -36,8 +41,7 @@ ARCHITECTURES = {
         cls=ResidualEncoderUNet, dims=3, input_shape=(1, 1, 16, 32, 32),
         kwargs=dict(
             input_channels=1, n_stages=4, features_per_stage=[8, 16, 32, 40], conv_op=nn.Conv3d,
-            kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-            strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+            **ANISOTROPIC_4_STAGES,
             n_blocks_per_stage=[1, 2, 2, 2], num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
         ),
     ),

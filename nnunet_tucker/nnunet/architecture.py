@@ -16,6 +16,12 @@ from torch import nn
 from ..surgery import LayerPlan, plan_compression_from_ranks, swap_modules
 
 NETWORK_CLASS_NAME = f"{__name__}.TuckerNetwork"
+COMPRESSED_KEY = "tucker_compressed"  # top-level plans.json key of folders written by `compress_model_folder`
+
+
+def is_compressed(plans: dict) -> bool:
+    """Whether a plans dict belongs to a compressed model folder."""
+    return COMPRESSED_KEY in plans
 
 
 def TuckerNetwork(  # noqa: N802 - nnU-Net calls it like a class

@@ -29,8 +29,7 @@ from torch import nn
 from ..accounting import CompressionReport
 from ..config import TuckerConfig
 from ..surgery import compress_network, convert_state_dict, plan_compression
-from .architecture import compressed_architecture
-from .predictor import COMPRESSED_KEY
+from .architecture import COMPRESSED_KEY, compressed_architecture, is_compressed
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +51,8 @@ class TrainedModel:
     dataset_json: dict
     configuration: str
     folds: list[str]
-    checkpoints: list[dict[str, Any]]
-
-    @property
-    def fold_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        return [c["network_weights"] for c in self.checkpoints]
-
-
-def is_compressed(plans: dict) -> bool:
-    """Whether a plans dict belongs to a folder written by `compress_model_folder`."""
-    return COMPRESSED_KEY in plans
+    checkpoints: list[dict[str, Any]]  # each fold's checkpoint entries but its weights
+    fold_state_dicts: list[dict[str, torch.Tensor]]
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -89,9 +80,7 @@ def load_trained_model(
     Checkpoints are checked first, so a truncated or foreign one gives a clear error. Compression
     is switched off for this load (whatever ``TUCKER_*`` or plans.json say).
     """
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
-    from .predictor import TuckerPredictor
+    from .predictor import TuckerPredictor, input_shape_of
 
     folder = Path(folder)
     for name in ("plans.json", "dataset.json"):
@@ -100,21 +89,20 @@ def load_trained_model(
     folds = [str(f) for f in folds] if folds else _available_folds(folder, checkpoint_name)
     if not folds:
         raise ModelFolderError(f"{folder} has no fold_*/{checkpoint_name}")
-    checkpoints = [_read_checkpoint(folder / f"fold_{f}" / checkpoint_name) for f in folds]
+    checkpoints = [
+        {k: v for k, v in _read_checkpoint(folder / f"fold_{f}" / checkpoint_name).items() if k != "network_weights"}
+        for f in folds
+    ]
 
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints; keep stdout clean for --json
         predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(
             str(folder), [f if f == "all" else int(f) for f in folds], checkpoint_name
         )
-    input_shape = (
-        1,
-        determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json),
-        *predictor.configuration_manager.patch_size,
-    )
     return TrainedModel(
-        folder, predictor.network, input_shape, predictor.plans_manager.plans, predictor.dataset_json,
-        checkpoints[0]["init_args"]["configuration"], folds, checkpoints,
+        folder, predictor.network, input_shape_of(predictor), predictor.plans_manager.plans,
+        predictor.dataset_json, checkpoints[0]["init_args"]["configuration"], folds, checkpoints,
+        predictor.list_of_parameters,
     )
 
 
@@ -165,12 +153,11 @@ def compress_model_folder(
     model = load_trained_model(source, folds, checkpoint_name)
     plan = plan_compression(model.network, config)
     converted = [convert_state_dict(sd, plan, config.hooi_iterations) for sd in model.fold_state_dicts]
-    report = compress_network(model.network, config, model.input_shape, convert=lambda *_: converted[0])
+    report = compress_network(model.network, config, model.input_shape, decomposed=converted[0])
 
     plans = copy.deepcopy(model.plans)
     configuration = plans["configurations"][model.configuration]
-    original_architecture = _resolved_architecture(model)
-    configuration["architecture"] = compressed_architecture(original_architecture, plan)
+    configuration["architecture"] = compressed_architecture(_resolved_architecture(model), plan)
     plans = {
         COMPRESSED_KEY: {
             "note": "compressed by nnunet-tucker; loading it needs the package: pip install nnunet-tucker",

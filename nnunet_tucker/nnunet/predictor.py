@@ -23,9 +23,8 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from ..accounting import CompressionReport
 from ..config import TuckerConfig, read_env, read_plans, resolve_config
 from ..surgery import compress_network, plan_compression, unwrap
+from .architecture import is_compressed
 from .cache import DecompositionCache
-
-COMPRESSED_KEY = "tucker_compressed"  # marks folders written by `compress_model_folder`
 
 logger = logging.getLogger("nnunet_tucker")
 
@@ -39,6 +38,14 @@ def _ensure_visible_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def input_shape_of(predictor: nnUNetPredictor) -> tuple[int, ...]:
+    """The network input of one sliding-window patch of an initialised predictor: (1, C, *patch)."""
+    channels = determine_num_input_channels(
+        predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+    )
+    return (1, channels, *predictor.configuration_manager.patch_size)
 
 
 def requested_config(predictor: nnUNetPredictor) -> TuckerConfig | None:
@@ -62,7 +69,7 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     config = requested_config(predictor)
     if config is None:
         return None
-    if predictor.plans_manager is not None and COMPRESSED_KEY in predictor.plans_manager.plans:
+    if predictor.plans_manager is not None and is_compressed(predictor.plans_manager.plans):
         _ensure_visible_logging()
         logger.warning("%s is already compressed by nnunet-tucker; the compression request is ignored",
                        source or "this model")
@@ -76,16 +83,11 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     _ensure_visible_logging()
 
     network = unwrap(predictor.network)
-    input_shape = (
-        1,
-        determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json),
-        *predictor.configuration_manager.patch_size,
-    )
     cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
     start = time.perf_counter()
     plan = plan_compression(network, config)
     converted = [cache.convert(state_dict, plan) for state_dict in folds]
-    report = compress_network(network, config, input_shape, convert=lambda *_: converted[0])
+    report = compress_network(network, config, input_shape_of(predictor), decomposed=converted[0])
     report.decomposition_seconds = time.perf_counter() - start
     report.extra.update(
         {"model": source, "folds": len(folds), "cache_hits": cache.hits, "cache_misses": cache.misses,
