@@ -1,4 +1,11 @@
-"""The decomposed convolution: 1x1 (C_in→R_in) → core (R_in→R_out, original kernel) → 1x1 (R_out→C_out)."""
+"""The decomposed convolution: 1x1 (C_in→R_in) → core (R_in→R_out, original kernel) → 1x1 (R_out→C_out).
+
+On CPUs, a 1x1 convolution of a channels-first volume runs 3-4x slower than the same product as a
+matrix multiplication, and small-channel 3D convolutions run ~1.6x faster channels-last. So the
+1x1 stages run as GEMMs that read channels-first input and hand the core a channels-last tensor
+(and back) without copies; results equal the plain three convolutions up to float rounding.
+`PointwiseConv` applies the same to 1x1 convolutions that are kept (segmentation heads).
+"""
 
 from __future__ import annotations
 
@@ -50,10 +57,58 @@ class TuckerConv(nn.Module):
         self.spec = conv_spec(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
+        return _channels_first_gemm(self.core(_channels_last_gemm(x, self.first.weight)),
+                                    self.last.weight, self.last.bias)
 
     def extra_repr(self) -> str:
         return f"ranks=(in={self.in_rank}, out={self.out_rank})"
+
+
+def _positions_by_channels(x: torch.Tensor) -> torch.Tensor:
+    """One sample (C, *spatial) as a (V, C) matrix; a view for channels-first and channels-last memory."""
+    return x.movedim(0, -1).reshape(-1, x.shape[0])
+
+
+# 2D `torch.mm` per sample: batched `matmul` on transposed operands is ~6x slower on CPU.
+def _per_sample(products: list[torch.Tensor]) -> torch.Tensor:
+    return products[0].unsqueeze(0) if len(products) == 1 else torch.stack(products)
+
+
+def _channels_last_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1x1 convolution (no bias) of `x` (n, C, *spatial) with `weight` (R, C, 1...); channels-last result."""
+    w = weight.flatten(1).t()
+    out = _per_sample([torch.mm(_positions_by_channels(sample), w) for sample in x])  # (n, V, R)
+    return out.view(x.shape[0], *x.shape[2:], w.shape[1]).movedim(-1, 1)
+
+
+def _channels_first_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """1x1 convolution of `x` (n, R, *spatial) with `weight` (C, R, 1...) and `bias`; channels-first result."""
+    w = weight.flatten(1)
+    out = _per_sample([torch.mm(w, _positions_by_channels(sample).t()) for sample in x])  # (n, C, V)
+    if bias is not None:
+        out.add_(bias[:, None])
+    return out.view(x.shape[0], w.shape[0], *x.shape[2:])
+
+
+class PointwiseConv(nn.Module):
+    """A kept 1x1 convolution (stride 1, no groups) computed as a GEMM; same parameters and state-dict keys."""
+
+    def __init__(self, conv: _ConvNd) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.spec = conv_spec(conv)
+
+    @staticmethod
+    def applies_to(conv: _ConvNd) -> bool:
+        return (not conv.transposed and conv.groups == 1 and conv.padding_mode == "zeros"
+                and all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+                and all(p == 0 for p in conv.padding))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _channels_first_gemm(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.in_channels}, {self.spec.out_channels}, GEMM"
 
 
 def decompose_conv_weights(

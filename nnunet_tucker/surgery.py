@@ -19,7 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 from .accounting import CompressionReport, measure
 from .config import TuckerConfig
 from .decomposition import ConvSpec, choose_ranks
-from .layers import TuckerConv, conv_spec, decompose_conv_weights
+from .layers import PointwiseConv, TuckerConv, conv_spec, decompose_conv_weights
 
 
 @dataclass(frozen=True)
@@ -93,16 +93,18 @@ def plan_compression_from_ranks(network: nn.Module, ranks: dict[str, list[int]])
 
 
 def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
-    """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`."""
+    """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`;
+    kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM)."""
     network = unwrap(network)
-    replacements: dict[int, TuckerConv] = {}
+    replacements: dict[int, nn.Module] = {}
     for layer in plan:
-        if layer.ranks is None:
-            continue
         conv = network.get_submodule(layer.name)
         if not isinstance(conv, _ConvNd) or conv_spec(conv) != layer.spec:
             raise ValueError(f"layer {layer.name!r} does not match the compression plan: found {conv!r}")
-        replacements[id(conv)] = TuckerConv(conv, *layer.ranks)
+        if layer.ranks is not None:
+            replacements[id(conv)] = TuckerConv(conv, *layer.ranks)
+        elif PointwiseConv.applies_to(conv):
+            replacements[id(conv)] = PointwiseConv(conv)
     for module in list(network.modules()):
         for child_name, child in list(module._modules.items()):
             if child is not None and id(child) in replacements:
