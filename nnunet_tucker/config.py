@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-POLICIES = ("auto", "paper")
+POLICIES = ("profiled", "auto", "paper")
 
 
 class TuckerConfigError(ValueError):
@@ -159,6 +160,14 @@ def resolve_config(*sources: Mapping[str, Any]) -> TuckerConfig | None:
             "TUCKER_RANK_RATIO, the plans.json field 'tucker.rank_ratio' or -tucker_rank_ratio"
         )
     return TuckerConfig(**merged)
+
+
+def default_cache_dir() -> Path:
+    """``$TUCKER_CACHE_DIR``, else ``$XDG_CACHE_HOME/nnunet_tucker``, else ``~/.cache/nnunet_tucker``."""
+    if os.environ.get("TUCKER_CACHE_DIR"):
+        return Path(os.environ["TUCKER_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nnunet_tucker"
 
 
 def env_variables() -> dict[str, str]:

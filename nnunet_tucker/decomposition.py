@@ -119,25 +119,37 @@ class ConvSpec:
         return c_in * r_in * s + r_in * r_out * k + r_out * c_out  # the leading 1x1 runs before the stride
 
 
+def clamp_ranks(spec: ConvSpec, r_in: int, r_out: int) -> tuple[int, int]:
+    """(in_rank, out_rank) clamped as `tucker2` will, in weight order: (out, in) for Conv, (in, out)
+    for ConvTranspose."""
+    k = math.prod(spec.kernel_size)
+    if spec.transposed:
+        return feasible_ranks((spec.in_channels, spec.out_channels, k), r_in, r_out)
+    r_out, r_in = feasible_ranks((spec.out_channels, spec.in_channels, k), r_out, r_in)
+    return r_in, r_out
+
+
+def aligned_ranks(spec: ConvSpec, ranks: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """`ranks` rounded up to a multiple of `multiple` (within the channel counts), then clamped."""
+    r_in, r_out = (min(c, math.ceil(r / multiple) * multiple)
+                   for r, c in zip(ranks, (spec.in_channels, spec.out_channels), strict=True))
+    return clamp_ranks(spec, r_in, r_out)
+
+
 def choose_ranks(
     spec: ConvSpec, ratio: float, policy: str, rank_min: int, rank_multiple: int = 1
 ) -> tuple[tuple[int, int] | None, str]:
     """(in_rank, out_rank) for a layer, or None to leave it as it is; plus the reason in words.
 
+    The ``profiled`` policy starts from the ``auto`` decision; timings refine it (see surgery).
     Deterministic in its arguments, so every fold of a model gets the same structure.
     """
     if spec.groups != 1:
         return None, "grouped convolution"
     if spec.pointwise:  # segmentation heads, projections: a bottleneck on logits, little to save
         return None, "1x1 convolution"
-    r_in = paper_rank(spec.in_channels, ratio, rank_min, rank_multiple)
-    r_out = paper_rank(spec.out_channels, ratio, rank_min, rank_multiple)
-    k = math.prod(spec.kernel_size)
-    # clamp as tucker2 will, in weight order: (out, in) for Conv, (in, out) for ConvTranspose
-    if spec.transposed:
-        r_in, r_out = feasible_ranks((spec.in_channels, spec.out_channels, k), r_in, r_out)
-    else:
-        r_out, r_in = feasible_ranks((spec.out_channels, spec.in_channels, k), r_out, r_in)
+    r_in, r_out = clamp_ranks(spec, paper_rank(spec.in_channels, ratio, rank_min, rank_multiple),
+                              paper_rank(spec.out_channels, ratio, rank_min, rank_multiple))
     if policy == "paper":
         return (r_in, r_out), "decomposed"
     if spec.in_channels == 1:

@@ -55,10 +55,11 @@ class TuckerConv(nn.Module):
         self.core = type(conv)(in_rank, out_rank, conv.kernel_size, **core_kwargs, **factory)
         self.last = pointwise(out_rank, conv.out_channels, 1, bias=conv.bias is not None, **factory)
         self.spec = conv_spec(conv)
+        self.bias_cancelled = False  # set when an instance norm follows: it subtracts any per-channel constant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _channels_first_gemm(self.core(_channels_last_gemm(x, self.first.weight)),
-                                    self.last.weight, self.last.bias)
+        bias = None if self.bias_cancelled else self.last.bias
+        return _channels_first_gemm(self.core(_channels_last_gemm(x, self.first.weight)), self.last.weight, bias)
 
     def extra_repr(self) -> str:
         return f"ranks=(in={self.in_rank}, out={self.out_rank})"

@@ -7,9 +7,11 @@ pointing at one `TuckerConv`, and state-dict conversion writes the decomposed we
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +20,11 @@ from torch.nn.modules.conv import _ConvNd
 
 from .accounting import CompressionReport, measure
 from .config import TuckerConfig
-from .decomposition import ConvSpec, choose_ranks
+from .decomposition import ConvSpec, aligned_ranks, choose_ranks
 from .layers import PointwiseConv, TuckerConv, conv_spec, decompose_conv_weights
+from .profile import LayerTimer, layer_input_shapes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,15 +75,65 @@ def _plan(network: nn.Module, decide: Callable[[tuple[str, ...], ConvSpec], tupl
     return plans
 
 
-def plan_compression(network: nn.Module, config: TuckerConfig) -> list[LayerPlan]:
-    """One `LayerPlan` per distinct convolution module (shared modules once), from shapes alone."""
+def plan_compression(
+    network: nn.Module,
+    config: TuckerConfig,
+    input_shape: Sequence[int] | None = None,
+    timer: LayerTimer | None = None,
+) -> list[LayerPlan]:
+    """One `LayerPlan` per distinct convolution module (shared modules once).
+
+    The ``paper`` and ``auto`` policies decide from shapes alone. ``profiled`` then times, at each
+    layer's input shape for `input_shape`, the original layer against its decomposition with the
+    requested ranks and with ranks rounded up to multiples of 8 and 16 (on `timer`'s device; a
+    CPU `LayerTimer` if None) and keeps the fastest: the original unless a decomposition is at
+    least `PROFILE_MARGIN` faster, and among decompositions within `TIE_MARGIN` of the fastest,
+    the one with the largest ranks (accuracy for free).
+    """
 
     def decide(aliases: tuple[str, ...], spec: ConvSpec) -> tuple:
         if any(fnmatch.fnmatchcase(a, p) for a in aliases for p in config.exclude):
             return None, "excluded by pattern"
         return choose_ranks(spec, config.rank_ratio, config.policy, config.rank_min, config.rank_multiple)
 
-    return _plan(network, decide)
+    plan = _plan(network, decide)
+    if config.policy == "profiled":
+        if input_shape is None:
+            raise ValueError("the 'profiled' policy needs the network's input shape to time its layers")
+        plan = _profiled(network, plan, input_shape, timer or LayerTimer("cpu"))
+    return plan
+
+
+PROFILE_MARGIN = 0.05  # a decomposition must beat the original by this much to replace it
+TIE_MARGIN = 0.02  # timings closer than this count as equal
+
+
+def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[int],
+              timer: LayerTimer) -> list[LayerPlan]:
+    network = unwrap(network)
+    shapes = layer_input_shapes(network, input_shape)
+    refined = []
+    for layer in plan:
+        conv = network.get_submodule(layer.name)
+        if layer.ranks is None or id(conv) not in shapes:
+            refined.append(layer)
+            continue
+        candidates = list(dict.fromkeys([layer.ranks, *(aligned_ranks(layer.spec, layer.ranks, m) for m in (8, 16))]))
+        seconds = timer.seconds(conv, shapes[id(conv)], [None, *candidates])
+        fastest = min(seconds[c] for c in candidates)
+        original = seconds[None]
+        if fastest > original * (1 - PROFILE_MARGIN):
+            ranks, reason = None, f"not faster here ({fastest * 1e3:.1f} vs {original * 1e3:.1f} ms)"
+        else:
+            ranks = max((c for c in candidates if seconds[c] <= fastest * (1 + TIE_MARGIN)),
+                        key=lambda c: (c[0] * c[1], c))
+            reason = f"decomposed, {original / seconds[ranks]:.2f}x faster here"
+        refined.append(dataclasses.replace(layer, ranks=ranks, reason=reason))
+    timer.save()
+    if timer.measured:
+        logger.info("profiled %d layer forms on %s in %.1f s (cached in %s)", timer.measured,
+                    timer.device, timer.seconds_spent, timer.path)
+    return refined
 
 
 def plan_compression_from_ranks(network: nn.Module, ranks: dict[str, list[int]]) -> list[LayerPlan]:
@@ -92,10 +147,24 @@ def plan_compression_from_ranks(network: nn.Module, ranks: dict[str, list[int]])
     return plan
 
 
+def _followed_by_instance_norm(network: nn.Module) -> set[int]:
+    """ids of convolutions whose output goes straight (dropout aside) into an instance norm, in a
+    `nn.Sequential` (nnU-Net's ConvDropoutNormReLU runs its ``all_modules``); their bias cancels."""
+    found = set()
+    for sequence in network.modules():
+        if isinstance(sequence, nn.Sequential):
+            steps = [m for m in sequence if not isinstance(m, nn.modules.dropout._DropoutNd)]
+            for module, after in zip(steps, steps[1:]):
+                if isinstance(module, _ConvNd) and isinstance(after, nn.modules.instancenorm._InstanceNorm):
+                    found.add(id(module))
+    return found
+
+
 def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
     """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`;
     kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM)."""
     network = unwrap(network)
+    before_instance_norm = _followed_by_instance_norm(network)
     replacements: dict[int, nn.Module] = {}
     for layer in plan:
         conv = network.get_submodule(layer.name)
@@ -103,6 +172,7 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
             raise ValueError(f"layer {layer.name!r} does not match the compression plan: found {conv!r}")
         if layer.ranks is not None:
             replacements[id(conv)] = TuckerConv(conv, *layer.ranks)
+            replacements[id(conv)].bias_cancelled = id(conv) in before_instance_norm
         elif PointwiseConv.applies_to(conv):
             replacements[id(conv)] = PointwiseConv(conv)
     for module in list(network.modules()):
@@ -164,15 +234,16 @@ def compress_network(
     config: TuckerConfig,
     input_shape: tuple[int, ...] | None = None,
     decomposed: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None,
+    plan: list[LayerPlan] | None = None,
 ) -> CompressionReport:
     """Decompose the convolutions of `network` in place, as `config` says; return the report.
 
     `input_shape` (e.g. ``(1, 1, *patch_size)``) lets the report count multiply-accumulates.
     `decomposed` is the `convert_state_dict` result for the network's weights when it is already at
-    hand (e.g. from a cache); otherwise the weights are decomposed here.
+    hand (e.g. from a cache), computed for `plan` (the `plan_compression` result, else planned here).
     """
     network = unwrap(network)
-    plan = plan_compression(network, config)
+    plan = plan if plan is not None else plan_compression(network, config, input_shape)
     before = measure(network, input_shape)
     start = time.perf_counter()
     if decomposed is None:

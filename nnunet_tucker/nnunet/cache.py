@@ -19,17 +19,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..config import default_cache_dir
 from ..surgery import LayerPlan, convert_state_dict, converted_shapes
 
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """``$TUCKER_CACHE_DIR``, else ``$XDG_CACHE_HOME/nnunet_tucker``, else ``~/.cache/nnunet_tucker``."""
-    if os.environ.get("TUCKER_CACHE_DIR"):
-        return Path(os.environ["TUCKER_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nnunet_tucker"
 
 
 def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,167 @@
+"""Layer timings on the device at hand, for the ``profiled`` policy: which form of a layer is fastest here.
+
+A decomposed layer is faster or slower than the original depending on its shape, the device and
+the kernels of the installed library (on CPUs, unaligned ranks such as 13 fall back to a slow
+convolution path; at high ranks three convolutions cost more than one). `LayerTimer` times the
+original layer and decomposed candidates at the layer's real input shape (spatially cropped to a
+bounded size, so profiling a full-size network takes seconds) and caches every timing on disk,
+keyed by device, library versions, threads and shapes, so that later loads decide instantly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .config import default_cache_dir
+from .decomposition import ConvSpec
+from .layers import TuckerConv
+
+logger = logging.getLogger(__name__)
+
+MAX_PROFILE_VOXELS = 1 << 18  # 64³: per-voxel cost is settled by then; bounds profiling time
+ROUNDS = 3
+
+
+def device_description(device: torch.device) -> str:
+    """What decides kernel speed: device model, torch (and cuDNN) version, threads."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"cuda {name} torch {torch.__version__} cudnn {torch.backends.cudnn.version()}"
+    return f"{device.type} {platform.machine()} {platform.processor()} torch {torch.__version__} " \
+           f"threads {torch.get_num_threads()} cores {os.cpu_count()}"
+
+
+def profile_input_shape(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """`shape` (n, C, *spatial) with batch 1 and spatial extents halved (largest first) until the
+    volume is at most `MAX_PROFILE_VOXELS`, keeping each a multiple of the stride."""
+    spatial = list(shape[2:])
+    while torch.Size(spatial).numel() > MAX_PROFILE_VOXELS:
+        i = max(range(len(spatial)), key=lambda d: spatial[d])
+        halved = spatial[i] // 2 // stride[i] * stride[i]
+        if halved < max(2 * stride[i], 4):
+            break
+        spatial[i] = halved
+    return (1, shape[1], *spatial)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LayerTimer:
+    """Seconds per forward call of a layer's original and decomposed forms, cached per device."""
+
+    def __init__(self, device: torch.device | str = "cpu", cache_dir: Path | None = None) -> None:
+        self.device = torch.device(device)
+        self.description = device_description(self.device)
+        key = hashlib.blake2b(self.description.encode(), digest_size=8).hexdigest()
+        self.path = (cache_dir or default_cache_dir()) / f"profile-{key}.json"
+        self.timings: dict[str, float] = self._read()
+        self.measured = 0
+        self.seconds_spent = 0.0
+
+    def _read(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("device") == self.description:
+                return {k: float(v) for k, v in data["timings"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return {}
+
+    def save(self) -> None:
+        """Write the timings (merged with what other processes wrote meanwhile), atomically."""
+        if not self.measured:
+            return
+        merged = {**self._read(), **self.timings}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.stem, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"device": self.description, "timings": merged}, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            logger.warning("could not write the device profile %s (%s)", self.path, e)
+
+    def seconds(
+        self, conv: _ConvNd, input_shape: Sequence[int], candidates: Sequence[tuple[int, int] | None]
+    ) -> dict[tuple[int, int] | None, float]:
+        """Seconds per call of each candidate: None is the original layer, (in_rank, out_rank) a
+        `TuckerConv`; measured interleaved (unless cached), minimum of `ROUNDS`."""
+        shape = profile_input_shape(input_shape, conv.stride if not conv.transposed else (1,) * len(conv.stride))
+        keys = {c: self._key(conv, shape, c) for c in candidates}
+        missing = [c for c in candidates if keys[c] not in self.timings]
+        if missing:
+            self._measure(conv, shape, missing, keys)
+        return {c: self.timings[keys[c]] for c in candidates}
+
+    @staticmethod
+    def _key(conv: _ConvNd, shape: Sequence[int], candidate: tuple[int, int] | None) -> str:
+        s = ConvSpec(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+                     conv.transposed, conv.groups)
+        form = "original" if candidate is None else f"tucker{candidate[0]}x{candidate[1]}"
+        return (f"{type(conv).__name__} {s.in_channels}->{s.out_channels} k{s.kernel_size} s{s.stride} "
+                f"p{tuple(conv.padding)} d{tuple(conv.dilation)} bias{conv.bias is not None} "
+                f"in{tuple(shape)} {form}")
+
+    def _measure(self, conv: _ConvNd, shape: Sequence[int], candidates: Sequence, keys: dict) -> None:
+        start = time.perf_counter()
+        factory = {"device": self.device, "dtype": torch.float32}
+        original = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                              padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                              padding_mode=conv.padding_mode, **factory)
+        if conv.transposed:
+            original.output_padding = conv.output_padding
+        forms: dict = {c: original if c is None else TuckerConv(original, *c) for c in candidates}
+        x = torch.randn(tuple(shape), **factory)
+        best = {c: float("inf") for c in candidates}
+        with torch.inference_mode():
+            for round_index in range(ROUNDS + 1):  # the first round warms up
+                for c, module in forms.items():
+                    _synchronize(self.device)
+                    t0 = time.perf_counter()
+                    module(x)
+                    _synchronize(self.device)
+                    if round_index:
+                        best[c] = min(best[c], time.perf_counter() - t0)
+        for c in candidates:
+            self.timings[keys[c]] = best[c]
+        self.measured += len(candidates)
+        self.seconds_spent += time.perf_counter() - start
+
+
+def layer_input_shapes(network: nn.Module, input_shape: Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """id(conv module) -> the input shape it sees in one forward pass on `input_shape` (meta device,
+    no arithmetic). Layers the forward pass does not run (deep-supervision heads) are absent."""
+    import copy
+
+    originals = {id(m): m for m in network.modules() if isinstance(m, _ConvNd)}
+    clone = copy.deepcopy(network)
+    clones = {id(c): o for o, c in zip(network.modules(), clone.modules(), strict=True)}
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        shapes.setdefault(id(clones[id(module)]), tuple(args[0].shape))
+
+    clone = clone.to("meta")
+    handles = [m.register_forward_pre_hook(record) for m in clone.modules() if id(clones[id(m)]) in originals]
+    try:
+        with torch.no_grad():
+            clone(torch.empty(tuple(input_shape), device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
