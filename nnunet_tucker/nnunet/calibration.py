@@ -1,0 +1,265 @@
+"""Calibration patches for data-aware compression, cut from a folder of the user's own images.
+
+The folder holds a few unlabelled cases in the model's nnU-Net input format (``CASE_0000<ending>``,
+``CASE_0001<ending>``, ... one file per input channel, ``<ending>`` being dataset.json's
+``file_ending``). Each case goes through the configuration's preprocessor exactly as in nnU-Net's
+prediction (``preprocessor.run_case(files, None, plans_manager, configuration_manager,
+dataset_json)``), is padded to at least the patch size like the sliding window pads it
+(``pad_nd_image``, constant 0) and is cut at the sliding window's tile positions
+(``compute_steps_for_sliding_window`` with step 0.5).
+
+Patches are chosen deterministically: round-robin over the cases in sorted order (so at most
+``max_patches`` cases are used), and within a case the tiles at the middles of equal stretches of
+the sliding window's tile order, i.e. evenly spaced tiles, the central one when a case gives one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+from ..config import TuckerConfigError
+
+logger = logging.getLogger(__name__)
+
+TILE_STEP_SIZE = 0.5
+# Bump when the choice of patches changes, so that statistics cached under the digest are recomputed.
+_DIGEST_VERSION = "nnunet_tucker calibration v1"
+_NIFTI_ENDINGS = (".nii", ".nii.gz")
+
+
+class CalibrationError(TuckerConfigError):
+    """The calibration images cannot be used; the message names the folder or file and what is expected."""
+
+
+def _listing(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _model_channels(dataset_json: Mapping[str, Any]) -> dict[int, str]:
+    """The model's input channels, index -> name, from ``channel_names`` (or legacy ``modality``)."""
+    names = dataset_json.get("channel_names") or dataset_json.get("modality")
+    if not names:
+        raise CalibrationError("the model's dataset.json has neither 'channel_names' nor 'modality': "
+                               "cannot tell which channel files a calibration case needs")
+    return {int(index): str(name) for index, name in names.items()}
+
+
+def calibration_cases(folder: Path | str, dataset_json: Mapping[str, Any]) -> dict[str, list[Path]]:
+    """Case id -> the case's channel files in channel order, for the images in ``folder``.
+
+    Follows nnU-Net's naming of prediction inputs (``CASE_XXXX<file_ending>``, as matched by
+    ``nnunetv2.utilities.utils.create_paths_fn``), but checks it: every file with the ending must
+    follow it and every case must have exactly the model's channels. Hidden files, subfolders and
+    files with other endings are ignored.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise CalibrationError(f"calibration folder {folder} does not exist: expected a folder of images "
+                               "in the model's nnU-Net input format (CASE_0000<file_ending>, ...)")
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder {folder} is not a directory: expected a folder of images "
+                               "in the model's nnU-Net input format (CASE_0000<file_ending>, ...)")
+    ending = dataset_json.get("file_ending")
+    if not ending:
+        raise CalibrationError("the model's dataset.json has no 'file_ending': cannot tell which files in "
+                               f"{folder} are calibration images")
+    channels = _model_channels(dataset_json)
+
+    visible = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in visible if p.name.endswith(ending)]
+    if not images:
+        found = f"it holds {_listing([p.name for p in visible])}" if visible else "it is empty"
+        raise CalibrationError(f"calibration folder {folder} has no image with the model's file ending "
+                               f"{ending!r} ({found}): expected files named CASE_0000{ending}, one per "
+                               "case and input channel")
+
+    pattern = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending))
+    by_case: dict[str, dict[int, Path]] = {}
+    misnamed = []
+    for path in images:
+        match = pattern.fullmatch(path.name)
+        if match is None:
+            misnamed.append(path.name)
+        else:
+            by_case.setdefault(match["case"], {})[int(match["channel"])] = path
+    if misnamed:
+        raise CalibrationError(f"calibration folder {folder}: {_listing(misnamed)} do(es) not follow nnU-Net's "
+                               f"naming CASE_XXXX{ending} (case id, '_', 4-digit channel index, e.g. "
+                               f"CASE_0000{ending})")
+
+    described = ", ".join(f"{index}: {name}" for index, name in sorted(channels.items()))
+    plural = "s" if len(channels) != 1 else ""
+    mismatched = []
+    for case, files in sorted(by_case.items()):
+        if sorted(files) != sorted(channels):
+            have = ", ".join(f"_{index:04d}" for index in sorted(files))
+            expected = ", ".join(f"{case}_{index:04d}{ending}" for index in sorted(channels))
+            mismatched.append(f"calibration case {case!r} in {folder} has channel file{'s' if len(files) > 1 else ''} "
+                              f"{have} but the model takes {len(channels)} channel{plural} ({described}): "
+                              f"expected {expected}")
+    if mismatched:
+        more = f" (and {len(mismatched) - 1} more case(s) like it)" if len(mismatched) > 1 else ""
+        raise CalibrationError(mismatched[0] + more)
+    return {case: [files[index] for index in sorted(files)] for case, files in sorted(by_case.items())}
+
+
+def _nonfinite_in_nifti(path: Path) -> int:
+    """Non-finite voxels stored in a NIfTI file (0 for other formats and integer data).
+
+    Read with nibabel because nnU-Net's SimpleITK reader (niftilib) silently turns NaN and inf into 0.
+    """
+    if not path.name.endswith(_NIFTI_ENDINGS):
+        return 0
+    try:
+        import nibabel
+    except ImportError:  # pragma: no cover - nibabel is an nnU-Net dependency
+        return 0
+    image = nibabel.load(str(path))
+    if not np.issubdtype(image.get_data_dtype(), np.inexact):
+        return 0  # integers cannot hold NaN or inf
+    return int((~np.isfinite(np.asanyarray(image.dataobj))).sum())
+
+
+def _nonfinite_as_read(path: Path, reader: Any) -> int:
+    """Non-finite voxels in one file as the model's reader class reads it."""
+    data, _ = reader.read_images([str(path)])
+    return int((~np.isfinite(data)).sum())
+
+
+def _nonfinite_error(case: str, files: list[Path], count: Callable[[Path], int]) -> CalibrationError | None:
+    """An error naming the files of a case where ``count`` finds NaN/inf voxels, or None if there are none."""
+    bad = {}
+    for path in files:
+        with contextlib.suppress(Exception):  # unreadable files are reported when preprocessing
+            if n_bad := count(path):
+                bad[path] = n_bad
+    if not bad:
+        return None
+    details = "; ".join(f"{path} has {n_bad} NaN/infinite voxel(s)" for path, n_bad in bad.items())
+    return CalibrationError(f"calibration case {case!r}: {details}. Expected finite intensities (nnU-Net would "
+                            "silently read them as 0 or pass them on): fix or remove the file(s)")
+
+
+def _preprocess(case: str, files: list[Path], preprocessor: Any, predictor: Any) -> np.ndarray:
+    """One case preprocessed as in nnU-Net's prediction: (C, *spatial) float32, checked finite."""
+    if error := _nonfinite_error(case, files, _nonfinite_in_nifti):
+        raise error
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            data, _, _ = preprocessor.run_case([str(p) for p in files], None, predictor.plans_manager,
+                                               predictor.configuration_manager, predictor.dataset_json)
+    except Exception as exc:
+        raise CalibrationError(f"calibration case {case!r} ({', '.join(map(str, files))}) could not be read and "
+                               f"preprocessed by nnU-Net: {type(exc).__name__}: {exc}. Expected readable images "
+                               "of one size and geometry per case") from exc
+    data = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(data).all():
+        reader = predictor.plans_manager.image_reader_writer_class()
+        if error := _nonfinite_error(case, files, lambda path: _nonfinite_as_read(path, reader)):
+            raise error
+        raise CalibrationError(f"calibration case {case!r} ({', '.join(map(str, files))}) has NaN or infinite "
+                               f"values after nnU-Net's preprocessing ({int((~np.isfinite(data)).sum())} "
+                               "voxel(s)): expected images whose preprocessing gives finite intensities")
+    return data
+
+
+def _tiles(data: np.ndarray, patch_size: Sequence[int]) -> list[tuple[slice | int, ...]]:
+    """Slicers of the sliding window's tiles, in nnU-Net's order (3D patches, or 2D patches per slice)."""
+    spatial = data.shape[1:]
+    steps = compute_steps_for_sliding_window(spatial[-len(patch_size):], patch_size, TILE_STEP_SIZE)
+    windows = [[slice(s, s + p) for s in axis_steps] for axis_steps, p in zip(steps, patch_size, strict=True)]
+    if len(patch_size) == len(spatial):
+        return [(slice(None), *w) for w in itertools.product(*windows)]
+    if len(patch_size) == len(spatial) - 1:
+        return [(slice(None), d, *w) for d in range(spatial[0]) for w in itertools.product(*windows)]
+    raise CalibrationError(f"patch size {tuple(patch_size)} does not fit preprocessed images of shape "
+                           f"{tuple(spatial)}: expected a patch with as many axes as the image, or one fewer")
+
+
+def _evenly_spaced(n_items: int, k: int) -> list[int]:
+    """Indices of the middles of k equal stretches of range(n_items); the middle one for k = 1."""
+    return [(2 * j + 1) * n_items // (2 * k) for j in range(k)]
+
+
+def _round_robin(counts: Sequence[int], budget: int) -> list[int]:
+    """How many items each source gives when they take turns, in order, until the budget is spent."""
+    taken = [0] * len(counts)
+    while budget > 0 and any(t < c for t, c in zip(taken, counts, strict=True)):
+        for i, count in enumerate(counts):
+            if budget > 0 and taken[i] < count:
+                taken[i] += 1
+                budget -= 1
+    return taken
+
+
+def _check_max_patches(max_patches: Any) -> None:
+    if not isinstance(max_patches, int) or isinstance(max_patches, bool) or max_patches < 1:
+        raise CalibrationError(f"max_patches={max_patches!r} is not allowed: it must be an integer >= 1")
+
+
+def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: int = 4) -> torch.Tensor:
+    """Up to ``max_patches`` preprocessed network-input patches from the images in ``folder``.
+
+    ``predictor`` is an initialised ``nnUNetPredictor``. Returns a float32 CPU tensor
+    (N, C, *patch_size), 1 <= N <= max_patches, N smaller only when the cases have fewer tiles.
+    """
+    _check_max_patches(max_patches)
+    if getattr(predictor, "configuration_manager", None) is None:
+        raise ValueError("the predictor is not initialised: call initialize_from_trained_model_folder first")
+    configuration = predictor.configuration_manager
+    if configuration.previous_stage_name is not None:
+        raise CalibrationError(f"calibration for {folder} needs a single-stage model: this configuration is a "
+                               f"cascade stage after {configuration.previous_stage_name!r}, whose input includes "
+                               "the previous stage's segmentation")
+    cases = calibration_cases(folder, predictor.dataset_json)
+    used = list(cases.items())[:max_patches]  # round-robin gives every case >= 1 tile, so later ones get none
+    patch_size = [int(p) for p in configuration.patch_size]
+    preprocessor = configuration.preprocessor_class(verbose=predictor.verbose_preprocessing)
+
+    padded, tiles = [], []
+    for case, files in used:
+        data = _preprocess(case, files, preprocessor, predictor)
+        data = pad_nd_image(data, patch_size, "constant", {"value": 0})
+        padded.append(data)
+        tiles.append(_tiles(data, patch_size))
+
+    taken = _round_robin([len(t) for t in tiles], max_patches)
+    chosen = [[tiles[i][j] for j in _evenly_spaced(len(tiles[i]), k)] for i, k in enumerate(taken)]
+    patches = [np.ascontiguousarray(padded[i][chosen[i][r]])
+               for r in range(max(taken)) for i in range(len(used)) if r < taken[i]]
+    batch = torch.from_numpy(np.stack(patches)).to(torch.float32)
+    logger.info("Calibration: %d patch(es) of %s from %d of %d case(s) in %s", len(patches),
+                "x".join(map(str, patch_size)), len(used), len(cases), folder)
+    return batch
+
+
+def calibration_digest(folder: Path | str, dataset_json: Mapping[str, Any], max_patches: int) -> str:
+    """Content hash (blake2b) of the calibration cases (file names and bytes) and ``max_patches``.
+
+    It does not cover the model: key derived statistics by the model as well.
+    """
+    _check_max_patches(max_patches)
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{_DIGEST_VERSION}|max_patches={max_patches}|".encode())
+    for case, files in calibration_cases(folder, dataset_json).items():
+        digest.update(f"case={case}|".encode())
+        for path in files:
+            digest.update(f"file={path.name}|size={path.stat().st_size}|".encode())
+            with path.open("rb") as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()
