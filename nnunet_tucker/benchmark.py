@@ -1,4 +1,5 @@
-"""Side-by-side forward-pass timing of an original network and its compressed variants.
+"""Side-by-side timing of an original network and its compressed variants: forward passes
+(`benchmark`) or nnU-Net's whole prediction of a folder of images (`time_prediction`).
 
 All variants run in one process, interleaved round by round (original, A, B, original, A, B, ...),
 so that the noise of a shared machine hits every variant alike. Speed-ups are ratios of medians.
@@ -6,26 +7,38 @@ so that the noise of a shared machine hits every variant alike. Speed-ups are ra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
+import os
 import statistics
+import sys
+import tempfile
+import textwrap
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
 
 from .accounting import count_macs, count_params
 from .config import TuckerConfig
-from .surgery import compress_network
+from .surgery import compress_network, unwrap
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class VariantTiming:
-    """Timings of one variant; `speedup` = median of the original / median of this variant."""
+    """Timings of one variant; `speedup` = median of the original / median of this variant.
+
+    `load_seconds` (end-to-end timing only): loading the model folder, compression included.
+    """
 
     name: str
     rank_ratio: float | None
@@ -36,6 +49,7 @@ class VariantTiming:
     speedup: float = 1.0
     mac_reduction: float = 1.0
     peak_memory_mb: float | None = None
+    load_seconds: float | None = None
 
     @property
     def median(self) -> float:
@@ -57,6 +71,28 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def variant_name(config: TuckerConfig) -> str:
+    """The name a compressed variant goes by in tables: policy, rank ratio, rank alignment."""
+    name = f"{config.policy} {config.rank_ratio}"
+    return name + f" x{config.rank_multiple}" if config.rank_multiple > 1 else name
+
+
+def time_interleaved(
+    runs: dict[str, Callable[[], object]], device: torch.device, rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each of `runs`, `rounds` interleaved rounds after `warmup` untimed ones."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(warmup + rounds):
+        for name, run in runs.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            if round_index >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def time_forward_passes(
     variants: dict[str, nn.Module],
     input_shape: Sequence[int],
@@ -67,18 +103,10 @@ def time_forward_passes(
 ) -> dict[str, list[float]]:
     """Seconds per forward pass of each variant, `rounds` interleaved rounds after `warmup` ones."""
     x = torch.randn(tuple(input_shape), device=device)
-    amp = torch.autocast(device.type, dtype=torch.float16) if autocast else nullcontext()
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    amp = torch.autocast(device.type, dtype=torch.float16) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), amp:
-        for round_index in range(warmup + rounds):
-            for name, network in variants.items():
-                _synchronize(device)
-                start = time.perf_counter()
-                network(x)
-                _synchronize(device)
-                if round_index >= warmup:
-                    seconds[name].append(time.perf_counter() - start)
-    return seconds
+        return time_interleaved({name: partial(network, x) for name, network in variants.items()},
+                                device, rounds, warmup)
 
 
 def benchmark(
@@ -100,9 +128,7 @@ def benchmark(
     for config in configs:
         variant = copy.deepcopy(network)
         report = compress_network(variant, config, input_shape)
-        name = f"{config.policy} {config.rank_ratio}"
-        if config.rank_multiple > 1:
-            name += f" x{config.rank_multiple}"
+        name = variant_name(config)
         variants[name] = variant
         timings.append(VariantTiming(name, config.rank_ratio, config.policy, report.params_after,
                                      report.macs_after, [], mac_reduction=macs / report.macs_after))
@@ -115,29 +141,99 @@ def benchmark(
             time_forward_passes({"v": variant}, input_shape, dev, rounds=1, warmup=0, autocast=autocast)
             timing.peak_memory_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     seconds = time_forward_passes(variants, input_shape, dev, rounds, warmup, autocast)
+    _fill_seconds(timings, seconds)
+    return timings
+
+
+def _fill_seconds(timings: Sequence[VariantTiming], seconds: dict[str, list[float]]) -> None:
     for timing in timings:
         timing.seconds = seconds[timing.name]
         timing.speedup = timings[0].median / timing.median
+
+
+def time_prediction(
+    model_folder: Path | str,
+    input_folder: Path | str,
+    configs: Sequence[TuckerConfig],
+    device: str = "cpu",
+    folds: Sequence[str] = ("0",),
+    checkpoint_name: str = "checkpoint_final.pth",
+    use_mirroring: bool = False,
+    rounds: int = 1,
+    warmup: int = 1,
+    compile: bool = False,
+    cache_dir: Path | None = None,
+) -> list[VariantTiming]:
+    """Time nnU-Net's `predict_from_files` on every case of `input_folder`: the original model first,
+    then one `TuckerPredictor` per config.
+
+    Each variant is loaded once; that load, compression included, is `load_seconds`. Decompositions
+    go through a fresh temporary cache unless `cache_dir` is given, so `load_seconds` includes them.
+    `seconds` are whole-folder predictions (preprocessing, sliding window with step 0.5, export,
+    nnU-Net's worker start-up), interleaved round by round; `speedup` compares those. `compile`
+    sets ``nnUNet_compile``; on CUDA nnU-Net's predictor runs in fp16 autocast by itself.
+    """
+    from .nnunet.predictor import TuckerPredictor, input_shape_of
+
+    dev = torch.device(device)
+    use_folds = [f if f == "all" else int(f) for f in folds]
+    timings: list[VariantTiming] = []
+    runs: dict[str, Callable[[], object]] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nnunet_tucker_e2e_")))
+        env = {"TUCKER_CACHE_DIR": str(cache_dir or tmp / "cache")}
+        if compile:
+            env["nnUNet_compile"] = "1"
+        stack.enter_context(mock.patch.dict(os.environ, env))
+        stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # nnU-Net prints a lot
+        for config in [None, *configs]:
+            name = "original" if config is None else variant_name(config)
+            predictor = TuckerPredictor(
+                tile_step_size=0.5, use_mirroring=use_mirroring, perform_everything_on_device=True, device=dev,
+                allow_tqdm=False, tucker_config=False if config is None else config,
+            )
+            start = time.perf_counter()
+            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
+            load_seconds = time.perf_counter() - start
+            network = unwrap(predictor.network)
+            macs, _ = count_macs(network, input_shape_of(predictor))
+            timings.append(VariantTiming(
+                name, None if config is None else config.rank_ratio, None if config is None else config.policy,
+                count_params(network), macs, [], mac_reduction=timings[0].macs / macs if timings else 1.0,
+                load_seconds=load_seconds,
+            ))
+            runs[name] = partial(
+                predictor.predict_from_files, str(input_folder), str(tmp / f"predictions_{len(runs)}"),
+                save_probabilities=False, overwrite=True, num_processes_preprocessing=1,
+                num_processes_segmentation_export=1,
+            )
+            logger.info("%s: loaded in %.1f s", name, load_seconds)
+        _fill_seconds(timings, time_interleaved(runs, dev, rounds, warmup))
     return timings
 
 
 def to_table(timings: Sequence[VariantTiming]) -> str:
     """A readable table of the timings."""
+    with_load = any(t.load_seconds is not None for t in timings)
     head = (f"{'variant':<18} {'params':>9} {'GMACs':>8} {'MACs /':>7} {'min s':>8} {'median s':>9} "
-            f"{'max s':>8} {'speed-up':>9} {'realized':>9} {'peak MB':>8}")
+            f"{'max s':>8} {'speed-up':>9} {'realized':>9} {'peak MB':>8}" + (f" {'load s':>7}" if with_load else ""))
     rows = [head, "-" * len(head)]
     for t in timings:
         peak = f"{t.peak_memory_mb:.0f}" if t.peak_memory_mb is not None else "-"
+        load = f" {t.load_seconds:>7.1f}" if t.load_seconds is not None else f" {'-':>7}"
         rows.append(
             f"{t.name:<18} {t.params / 1e6:>8.2f}M {t.macs / 1e9:>8.1f} {t.mac_reduction:>6.1f}x "
             f"{min(t.seconds):>8.3f} {t.median:>9.3f} {max(t.seconds):>8.3f} {t.speedup:>8.2f}x "
-            f"{t.realized:>8.0%} {peak:>8}"
+            f"{t.realized:>8.0%} {peak:>8}" + (load if with_load else "")
         )
     return "\n".join(rows)
 
 
 def write_outputs(timings: Sequence[VariantTiming], meta: dict, json_path: Path | None, png_path: Path | None) -> None:
-    """JSON with every timing and `meta`; a PNG of speed-up vs MAC reduction."""
+    """JSON with every timing and `meta`; a PNG of speed-up vs MAC reduction.
+
+    ``meta["title"]`` titles the plot and ``meta["measure"]`` names what was timed (default: forward pass).
+    """
     if json_path is not None:
         json_path.write_text(json.dumps({**meta, "variants": [t.to_dict() for t in timings]}, indent=2))
     if png_path is not None:
@@ -157,8 +253,8 @@ def write_outputs(timings: Sequence[VariantTiming], meta: dict, json_path: Path 
         ax.set_yscale("log")
         ax.axhline(1.0, color="red", linewidth=0.8)
         ax.set_xlabel("MAC reduction (original / variant)")
-        ax.set_ylabel("speed-up (median forward pass)")
-        ax.set_title(meta.get("title", "forward pass"), fontsize=9)
+        ax.set_ylabel(f"speed-up (median {meta.get('measure', 'forward pass')})")
+        ax.set_title(textwrap.fill(meta.get("title", "forward pass"), 60), fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(png_path, dpi=120)

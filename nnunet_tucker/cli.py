@@ -130,24 +130,41 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmark import benchmark, to_table, write_outputs
+    from .benchmark import benchmark, time_prediction, to_table, write_outputs
     from .config import TuckerConfig
 
+    if args.e2e and not args.model:
+        return _fail("--e2e times nnU-Net's prediction of a model folder: give -m MODEL_FOLDER")
+    if args.e2e and args.fp16:
+        return _fail("--fp16 does not apply to --e2e: nnU-Net's predictor autocasts on CUDA by itself")
     if args.threads:
         torch.set_num_threads(args.threads)
-    network, input_shape, _, source = _load_network(args)
     configs = [
         TuckerConfig(ratio, policy=policy, rank_min=args.rank_min, rank_multiple=multiple)
         for policy in args.policies for ratio in args.ratios for multiple in args.rank_multiples
     ]
-    timings = benchmark(network, input_shape, configs, args.device, args.rounds, args.warmup,
-                        autocast=args.fp16, compile=args.compile)
+    if args.e2e:
+        timings = time_prediction(args.model, args.e2e, configs, args.device, folds=(args.fold,),
+                                  checkpoint_name=args.chk, rounds=args.rounds, warmup=args.warmup,
+                                  compile=args.compile)
+        source = str(args.model)
+        cases = len(list(Path(args.e2e).glob("*_0000.*")))
+        what = {"measure": "prediction", "input_folder": str(args.e2e), "cases": cases, "fold": args.fold,
+                "tta": False}
+        shape = f"{cases} case(s) from {args.e2e}, TTA off, fold {args.fold}"
+    else:
+        network, input_shape, _, source = _load_network(args)
+        timings = benchmark(network, input_shape, configs, args.device, args.rounds, args.warmup,
+                            autocast=args.fp16, compile=args.compile)
+        what = {"measure": "forward pass", "input_shape": list(input_shape)}
+        shape = f"input {tuple(input_shape)}"
     meta = {
-        "source": source, "input_shape": list(input_shape), "device": args.device, "threads": torch.get_num_threads(),
+        "source": source, **what, "device": args.device, "threads": torch.get_num_threads(),
         "fp16_autocast": args.fp16, "torch_compile": args.compile, "rounds": args.rounds, "torch": torch.__version__,
-        "title": f"{source}, {args.device}{' fp16' if args.fp16 else ''}{' compiled' if args.compile else ''}",
+        "title": f"{source}, {what['measure']}, {args.device}{' fp16' if args.fp16 else ''}"
+                 f"{' compiled' if args.compile else ''}",
     }
-    print(f"{meta['title']}, input {tuple(input_shape)}, {meta['threads']} threads, {args.rounds} interleaved rounds")
+    print(f"{meta['title']}, {shape}, {meta['threads']} threads, {args.rounds} interleaved rounds")
     print(to_table(timings))
     write_outputs(timings, meta, Path(args.json) if args.json else None, Path(args.png) if args.png else None)
     return 0
@@ -210,8 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(ev)
     ev.set_defaults(run=_cmd_evaluate)
 
-    bench = sub.add_parser("bench", help="time the original and compressed variants side by side (forward pass)")
+    bench = sub.add_parser("bench", help="time the original and compressed variants side by side (forward pass, "
+                                         "or nnU-Net's whole prediction with --e2e)")
     _add_source_arguments(bench)
+    bench.add_argument("--e2e", metavar="INPUT_FOLDER",
+                       help="time nnU-Net's prediction of this folder of images (needs -m; TTA off; model load and "
+                            "compression timed apart) instead of the forward pass")
     bench.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.3, 0.1], help="rank ratios to time")
     bench.add_argument("--policies", nargs="+", default=["auto"], choices=POLICIES, help="rank policies to time")
     bench.add_argument("--rank-multiples", type=int, nargs="+", default=[1], help="rank alignments to time")
@@ -220,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (default 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's own setting)")
-    bench.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA)")
-    bench.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    bench.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA; forward pass only)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile every variant (with --e2e: nnU-Net's nnUNet_compile)")
     bench.add_argument("--json", help="write every timing to this JSON file")
     bench.add_argument("--png", help="write a plot of speed-up vs MAC reduction to this PNG file")
     bench.set_defaults(run=_cmd_bench)

@@ -37,3 +37,7 @@ def test_report_model_folder_reads_plans_and_checkpoint(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["input_shape"] == [1, 1, 32, 64, 64] and data["decomposed_layers"] > 0
     assert all(0 < layer["relative_error"] < 1 for layer in data["layers"] if layer["ranks"])
+
+
+def test_bench_e2e_needs_a_model_folder(tmp_path):
+    assert main(["bench", "--preset", "totalseg-3mm", "--e2e", str(tmp_path)]) == 2
