@@ -156,9 +156,10 @@ class CompressionReport:
 
     def summary(self) -> str:
         """One line: ratio, policy, parameters and MACs before → after."""
-        c = self.config
+        from .config import TuckerConfig
+
         text = (
-            f"rank_ratio={c['rank_ratio']} policy={c['policy']}: "
+            f"{TuckerConfig(**self.config).describe()}: "
             f"{self.decomposed_layers}/{len(self.layers)} convolutions decomposed, "
             f"parameters {self.params_before / 1e6:.2f}M → {self.params_after / 1e6:.2f}M "
             f"({_pct(self.params_after, self.params_before)})"

@@ -15,13 +15,17 @@ logger = logging.getLogger("nnunet_tucker")
 
 _HELP = {
     "rank_ratio": "share of each channel mode kept, in (0, 1]; R = min(C, max(rank_min, ceil(C * ratio)))",
+    "mac_budget": "instead of a ratio: share of the original MACs to keep, in (0, 1]; ranks allocated per layer",
     "policy": f"rank policy, one of {', '.join(POLICIES)} (default auto: skip layers that would not get cheaper)",
     "rank_min": "lower bound of every rank (default 8)",
     "rank_multiple": "round ranks up to a multiple of this, e.g. 8 for tensor cores (default 1)",
     "hooi_iterations": "HOOI refinement iterations after the HOSVD start (default 0)",
     "exclude": "fnmatch patterns of module names to leave as they are",
+    "calibration": "folder of unlabelled images (CASE_0000.nii.gz, ...) to fit the factors to the model's data",
+    "calibration_patches": "patches taken from the calibration images (default 4)",
 }
-_TYPES = {"rank_ratio": float, "policy": str, "rank_min": int, "rank_multiple": int, "hooi_iterations": int}
+_TYPES = {"rank_ratio": float, "mac_budget": float, "policy": str, "rank_min": int, "rank_multiple": int,
+          "hooi_iterations": int, "calibration": str, "calibration_patches": int}
 
 
 def _flag(name: str, nnunet_style: bool) -> str:

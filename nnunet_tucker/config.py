@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 POLICIES = ("profiled", "auto", "paper")
@@ -45,6 +45,10 @@ _FIELDS: dict[str, _Field] = {
     "rank_ratio": _Field(
         "TUCKER_RANK_RATIO", float, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"
     ),
+    "mac_budget": _Field(
+        "TUCKER_MAC_BUDGET", float, lambda v: _is_number(v) and 0 < v <= 1,
+        "a number in (0, 1]: the share of the original multiply-accumulates to keep",
+    ),
     "policy": _Field(
         "TUCKER_POLICY", str, lambda v: v in POLICIES, "one of " + ", ".join(repr(p) for p in POLICIES)
     ),
@@ -61,13 +65,24 @@ _FIELDS: dict[str, _Field] = {
         lambda v: isinstance(v, tuple) and all(isinstance(p, str) and p for p in v),
         "a list of module-name patterns (fnmatch), comma-separated in the environment",
     ),
+    "calibration": _Field(
+        "TUCKER_CALIBRATION", str, lambda v: isinstance(v, str) and v.strip() != "",
+        "a folder of images in the model's input format (CASE_0000.nii.gz, ...)",
+    ),
+    "calibration_patches": _Field(
+        "TUCKER_CALIBRATION_PATCHES", int, lambda v: _is_int(v) and v >= 1, "an integer >= 1"
+    ),
 }
+_OPTIONAL = {"rank_ratio", "mac_budget", "calibration"}
+_TARGETS = ("rank_ratio", "mac_budget")  # exactly one says how much to compress
 
 
 def _checked(name: str, value: Any, where: str) -> Any:
     spec = _FIELDS[name]
     if name == "exclude" and isinstance(value, list):
         value = tuple(value)
+    if value is None and name in _OPTIONAL:
+        return None
     if not spec.check(value):
         raise TuckerConfigError(f"{where}={value!r} is not allowed: it must be {spec.allowed}")
     return value
@@ -78,28 +93,48 @@ class TuckerConfig:
     """How to Tucker-compress a network.
 
     rank_ratio: share of each channel mode kept, R = min(C, max(rank_min, ceil(C * rank_ratio))).
+    mac_budget: instead of a ratio, the share of the original multiply-accumulates to keep; ranks
+        are allocated per layer to lose the least (estimated from calibration data if given).
     policy: ``"paper"`` decomposes every convolution but the 1x1 ones, as in the published method;
         ``"auto"`` also leaves layers as they are where decomposition cannot pay off (single-channel
-        stems, full ranks, no multiply-accumulates saved).
+        stems, full ranks, no multiply-accumulates saved); ``"profiled"`` then times each layer on
+        the device and keeps the faster form (ranks rounded up to 8 or 16 when that costs no time).
     rank_min: lower bound of every rank.
     rank_multiple: ranks are rounded up to a multiple of this (hardware alignment, e.g. 8).
     hooi_iterations: HOOI refinement steps after the HOSVD start (0 = plain HOSVD).
     exclude: fnmatch patterns of module names to leave as they are.
+    calibration: folder of unlabelled images in the model's input format; the factors are then
+        fitted to keep each layer's outputs on them rather than its weights.
+    calibration_patches: network-input patches taken from the calibration images.
     """
 
-    rank_ratio: float
+    rank_ratio: float | None = None
+    mac_budget: float | None = None
     policy: str = "auto"
     rank_min: int = 8
     rank_multiple: int = 1
     hooi_iterations: int = 0
     exclude: tuple[str, ...] = ()
+    calibration: str | None = None
+    calibration_patches: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name), f.name))
+        given = [name for name in _TARGETS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise TuckerConfigError(
+                "give exactly one of rank_ratio and mac_budget (TUCKER_RANK_RATIO / TUCKER_MAC_BUDGET, "
+                f"-tucker_rank_ratio / -tucker_mac_budget); got {given or 'neither'}"
+            )
+
+    def describe(self) -> str:
+        """A short summary such as ``rank_ratio=0.5 policy=auto`` or ``mac_budget=0.2 calibrated``."""
+        target = f"rank_ratio={self.rank_ratio}" if self.rank_ratio is not None else f"mac_budget={self.mac_budget}"
+        return f"{target} policy={self.policy}" + (" calibrated" if self.calibration else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
+        """A JSON-ready dict of every field (``TuckerConfig(**d)`` rebuilds it)."""
         d = asdict(self)
         d["exclude"] = list(self.exclude)
         return d
@@ -151,13 +186,18 @@ def resolve_config(*sources: Mapping[str, Any]) -> TuckerConfig | None:
     """Merge partial configs, later ones winning field by field; None when no source asks for anything."""
     merged: dict[str, Any] = {}
     for source in sources:
-        merged.update({k: v for k, v in source.items() if v is not None})
+        given = {k: v for k, v in source.items() if v is not None}
+        if not all(t in given for t in _TARGETS) and any(t in given for t in _TARGETS):
+            for target in _TARGETS:  # a ratio here overrides a budget from a weaker source, and back
+                merged.pop(target, None)
+        merged.update(given)
     if not merged:
         return None
-    if "rank_ratio" not in merged:
+    if not any(t in merged for t in _TARGETS):
         raise TuckerConfigError(
-            f"compression settings {sorted(merged)} were given without a rank ratio: set "
-            "TUCKER_RANK_RATIO, the plans.json field 'tucker.rank_ratio' or -tucker_rank_ratio"
+            f"compression settings {sorted(merged)} were given without saying how much to compress: set "
+            "TUCKER_RANK_RATIO or TUCKER_MAC_BUDGET, the plans.json field 'tucker.rank_ratio' or "
+            "'tucker.mac_budget', or -tucker_rank_ratio / -tucker_mac_budget"
         )
     return TuckerConfig(**merged)
 

@@ -43,6 +43,17 @@ def feasible_ranks(shape: tuple[int, ...], rank0: int, rank1: int) -> tuple[int,
     return rank0, rank1
 
 
+def eigh_descending(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of a symmetric matrix."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK's eigh on a few hundred rows: 100x slower with threads on a busy CPU
+    try:
+        eigenvalues, vectors = torch.linalg.eigh(symmetric)
+    finally:
+        torch.set_num_threads(threads)
+    return eigenvalues.flip(0), vectors.flip(1)
+
+
 def _gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_: object):
     """Truncated SVD through the eigendecomposition of the smaller Gram matrix.
 
@@ -52,14 +63,7 @@ def _gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_: object)
     """
     transpose = matrix.shape[0] > matrix.shape[1]
     m = matrix.T if transpose else matrix
-    gram = m @ m.T
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # LAPACK's eigh on a few hundred rows: 100x slower with threads on a busy CPU
-    try:
-        eigenvalues, u = torch.linalg.eigh(gram)
-    finally:
-        torch.set_num_threads(threads)
-    eigenvalues, u = eigenvalues.flip(0), u.flip(1)
+    eigenvalues, u = eigh_descending(m @ m.T)
     n = m.shape[0] if n_eigenvecs is None else n_eigenvecs
     u, s = u[:, :n], eigenvalues[:n].clamp_min(0).sqrt()
     v = (u.T @ m) / s.clamp_min(torch.finfo(m.dtype).tiny)[:, None]
@@ -82,6 +86,85 @@ def tucker2(weight: torch.Tensor, rank0: int, rank1: int, hooi_iterations: int =
     w_sq, g_sq = float(w.square().sum()), float(core.square().sum())
     error = math.sqrt(max(w_sq - g_sq, 0.0) / w_sq) if w_sq > 0 else 0.0
     return Tucker2(*(t.to(dtype=weight.dtype).contiguous() for t in (core, u0, u1)), relative_error=error)
+
+
+@dataclass(frozen=True)
+class CalibratedTucker2:
+    """Result of `calibrated_tucker2`, in convolution order: `first` (R_in, C_in) maps input channels
+    to the rank space, `core` (R_out, R_in, *k), `last` (C_out, R_out); `bias_shift` (C_out,) keeps
+    the mean output; `relative_error` is ‖W − Ŵ‖ / ‖W‖ of the weights."""
+
+    first: torch.Tensor
+    core: torch.Tensor
+    last: torch.Tensor
+    bias_shift: torch.Tensor
+    relative_error: float
+
+
+WHITENING_FLOOR = 1e-4  # input-covariance eigenvalues below this share of the largest are raised to it
+
+
+def _whitening(input_cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and S⁻¹ with S Sᵀ = Σ (symmetric square root), near-null directions floored for stability."""
+    eigenvalues, vectors = eigh_descending(input_cov)
+    eigenvalues = eigenvalues.clamp_min(float(eigenvalues[0]) * WHITENING_FLOOR)
+    root = eigenvalues.sqrt()
+    return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
+
+
+def channel_spectra(
+    weight: torch.Tensor, input_cov: torch.Tensor | None = None, output_cov: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy per rank direction of the input and output modes of a convolution weight
+    (C_out, C_in, *k), descending. Weights alone: the HOSVD spectra (squared singular values of
+    the unfoldings). With calibration covariances: the input spectrum of the whitened weight
+    (output energy lost per dropped input direction) and the spectrum of the output covariance."""
+    w = weight.detach().double().cpu().flatten(2)
+    if input_cov is None:
+        gram_in = torch.einsum("oik,ojk->ij", w, w)
+    else:
+        s, _ = _whitening(input_cov)
+        gram_in = s @ torch.einsum("oik,ojk->ij", w, w) @ s
+    gram_out = torch.einsum("oik,pik->op", w, w) if output_cov is None else output_cov
+    return eigh_descending(gram_in)[0].clamp_min(0), eigh_descending(gram_out)[0].clamp_min(0)
+
+
+def calibrated_tucker2(
+    weight: torch.Tensor, rank_in: int, rank_out: int, input_cov: torch.Tensor, output_cov: torch.Tensor,
+    input_mean: torch.Tensor | None = None, positions_per_output: float = 1.0,
+) -> CalibratedTucker2:
+    """Tucker-2 of a convolution weight (C_out, C_in, *k) fitted to keep its outputs on data.
+
+    Input mode: with S Sᵀ the input covariance, the rank-R_in input map that loses least output
+    energy (inputs taken as uncorrelated across kernel offsets) projects on the leading
+    eigenvectors V of Sᵀ(Σₖ WₖᵀWₖ)S: first = VᵀS⁻¹, reconstruction S V (the regression of x on
+    first·x). Output mode: the leading eigenvectors U of the output covariance (PCA of the
+    outputs); last = U, core = Uᵀ W (S V). With white inputs this is the HOSVD. `bias_shift`
+    restores the mean output for inputs of mean `input_mean` (`positions_per_output`: kernel
+    offsets per output position, 1/stride volume for transposed convolutions).
+    """
+    w = weight.detach().double().cpu()
+    c_out, kernel = w.shape[0], w.shape[2:]
+    flat = w.flatten(2)
+    s, s_inv = _whitening(input_cov.double())
+    _, v = eigh_descending(s @ torch.einsum("oik,ojk->ij", flat, flat) @ s)
+    v = v[:, :rank_in]
+    first = v.T @ s_inv  # (R_in, C_in)
+    projected = torch.einsum("oik,ir->ork", flat, s @ v)  # (C_out, R_in, K)
+    _, u = eigh_descending(output_cov.double())
+    u = u[:, :rank_out]  # (C_out, R_out)
+    core = torch.einsum("or,osk->rsk", u, projected)
+    approx = torch.einsum("or,rsk,si->oik", u, core, first)
+    error = float((flat - approx).norm() / flat.norm()) if flat.norm() > 0 else 0.0
+    if input_mean is None:
+        shift = torch.zeros(c_out, dtype=torch.float64)
+    else:
+        shift = (flat - approx).sum(dim=2) @ input_mean.double() * positions_per_output
+    dtype = weight.dtype
+    return CalibratedTucker2(
+        first.to(dtype).contiguous(), core.reshape(rank_out, rank_in, *kernel).to(dtype).contiguous(),
+        u.to(dtype).contiguous(), shift.to(dtype), error,
+    )
 
 
 def paper_rank(channels: int, ratio: float, rank_min: int, multiple: int = 1) -> int:
@@ -136,6 +219,17 @@ def aligned_ranks(spec: ConvSpec, ranks: tuple[int, int], multiple: int) -> tupl
     return clamp_ranks(spec, r_in, r_out)
 
 
+def kept_by_shape(spec: ConvSpec, policy: str) -> str | None:
+    """Why a layer is left as it is whatever its ranks would be, or None if it may be decomposed."""
+    if spec.groups != 1:
+        return "grouped convolution"
+    if spec.pointwise:  # segmentation heads, projections: a bottleneck on logits, little to save
+        return "1x1 convolution"
+    if policy != "paper" and spec.in_channels == 1:
+        return "single input channel"
+    return None
+
+
 def choose_ranks(
     spec: ConvSpec, ratio: float, policy: str, rank_min: int, rank_multiple: int = 1
 ) -> tuple[tuple[int, int] | None, str]:
@@ -144,18 +238,97 @@ def choose_ranks(
     The ``profiled`` policy starts from the ``auto`` decision; timings refine it (see surgery).
     Deterministic in its arguments, so every fold of a model gets the same structure.
     """
-    if spec.groups != 1:
-        return None, "grouped convolution"
-    if spec.pointwise:  # segmentation heads, projections: a bottleneck on logits, little to save
-        return None, "1x1 convolution"
+    reason = kept_by_shape(spec, policy)
+    if reason is not None:
+        return None, reason
     r_in, r_out = clamp_ranks(spec, paper_rank(spec.in_channels, ratio, rank_min, rank_multiple),
                               paper_rank(spec.out_channels, ratio, rank_min, rank_multiple))
     if policy == "paper":
         return (r_in, r_out), "decomposed"
-    if spec.in_channels == 1:
-        return None, "single input channel"
     if (r_in, r_out) == (spec.in_channels, spec.out_channels):
         return None, "full ranks"
     if spec.macs_per_position((r_in, r_out)) >= spec.macs_per_position():
         return None, "no MAC saving"
     return (r_in, r_out), "decomposed"
+
+
+@dataclass(frozen=True)
+class BudgetLayer:
+    """What rank allocation needs to know of one decomposable layer: its shape, how many output
+    positions it computes per forward pass (input positions if transposed) and its mode spectra."""
+
+    spec: ConvSpec
+    positions: int
+    spectrum_in: torch.Tensor
+    spectrum_out: torch.Tensor
+
+    def macs(self, ranks: tuple[int, int] | None) -> int:
+        return self.spec.macs_per_position(ranks) * self.positions
+
+    def error(self, ranks: tuple[int, int] | None) -> float:
+        """Estimated relative squared error: the shares of input and output energy dropped."""
+        if ranks is None:
+            return 0.0
+        return sum(float(s[r:].sum() / s.sum()) if s.sum() > 0 else 0.0
+                   for s, r in ((self.spectrum_in, ranks[0]), (self.spectrum_out, ranks[1])))
+
+
+class BudgetError(ValueError):
+    """A MAC budget the network cannot meet; the message says the smallest one it can."""
+
+
+def allocate_ranks(
+    layers: list[BudgetLayer], budget_macs: float, fixed_macs: int, rank_min: int, step: int = 1
+) -> list[tuple[int, int] | None]:
+    """Ranks per layer (None: keep the layer) minimising the summed estimated errors while all MACs,
+    `fixed_macs` of the layers not decomposed included, stay within `budget_macs`.
+
+    Greedy: every layer starts at `rank_min`; then the step with the largest error reduction per
+    added MAC is taken while one fits — one rank mode up by `step`, or a layer back to its original
+    form when that costs no more. Deterministic in its inputs.
+    """
+    state: list[tuple[int, int] | None] = []
+    for layer in layers:
+        ranks = clamp_ranks(layer.spec, min(rank_min, layer.spec.in_channels), min(rank_min, layer.spec.out_channels))
+        state.append(None if layer.macs(ranks) >= layer.macs(None) else ranks)
+    spent = fixed_macs + sum(layer.macs(r) for layer, r in zip(layers, state, strict=True))
+    if spent > budget_macs:
+        raise BudgetError(f"needs at least {spent:.4g} MACs with rank_min={rank_min}")
+
+    def moves(i: int) -> list[tuple[float, int, tuple[int, int] | None]]:
+        layer, ranks = layers[i], state[i]
+        if ranks is None:
+            return []
+        options = [None]
+        c_in, c_out = layer.spec.in_channels, layer.spec.out_channels
+        if ranks[0] < c_in:
+            options.append(clamp_ranks(layer.spec, min(c_in, ranks[0] + step), ranks[1]))
+        if ranks[1] < c_out:
+            options.append(clamp_ranks(layer.spec, ranks[0], min(c_out, ranks[1] + step)))
+        found = []
+        for option in options:
+            if option == ranks:
+                continue
+            gain = layer.error(ranks) - layer.error(option)
+            cost = layer.macs(option) - layer.macs(ranks)
+            if gain < 0 or (gain == 0 and cost > 0):
+                continue
+            value = float("inf") if cost <= 0 else gain / cost
+            found.append((value, cost, option))
+        return found
+
+    options = {i: moves(i) for i in range(len(layers))}
+    while True:
+        best = None
+        for i, found in options.items():
+            for value, cost, option in found:
+                if spent + cost <= budget_macs and (best is None or value > best[0]):
+                    best = (value, cost, option, i)
+        if best is None:
+            break
+        _, cost, option, i = best
+        state[i] = option
+        spent += cost
+        options[i] = moves(i)
+    return [None if r is not None and r == (layer.spec.in_channels, layer.spec.out_channels) else r
+            for layer, r in zip(layers, state, strict=True)]

@@ -9,11 +9,14 @@ matrix multiplication, and small-channel 3D convolutions run ~1.6x faster channe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .decomposition import ConvSpec, tucker2
+from .decomposition import ConvSpec, calibrated_tucker2, tucker2
+from .statistics import ChannelStatistics
 
 _POINTWISE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -118,6 +121,7 @@ def decompose_conv_weights(
     spec: ConvSpec,
     ranks: tuple[int, int],
     hooi_iterations: int = 0,
+    statistics: ChannelStatistics | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The state dict of a `TuckerConv` (keys ``first.weight``, ``core.weight``, ``last.weight``,
     ``last.bias``) approximating a convolution with `weight` and `bias`; plus the relative error.
@@ -127,6 +131,20 @@ def decompose_conv_weights(
     """
     r_in, r_out = ranks
     ones = (1,) * (weight.ndim - 2)
+    if statistics is not None and statistics.usable():
+        fit = calibrated_tucker2(
+            weight.transpose(0, 1) if spec.transposed else weight, r_in, r_out, statistics.input_cov,
+            statistics.output_cov, statistics.input_mean,
+            positions_per_output=1 / math.prod(spec.stride) if spec.transposed else 1.0,
+        )
+        state = {
+            "first.weight": fit.first.reshape(r_in, -1, *ones),
+            "core.weight": fit.core.transpose(0, 1).contiguous() if spec.transposed else fit.core,
+            "last.weight": fit.last.reshape(-1, r_out, *ones),
+        }
+        if bias is not None:
+            state["last.bias"] = bias.detach() + fit.bias_shift
+        return state, fit.relative_error
     if spec.transposed:
         t = tucker2(weight, r_in, r_out, hooi_iterations)
         u_in, u_out = t.factor0, t.factor1

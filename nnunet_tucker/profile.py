@@ -143,21 +143,21 @@ class LayerTimer:
         self.seconds_spent += time.perf_counter() - start
 
 
-def layer_input_shapes(network: nn.Module, input_shape: Sequence[int]) -> dict[int, tuple[int, ...]]:
-    """id(conv module) -> the input shape it sees in one forward pass on `input_shape` (meta device,
-    no arithmetic). Layers the forward pass does not run (deep-supervision heads) are absent."""
+def layer_shapes(network: nn.Module, input_shape: Sequence[int]) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """id(conv module) -> (input shape, output shape) in one forward pass on `input_shape` (meta
+    device, no arithmetic). Layers the forward pass does not run (deep-supervision heads) are absent."""
     import copy
 
     originals = {id(m): m for m in network.modules() if isinstance(m, _ConvNd)}
     clone = copy.deepcopy(network)
     clones = {id(c): o for o, c in zip(network.modules(), clone.modules(), strict=True)}
-    shapes: dict[int, tuple[int, ...]] = {}
+    shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
-    def record(module: nn.Module, args: tuple) -> None:
-        shapes.setdefault(id(clones[id(module)]), tuple(args[0].shape))
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        shapes.setdefault(id(clones[id(module)]), (tuple(args[0].shape), tuple(output.shape)))
 
     clone = clone.to("meta")
-    handles = [m.register_forward_pre_hook(record) for m in clone.modules() if id(clones[id(m)]) in originals]
+    handles = [m.register_forward_hook(record) for m in clone.modules() if id(clones[id(m)]) in originals]
     try:
         with torch.no_grad():
             clone(torch.empty(tuple(input_shape), device="meta"))

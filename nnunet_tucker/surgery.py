@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -18,11 +19,21 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .accounting import CompressionReport, measure
-from .config import TuckerConfig
-from .decomposition import ConvSpec, aligned_ranks, choose_ranks
+from .accounting import CompressionReport, count_macs, measure
+from .config import TuckerConfig, TuckerConfigError
+from .decomposition import (
+    BudgetError,
+    BudgetLayer,
+    ConvSpec,
+    aligned_ranks,
+    allocate_ranks,
+    channel_spectra,
+    choose_ranks,
+    kept_by_shape,
+)
 from .layers import PointwiseConv, TuckerConv, conv_spec, decompose_conv_weights
-from .profile import LayerTimer, layer_input_shapes
+from .profile import LayerTimer, layer_shapes
+from .statistics import ChannelStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +91,14 @@ def plan_compression(
     config: TuckerConfig,
     input_shape: Sequence[int] | None = None,
     timer: LayerTimer | None = None,
+    statistics: dict[str, ChannelStatistics] | None = None,
 ) -> list[LayerPlan]:
     """One `LayerPlan` per distinct convolution module (shared modules once).
+
+    With ``config.mac_budget``, ranks are allocated across the layers the policy may decompose so
+    that the summed estimated error is least within the budget (`allocate_ranks`); the error
+    estimates come from the network's current weights, and from `statistics` (calibration data,
+    by layer name) where given.
 
     The ``paper`` and ``auto`` policies decide from shapes alone. ``profiled`` then times, at each
     layer's input shape for `input_shape`, the original layer against its decomposition with the
@@ -94,14 +111,57 @@ def plan_compression(
     def decide(aliases: tuple[str, ...], spec: ConvSpec) -> tuple:
         if any(fnmatch.fnmatchcase(a, p) for a in aliases for p in config.exclude):
             return None, "excluded by pattern"
+        if config.mac_budget is not None:
+            reason = kept_by_shape(spec, config.policy)
+            return (None, reason) if reason else ((spec.in_channels, spec.out_channels), "budget")
         return choose_ranks(spec, config.rank_ratio, config.policy, config.rank_min, config.rank_multiple)
 
     plan = _plan(network, decide)
-    if config.policy == "profiled":
+    if config.mac_budget is not None:
+        if input_shape is None:
+            raise ValueError("a MAC budget needs the network's input shape to count multiply-accumulates")
+        plan = _budgeted(network, plan, config, input_shape, statistics or {})
+    elif config.policy == "profiled":
         if input_shape is None:
             raise ValueError("the 'profiled' policy needs the network's input shape to time its layers")
         plan = _profiled(network, plan, input_shape, timer or LayerTimer("cpu"))
     return plan
+
+
+def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, input_shape: Sequence[int],
+              statistics: dict[str, ChannelStatistics]) -> list[LayerPlan]:
+    network = unwrap(network)
+    shapes = layer_shapes(network, input_shape)
+    total, _ = count_macs(network, input_shape)
+    candidates, layers = [], []
+    for i, layer in enumerate(plan):
+        conv = network.get_submodule(layer.name)
+        if layer.ranks is None or id(conv) not in shapes:
+            continue
+        in_shape, out_shape = shapes[id(conv)]
+        weight = conv.weight.transpose(0, 1) if layer.spec.transposed else conv.weight
+        stats = statistics.get(layer.name)
+        covs = (stats.input_cov, stats.output_cov) if stats is not None and stats.usable() else ()
+        positions = math.prod((in_shape if layer.spec.transposed else out_shape)[2:]) * in_shape[0]
+        candidates.append(i)
+        layers.append(BudgetLayer(layer.spec, positions, *channel_spectra(weight, *covs)))
+    fixed = total - sum(layer.macs(None) for layer in layers)
+    try:
+        ranks = allocate_ranks(layers, config.mac_budget * total, fixed, config.rank_min, config.rank_multiple)
+    except BudgetError as e:
+        raise TuckerConfigError(
+            f"mac_budget={config.mac_budget} is below what this network can reach: it {e} "
+            f"(of {total:.4g}); raise the budget or lower rank_min"
+        ) from None
+    refined = list(plan)
+    for i, layer_ranks, budget_layer in zip(candidates, ranks, layers, strict=True):
+        reason = "budget: kept" if layer_ranks is None else (
+            f"budget: est. error {budget_layer.error(layer_ranks):.3f}" + (" (calibrated)" if statistics else ""))
+        refined[i] = dataclasses.replace(plan[i], ranks=layer_ranks, reason=reason)
+    for i, layer in enumerate(refined):  # eligible layers the forward pass never runs
+        if layer.reason == "budget":
+            refined[i] = dataclasses.replace(layer, ranks=None, reason="not run")
+    return refined
 
 
 PROFILE_MARGIN = 0.05  # a decomposition must beat the original by this much to replace it
@@ -111,7 +171,7 @@ TIE_MARGIN = 0.02  # timings closer than this count as equal
 def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[int],
               timer: LayerTimer) -> list[LayerPlan]:
     network = unwrap(network)
-    shapes = layer_input_shapes(network, input_shape)
+    shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
     refined = []
     for layer in plan:
         conv = network.get_submodule(layer.name)
@@ -154,7 +214,7 @@ def _followed_by_instance_norm(network: nn.Module) -> set[int]:
     for sequence in network.modules():
         if isinstance(sequence, nn.Sequential):
             steps = [m for m in sequence if not isinstance(m, nn.modules.dropout._DropoutNd)]
-            for module, after in zip(steps, steps[1:]):
+            for module, after in zip(steps, steps[1:], strict=False):
                 if isinstance(module, _ConvNd) and isinstance(after, nn.modules.instancenorm._InstanceNorm):
                     found.add(id(module))
     return found
@@ -182,13 +242,16 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
 
 
 def convert_state_dict(
-    state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0
+    state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0,
+    statistics: dict[str, ChannelStatistics] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An original state dict in the compressed layout, plus each decomposed layer's relative error.
 
     Keys of layers left as they are pass through unchanged; each decomposed layer is decomposed
-    once and written under all of its aliases.
+    once and written under all of its aliases. Layers with (usable) `statistics` for these
+    weights get the calibration-aware fit, the others the HOSVD.
     """
+    statistics = statistics or {}
     converted = dict(state_dict)
     errors: dict[str, float] = {}
     for layer in plan:
@@ -197,7 +260,7 @@ def convert_state_dict(
         weight = state_dict[f"{layer.name}.weight"]
         bias = state_dict.get(f"{layer.name}.bias")
         decomposed, errors[layer.name] = decompose_conv_weights(
-            weight, bias, layer.spec, layer.ranks, hooi_iterations
+            weight, bias, layer.spec, layer.ranks, hooi_iterations, statistics.get(layer.name)
         )
         for alias in layer.aliases:
             converted.pop(f"{alias}.weight", None)

@@ -42,7 +42,7 @@ def test_env_reading():
 
 
 def test_settings_without_ratio_are_an_error():
-    with pytest.raises(TuckerConfigError, match="without a rank ratio"):
+    with pytest.raises(TuckerConfigError, match="without saying how much to compress"):
         TuckerConfig.from_env({"TUCKER_POLICY": "paper"})
 
 

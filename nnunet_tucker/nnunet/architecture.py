@@ -9,10 +9,12 @@ architecture and the rank of every decomposed layer.
 from __future__ import annotations
 
 import pydoc
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from ..accounting import LayerRecord
 from ..surgery import LayerPlan, plan_compression_from_ranks, swap_modules
 
 NETWORK_CLASS_NAME = f"{__name__}.TuckerNetwork"
@@ -50,8 +52,9 @@ def TuckerNetwork(  # noqa: N802 - nnU-Net calls it like a class
     return network
 
 
-def compressed_architecture(architecture: dict[str, Any], plan: list[LayerPlan]) -> dict[str, Any]:
-    """The plans.json ``architecture`` entry of a compressed model, from the original entry and the plan."""
+def compressed_architecture(architecture: dict[str, Any], plan: Sequence[LayerPlan | LayerRecord]) -> dict[str, Any]:
+    """The plans.json ``architecture`` entry of a compressed model, from the original entry and the
+    plan (or the report's layer records: anything with ``name`` and ``ranks``)."""
     return {
         "network_class_name": NETWORK_CLASS_NAME,
         "arch_kwargs": {

@@ -9,17 +9,20 @@ unreadable or unexpected is recomputed, never trusted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..config import default_cache_dir
+from ..statistics import ChannelStatistics, statistics_digest
 from ..surgery import LayerPlan, convert_state_dict, converted_shapes
 
 logger = logging.getLogger(__name__)
@@ -44,12 +47,14 @@ class DecompositionCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan]) -> str:
+    def key(self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
+            statistics: dict[str, ChannelStatistics] | None = None) -> str:
         layout = json.dumps(
             {
                 "weights": state_dict_digest(state_dict),
                 "plan": [layer.to_dict() for layer in plan],
                 "hooi_iterations": self.hooi_iterations,
+                "statistics": statistics_digest(statistics),
                 "version": __version__,
             },
             sort_keys=True,
@@ -57,18 +62,41 @@ class DecompositionCache:
         return hashlib.blake2b(layout.encode(), digest_size=20).hexdigest()
 
     def convert(
-        self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan]
+        self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
+        statistics: dict[str, ChannelStatistics] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """`convert_state_dict` through the cache."""
-        path = self.directory / f"{self.key(state_dict, plan)}.pt"
+        path = self.directory / f"{self.key(state_dict, plan, statistics)}.pt"
         entry = self._load(path, converted_shapes(state_dict, plan))
         if entry is not None:
             self.hits += 1
             return entry
         self.misses += 1
-        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations)
-        self._store(path, state, errors)
+        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations, statistics)
+        _store(path, {"state_dict": state, "errors": errors})
         return state, errors
+
+    def statistics(
+        self, state_dict: dict[str, torch.Tensor], calibration_key: str,
+        compute: Callable[[], dict[str, ChannelStatistics]],
+    ) -> dict[str, ChannelStatistics]:
+        """Calibration statistics of the network with `state_dict` on the data `calibration_key`
+        names: from the cache, else `compute()` and stored."""
+        key = hashlib.blake2b(
+            f"{state_dict_digest(state_dict)}|{calibration_key}|{__version__}".encode(), digest_size=20
+        ).hexdigest()
+        path = self.directory / f"statistics-{key}.pt"
+        if path.is_file():
+            try:
+                entry = torch.load(path, map_location="cpu", weights_only=True)
+                self.hits += 1
+                return {name: ChannelStatistics(**fields) for name, fields in entry.items()}
+            except Exception as e:  # unreadable, truncated, foreign: recompute
+                logger.warning("ignoring unusable cache entry %s (%s); collecting again", path, e)
+        self.misses += 1
+        statistics = compute()
+        _store(path, {name: dataclasses.asdict(s) for name, s in statistics.items()})
+        return statistics
 
     def _load(self, path: Path, shapes: dict[str, tuple]) -> tuple[dict, dict] | None:
         if not path.is_file():
@@ -83,16 +111,18 @@ class DecompositionCache:
             logger.warning("ignoring unusable cache entry %s (%s); decomposing again", path, e)
             return None
 
-    def _store(self, path: Path, state: dict, errors: dict) -> None:
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-            tmp = Path(name)
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"state_dict": state, "errors": errors}, f)
-            os.replace(tmp, path)
-        except OSError as e:  # a read-only or full disk must not stop a prediction
-            logger.warning("could not write the decomposition cache %s (%s)", path, e)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+
+def _store(path: Path, entry: dict) -> None:
+    """torch.save `entry` to `path` through a temporary file and a rename; a failure only warns."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(entry, f)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full disk must not stop a prediction
+        logger.warning("could not write the cache entry %s (%s)", path, e)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -28,7 +28,6 @@ from torch import nn
 
 from ..accounting import CompressionReport
 from ..config import TuckerConfig
-from ..surgery import compress_network, convert_state_dict, plan_compression
 from .architecture import COMPRESSED_KEY, compressed_architecture, is_compressed
 
 logger = logging.getLogger(__name__)
@@ -53,6 +52,7 @@ class TrainedModel:
     folds: list[str]
     checkpoints: list[dict[str, Any]]  # each fold's checkpoint entries but its weights
     fold_state_dicts: list[dict[str, torch.Tensor]]
+    predictor: Any  # the nnUNetPredictor that loaded it (preprocessing for calibration)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def load_trained_model(
     return TrainedModel(
         folder, predictor.network, input_shape_of(predictor), predictor.plans_manager.plans,
         predictor.dataset_json, checkpoints[0]["init_args"]["configuration"], folds, checkpoints,
-        predictor.list_of_parameters,
+        predictor.list_of_parameters, predictor,
     )
 
 
@@ -150,14 +150,14 @@ def compress_model_folder(
     if plans_path.is_file() and is_compressed(json.loads(plans_path.read_text())):
         raise ModelFolderError(f"{source} is already compressed by nnunet-tucker (see its {MANIFEST_NAME})")
 
+    from .predictor import compress_folds
+
     model = load_trained_model(source, folds, checkpoint_name)
-    plan = plan_compression(model.network, config)
-    converted = [convert_state_dict(sd, plan, config.hooi_iterations) for sd in model.fold_state_dicts]
-    report = compress_network(model.network, config, model.input_shape, decomposed=converted[0])
+    report, converted = compress_folds(model.predictor, config, str(source))
 
     plans = copy.deepcopy(model.plans)
     configuration = plans["configurations"][model.configuration]
-    configuration["architecture"] = compressed_architecture(_resolved_architecture(model), plan)
+    configuration["architecture"] = compressed_architecture(_resolved_architecture(model), report.layers)
     plans = {
         COMPRESSED_KEY: {
             "note": "compressed by nnunet-tucker; loading it needs the package: pip install nnunet-tucker",
@@ -180,6 +180,7 @@ def compress_model_folder(
             for r in report.layers
         ],
         "per_fold_relative_errors": [errors for _, errors in converted],
+        **{k: report.extra[k] for k in ("calibration", "profile") if k in report.extra},
         "params_before": report.params_before, "params_after": report.params_after,
         "macs_before": report.macs_before, "macs_after": report.macs_after, "input_shape": report.input_shape,
         "versions": _versions(),

@@ -17,11 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from torch import nn
 
 from ..accounting import CompressionReport
 from ..config import TuckerConfig, read_env, read_plans, resolve_config
+from ..profile import LayerTimer
+from ..statistics import collect_statistics
 from ..surgery import compress_network, plan_compression, unwrap
 from .architecture import is_compressed
 from .cache import DecompositionCache
@@ -82,28 +86,84 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
         return None
     _ensure_visible_logging()
 
-    network = unwrap(predictor.network)
-    cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
-    start = time.perf_counter()
-    plan = plan_compression(network, config)
-    converted = [cache.convert(state_dict, plan) for state_dict in folds]
-    report = compress_network(network, config, input_shape_of(predictor), decomposed=converted[0])
-    report.decomposition_seconds = time.perf_counter() - start
-    report.extra.update(
-        {"model": source, "folds": len(folds), "cache_hits": cache.hits, "cache_misses": cache.misses,
-         "cache_dir": str(cache.directory)}
-    )
+    report, converted = compress_folds(predictor, config, source)
     predictor.list_of_parameters = [state for state, _ in converted]
     predictor._tucker_compressed_folds = predictor.list_of_parameters
     predictor.tucker_report = report
 
     timing = (
-        "cache hit" if cache.misses == 0
-        else f"decomposed {cache.misses} fold(s) in {report.decomposition_seconds:.1f} s"
+        "cache hit" if report.extra["cache_misses"] == 0
+        else f"decomposed {len(converted)} fold(s) in {report.decomposition_seconds:.1f} s"
     )
     logger.info("%s; %s%s", report.summary(), timing, f" [{source}]" if source else "")
     _write_report(report)
     return report
+
+
+def compress_folds(
+    predictor: nnUNetPredictor, config: TuckerConfig, source: str | None = None
+) -> tuple[CompressionReport, list[tuple[dict[str, torch.Tensor], dict[str, float]]]]:
+    """Compress an initialised predictor's network as `config` says, and convert every fold's weights.
+
+    Calibration statistics (if asked for) are collected per fold on the original network; the
+    plan (ranks) is made once, from fold 0, so that every fold gets the same structure. Statistics
+    and decomposed weights go through the disk cache. Returns the report and, per fold, the
+    converted state dict and the per-layer relative errors. The predictor's fold list is not touched.
+    """
+    network = unwrap(predictor.network)
+    folds = predictor.list_of_parameters
+    input_shape = input_shape_of(predictor)
+    cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
+    start = time.perf_counter()
+    statistics: list[dict | None] = [None] * len(folds)
+    calibration = None
+    if config.calibration:
+        statistics, calibration = _calibration_statistics(predictor, network, folds, config, cache)
+    timer = LayerTimer(predictor.device) if config.policy == "profiled" and config.mac_budget is None else None
+    plan = plan_compression(network, config, input_shape, timer, statistics[0])
+    converted = [cache.convert(state, plan, stats) for state, stats in zip(folds, statistics, strict=True)]
+    report = compress_network(network, config, input_shape, decomposed=converted[0], plan=plan)
+    report.decomposition_seconds = time.perf_counter() - start
+    report.extra.update(
+        {"model": source, "folds": len(folds), "cache_hits": cache.hits, "cache_misses": cache.misses,
+         "cache_dir": str(cache.directory)}
+    )
+    if timer is not None:
+        report.extra["profile"] = {"device": timer.description, "layer_forms_timed": timer.measured,
+                                   "seconds": round(timer.seconds_spent, 2), "file": str(timer.path)}
+    if calibration is not None:
+        report.extra["calibration"] = calibration
+    return report, converted
+
+
+def _calibration_statistics(predictor: nnUNetPredictor, network: nn.Module, folds: list[dict], config: TuckerConfig,
+                            cache: DecompositionCache) -> tuple[list[dict], dict]:
+    """Per fold, the channel statistics of the original network on the calibration images."""
+    from .calibration import calibration_cases, calibration_digest, load_calibration_patches
+
+    folder = config.calibration
+    digest = calibration_digest(folder, predictor.dataset_json, config.calibration_patches)
+    patches = None
+
+    def collect(state: dict) -> dict:
+        nonlocal patches
+        if patches is None:
+            patches = load_calibration_patches(folder, predictor, config.calibration_patches)
+        network.load_state_dict(state)
+        return collect_statistics(network, patches)
+
+    start = time.perf_counter()
+    try:
+        statistics = [cache.statistics(state, digest, lambda state=state: collect(state)) for state in folds]
+    finally:
+        network.load_state_dict(folds[0])
+    voxels = next(iter(statistics[0].values())).voxels
+    info = {"folder": str(Path(folder).resolve()), "cases": sorted(calibration_cases(folder, predictor.dataset_json)),
+            "patches": config.calibration_patches, "voxels_at_input": voxels, "digest": digest,
+            "seconds": round(time.perf_counter() - start, 2)}
+    logger.info("calibration statistics from %s: %d case(s), %d voxels per layer input, %.1f s",
+                folder, len(info["cases"]), voxels, info["seconds"])
+    return statistics, info
 
 
 def _write_report(report: CompressionReport) -> None:
