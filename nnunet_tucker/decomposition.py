@@ -112,20 +112,27 @@ def _whitening(input_cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
 
+def _output_scale(output_cov: torch.Tensor) -> torch.Tensor:
+    """Per-channel output standard deviation (floored): the instance norm after a convolution divides
+    each channel by it, so an error counts relative to the channel's own spread."""
+    scale = output_cov.diagonal().clamp_min(0).sqrt()
+    return scale.clamp_min(float(scale.max()) * WHITENING_FLOOR if scale.max() > 0 else 1.0)
+
+
 def channel_spectra(
     weight: torch.Tensor, input_cov: torch.Tensor | None = None, output_cov: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Energy per rank direction of the input and output modes of a convolution weight
     (C_out, C_in, *k), descending. Weights alone: the HOSVD spectra (squared singular values of
-    the unfoldings). With calibration covariances: the input spectrum of the whitened weight
-    (output energy lost per dropped input direction) and the spectrum of the output covariance."""
+    the unfoldings). With calibration covariances: the spectra that `calibrated_tucker2` truncates."""
     w = weight.detach().double().cpu().flatten(2)
-    if input_cov is None:
-        gram_in = torch.einsum("oik,ojk->ij", w, w)
+    if input_cov is None or output_cov is None:
+        gram_in, gram_out = torch.einsum("oik,ojk->ij", w, w), torch.einsum("oik,pik->op", w, w)
     else:
-        s, _ = _whitening(input_cov)
-        gram_in = s @ torch.einsum("oik,ojk->ij", w, w) @ s
-    gram_out = torch.einsum("oik,pik->op", w, w) if output_cov is None else output_cov
+        s, _ = _whitening(input_cov.double())
+        d = _output_scale(output_cov.double())
+        gram_in = s @ torch.einsum("oik,o,ojk->ij", w, d.pow(-2), w) @ s
+        gram_out = output_cov.double() / d[:, None] / d[None, :]
     return eigh_descending(gram_in)[0].clamp_min(0), eigh_descending(gram_out)[0].clamp_min(0)
 
 
@@ -135,35 +142,39 @@ def calibrated_tucker2(
 ) -> CalibratedTucker2:
     """Tucker-2 of a convolution weight (C_out, C_in, *k) fitted to keep its outputs on data.
 
-    Input mode: with S Sᵀ the input covariance, the rank-R_in input map that loses least output
-    energy (inputs taken as uncorrelated across kernel offsets) projects on the leading
-    eigenvectors V of Sᵀ(Σₖ WₖᵀWₖ)S: first = VᵀS⁻¹, reconstruction S V (the regression of x on
-    first·x). Output mode: the leading eigenvectors U of the output covariance (PCA of the
-    outputs); last = U, core = Uᵀ W (S V). With white inputs this is the HOSVD. `bias_shift`
-    restores the mean output for inputs of mean `input_mean` (`positions_per_output`: kernel
-    offsets per output position, 1/stride volume for transposed convolutions).
+    Errors are measured per output channel relative to its spread D (what the instance norm after
+    the layer sees). Input mode: with S Sᵀ the input covariance, the rank-R_in input map that loses
+    least output (inputs taken as uncorrelated across kernel offsets) projects on the leading
+    eigenvectors V of Sᵀ(Σₖ WₖᵀD⁻²Wₖ)S: first = VᵀS⁻¹, reconstruction S V (the regression of x on
+    first·x). Output mode: the leading eigenvectors U of the output correlation D⁻¹ΣD⁻¹ (PCA of
+    the normalised outputs); last = D U, core = Uᵀ D⁻¹ W (S V). With white inputs and outputs of
+    equal spread this is the HOSVD. `bias_shift` restores the mean output for inputs of mean
+    `input_mean` (`positions_per_output`: kernel offsets per output position, 1/stride volume for
+    transposed convolutions).
     """
     w = weight.detach().double().cpu()
-    c_out, kernel = w.shape[0], w.shape[2:]
+    kernel = w.shape[2:]
     flat = w.flatten(2)
     s, s_inv = _whitening(input_cov.double())
-    _, v = eigh_descending(s @ torch.einsum("oik,ojk->ij", flat, flat) @ s)
+    d = _output_scale(output_cov.double())
+    _, v = eigh_descending(s @ torch.einsum("oik,o,ojk->ij", flat, d.pow(-2), flat) @ s)
     v = v[:, :rank_in]
     first = v.T @ s_inv  # (R_in, C_in)
-    projected = torch.einsum("oik,ir->ork", flat, s @ v)  # (C_out, R_in, K)
-    _, u = eigh_descending(output_cov.double())
+    projected = torch.einsum("oik,ir->ork", flat, s @ v) / d[:, None, None]  # (C_out, R_in, K), normalised
+    _, u = eigh_descending(output_cov.double() / d[:, None] / d[None, :])
     u = u[:, :rank_out]  # (C_out, R_out)
     core = torch.einsum("or,osk->rsk", u, projected)
-    approx = torch.einsum("or,rsk,si->oik", u, core, first)
+    last = d[:, None] * u
+    approx = torch.einsum("or,rsk,si->oik", last, core, first)
     error = float((flat - approx).norm() / flat.norm()) if flat.norm() > 0 else 0.0
     if input_mean is None:
-        shift = torch.zeros(c_out, dtype=torch.float64)
+        shift = torch.zeros(w.shape[0], dtype=torch.float64)
     else:
         shift = (flat - approx).sum(dim=2) @ input_mean.double() * positions_per_output
     dtype = weight.dtype
     return CalibratedTucker2(
         first.to(dtype).contiguous(), core.reshape(rank_out, rank_in, *kernel).to(dtype).contiguous(),
-        u.to(dtype).contiguous(), shift.to(dtype), error,
+        last.to(dtype).contiguous(), shift.to(dtype), error,
     )
 
 
@@ -265,12 +276,22 @@ class BudgetLayer:
     def macs(self, ranks: tuple[int, int] | None) -> int:
         return self.spec.macs_per_position(ranks) * self.positions
 
-    def error(self, ranks: tuple[int, int] | None) -> float:
-        """Estimated relative squared error: the shares of input and output energy dropped."""
+    def kept(self, ranks: tuple[int, int] | None) -> tuple[float, float]:
+        """Estimated shares of the input-mode and output-mode energy kept at `ranks`."""
         if ranks is None:
-            return 0.0
-        return sum(float(s[r:].sum() / s.sum()) if s.sum() > 0 else 0.0
-                   for s, r in ((self.spectrum_in, ranks[0]), (self.spectrum_out, ranks[1])))
+            return 1.0, 1.0
+        return tuple(float(s[:r].sum() / s.sum()) if s.sum() > 0 else 1.0
+                     for s, r in ((self.spectrum_in, ranks[0]), (self.spectrum_out, ranks[1])))
+
+    def error(self, ranks: tuple[int, int] | None) -> float:
+        """Estimated relative squared error: the share of the signal lost."""
+        kept_in, kept_out = self.kept(ranks)
+        return 1.0 - kept_in * kept_out
+
+    def loss(self, ranks: tuple[int, int] | None) -> float:
+        """−log of the estimated share kept: shares multiply through the network, so losses add
+        up, and a layer near total loss costs without bound."""
+        return -sum(math.log(max(k, 1e-12)) for k in self.kept(ranks))
 
 
 class BudgetError(ValueError):
@@ -280,10 +301,10 @@ class BudgetError(ValueError):
 def allocate_ranks(
     layers: list[BudgetLayer], budget_macs: float, fixed_macs: int, rank_min: int, step: int = 1
 ) -> list[tuple[int, int] | None]:
-    """Ranks per layer (None: keep the layer) minimising the summed estimated errors while all MACs,
-    `fixed_macs` of the layers not decomposed included, stay within `budget_macs`.
+    """Ranks per layer (None: keep the layer) minimising the summed `BudgetLayer.loss` while all
+    MACs, `fixed_macs` of the layers not decomposed included, stay within `budget_macs`.
 
-    Greedy: every layer starts at `rank_min`; then the step with the largest error reduction per
+    Greedy: every layer starts at `rank_min`; then the step with the largest loss reduction per
     added MAC is taken while one fits — one rank mode up by `step`, or a layer back to its original
     form when that costs no more. Deterministic in its inputs.
     """
@@ -309,7 +330,7 @@ def allocate_ranks(
         for option in options:
             if option == ranks:
                 continue
-            gain = layer.error(ranks) - layer.error(option)
+            gain = layer.loss(ranks) - layer.loss(option)
             cost = layer.macs(option) - layer.macs(ranks)
             if gain < 0 or (gain == 0 and cost > 0):
                 continue

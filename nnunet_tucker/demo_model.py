@@ -73,16 +73,15 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _narrow_architecture(plans_file: Path) -> list[int]:
+def _narrow_architecture(plans_file: Path, cap: Sequence[int] = FEATURES_PER_STAGE_CAP) -> list[int]:
     """Cap features_per_stage of the 3d_fullres plan in place; return the new feature counts."""
     plans = json.loads(plans_file.read_text())
     arch = plans["configurations"][CONFIGURATION]["architecture"]
     features = arch["arch_kwargs"]["features_per_stage"]
-    if len(features) > len(FEATURES_PER_STAGE_CAP):
-        raise RuntimeError(f"nnU-Net planned {len(features)} stages, at most {len(FEATURES_PER_STAGE_CAP)} "
-                           "expected")
+    if len(features) > len(cap):
+        raise RuntimeError(f"nnU-Net planned {len(features)} stages, at most {len(cap)} expected")
     arch["arch_kwargs"]["features_per_stage"] = [
-        min(f, cap) for f, cap in zip(features, FEATURES_PER_STAGE_CAP[:len(features)], strict=True)]
+        min(f, c) for f, c in zip(features, cap[:len(features)], strict=True)]
     plans_file.write_text(json.dumps(plans, indent=4))
     return arch["arch_kwargs"]["features_per_stage"]
 
@@ -139,12 +138,12 @@ def _train_fold(trainer_class: type, fold: int) -> list[float]:
     return [float(d) for d in trainer.logger.get_value("dice_per_class_or_region", step=-1)]
 
 
-def _export(trained_folder: Path, out_folder: Path) -> None:
-    """Copy dataset.json, plans.json and slimmed final checkpoints of FOLDS to ``out_folder``."""
+def _export(trained_folder: Path, out_folder: Path, folds: Sequence[int]) -> None:
+    """Copy dataset.json, plans.json and slimmed final checkpoints of `folds` to ``out_folder``."""
     out_folder.mkdir(parents=True)
     for name in ("dataset.json", "plans.json"):
         shutil.copy2(trained_folder / name, out_folder / name)
-    for fold in FOLDS:
+    for fold in folds:
         checkpoint = torch.load(trained_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu",
                                 weights_only=False)
         slim = {k: checkpoint[k] for k in CHECKPOINT_KEYS}
@@ -164,8 +163,10 @@ def build_demo_model(
     lr: float = 2e-3,
     n_proc_da: int = 1,
     overwrite: bool = False,
+    features_cap: Sequence[int] = FEATURES_PER_STAGE_CAP,
+    folds: Sequence[int] = FOLDS,
 ) -> Path:
-    """Generate phantoms, plan, preprocess and train folds 0 and 1; return the new model folder.
+    """Generate phantoms, plan, preprocess and train `folds`; return the new model folder.
 
     The model folder is ``out_dir/Dataset990_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres``. All
     intermediate files live in a temporary directory; the finished folder is moved into place at the
@@ -190,12 +191,13 @@ def build_demo_model(
                  "--verify_dataset_integrity"],
                 check=True,
             )
-            features = _narrow_architecture(paths["nnUNet_preprocessed"] / DATASET_NAME / "nnUNetPlans.json")
+            features = _narrow_architecture(paths["nnUNet_preprocessed"] / DATASET_NAME / "nnUNetPlans.json",
+                                            features_cap)
             logger.info("Planned and preprocessed in %.0f s; features per stage %s",
                         time.perf_counter() - start, features)
 
             trainer_class = _trainer_class(epochs, iterations_per_epoch, val_iterations_per_epoch, lr)
-            for fold in FOLDS:
+            for fold in folds:
                 start = time.perf_counter()
                 dice = _train_fold(trainer_class, fold)
                 logger.info("Fold %d trained in %.0f s; pseudo Dice per class %s", fold,
@@ -203,7 +205,7 @@ def build_demo_model(
 
         exported = tmp_path / "export"
         trained = f"{trainer_class.__name__}__nnUNetPlans__{CONFIGURATION}"
-        _export(paths["nnUNet_results"] / DATASET_NAME / trained, exported)
+        _export(paths["nnUNet_results"] / DATASET_NAME / trained, exported, folds)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -220,10 +222,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="nnUNet_results-like folder to write into (default: the shipped copy)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training phantoms")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    parser.add_argument("--features", type=int, nargs="+", default=list(FEATURES_PER_STAGE_CAP),
+                        help="cap of the features per stage (default: the shipped model's)")
+    parser.add_argument("--folds", type=int, nargs="+", default=list(FOLDS), help="folds to train (default 0 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        build_demo_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+        build_demo_model(args.out_dir, seed=args.seed, overwrite=args.overwrite, features_cap=args.features,
+                         folds=args.folds)
     except FileExistsError as e:
         parser.error(str(e))
 

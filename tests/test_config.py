@@ -63,3 +63,23 @@ def test_precedence_is_field_by_field_later_wins():
     flags = {"rank_min": 16}
     assert resolve_config(plans, env, flags) == TuckerConfig(0.5, policy="paper", rank_min=16)
     assert resolve_config({}, {}, {}) is None
+
+
+def test_mac_budget_and_calibration_from_every_source():
+    env = read_env({"TUCKER_MAC_BUDGET": "0.2", "TUCKER_CALIBRATION": "/data/cal", "TUCKER_CALIBRATION_PATCHES": "6"})
+    assert resolve_config(env) == TuckerConfig(mac_budget=0.2, calibration="/data/cal", calibration_patches=6)
+    plans = read_plans({"tucker": {"mac_budget": 0.3, "calibration": "cal"}})
+    assert resolve_config(plans) == TuckerConfig(mac_budget=0.3, calibration="cal")
+    with pytest.raises(TuckerConfigError, match="TUCKER_MAC_BUDGET='1.5' is not allowed"):
+        read_env({"TUCKER_MAC_BUDGET": "1.5"})
+
+
+def test_exactly_one_of_ratio_and_budget():
+    with pytest.raises(TuckerConfigError, match="exactly one of rank_ratio and mac_budget"):
+        TuckerConfig(0.5, mac_budget=0.2)
+    with pytest.raises(TuckerConfigError, match="neither"):
+        TuckerConfig()
+    # a stronger source's budget replaces a weaker source's ratio, and back
+    ratio_in_plans = read_plans({"tucker": {"rank_ratio": 0.5, "rank_min": 4}})
+    assert resolve_config(ratio_in_plans, {"mac_budget": 0.2}) == TuckerConfig(mac_budget=0.2, rank_min=4)
+    assert resolve_config({"mac_budget": 0.2}, {"rank_ratio": 0.4}) == TuckerConfig(0.4)

@@ -1,0 +1,133 @@
+"""Calibration-aware Tucker-2, channel statistics and budgeted rank allocation."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from networks import build
+from torch import nn
+
+from nnunet_tucker import TuckerConfig, compress_network
+from nnunet_tucker.config import TuckerConfigError
+from nnunet_tucker.decomposition import BudgetLayer, ConvSpec, allocate_ranks, calibrated_tucker2, tucker2
+from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights
+from nnunet_tucker.statistics import CalibrationDataError, collect_statistics
+from nnunet_tucker.surgery import convert_state_dict, plan_compression
+
+
+def _correlated(n: int, channels: int, seed: int, size: int = 12) -> torch.Tensor:
+    """Inputs whose channels mix a few smooth latent signals (as feature maps of a trained net do):
+    one mixing for every seed, new signals per seed."""
+    mixing = torch.randn(channels, 3, generator=torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(seed)
+    latent = F.avg_pool3d(torch.randn(n, 3, size, size, size, generator=g), 3, stride=1, padding=1)
+    return torch.einsum("cl,nl...->nc...", mixing, latent) + 0.05 * torch.randn(n, channels, size, size, size,
+                                                                             generator=g)
+
+
+def _output_error(conv: nn.Conv3d, state: dict, ranks: tuple[int, int], x: torch.Tensor) -> float:
+    tucker = TuckerConv(conv, *ranks)
+    tucker.load_state_dict(state)
+    with torch.no_grad():
+        y, y_hat = conv(x), tucker(x)
+    y, y_hat = (t - t.mean(dim=(2, 3, 4), keepdim=True) for t in (y, y_hat))
+    return float((y_hat - y).norm() / y.norm())
+
+
+def test_calibrated_fit_beats_hosvd_on_correlated_inputs():
+    torch.manual_seed(0)
+    conv = nn.Conv3d(16, 16, 3, padding=1)
+    stats = collect_statistics(nn.Sequential(conv), _correlated(4, 16, seed=1))["0"]
+    held_out = _correlated(2, 16, seed=2)
+    ranks = (4, 8)
+    hosvd, _ = decompose_conv_weights(conv.weight.data, conv.bias.data, conv_spec(conv), ranks)
+    calibrated, _ = decompose_conv_weights(conv.weight.data, conv.bias.data, conv_spec(conv), ranks, statistics=stats)
+    assert _output_error(conv, calibrated, ranks, held_out) < 0.5 * _output_error(conv, hosvd, ranks, held_out)
+
+
+def test_calibrated_fit_equals_hosvd_on_white_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(12, 10, 3, 3, 3, dtype=torch.float64)
+    w = w / w.flatten(1).norm(dim=1)[:, None, None, None, None]  # equal output spread
+    flat = w.flatten(2)
+    fit = calibrated_tucker2(w, 4, 5, torch.eye(10, dtype=torch.float64),
+                             torch.einsum("oik,pik->op", flat, flat))  # what white inputs give
+    approx = torch.einsum("or,rsk,si->oik", fit.last, fit.core.flatten(2), fit.first).reshape(w.shape)
+    t = tucker2(w, 5, 4)
+    hosvd = torch.einsum("ab...,ia,jb->ij...", t.core, t.factor0, t.factor1)
+    assert torch.allclose(approx, hosvd, atol=1e-8)
+
+
+def test_calibrated_transposed_conv_and_bias_keep_the_mean():
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose3d(12, 8, 2, stride=2)
+    x = _correlated(3, 12, seed=3, size=6) + 2.0  # a mean the bias correction has to carry
+    stats = collect_statistics(nn.Sequential(conv), x)["0"]
+    state, _ = decompose_conv_weights(conv.weight.data, conv.bias.data, conv_spec(conv), (3, 4), statistics=stats)
+    tucker = TuckerConv(conv, 3, 4)
+    tucker.load_state_dict(state)
+    with torch.no_grad():
+        y, y_hat = conv(x), tucker(x)
+    assert y_hat.shape == y.shape
+    assert torch.allclose(y_hat.mean(dim=(0, 2, 3, 4)), y.mean(dim=(0, 2, 3, 4)), atol=1e-3)
+
+
+@pytest.mark.parametrize("patches, message", [
+    (torch.randn(2, 3, 8, 8, 8), "3 channel"),
+    (torch.full((1, 2, 8, 8, 8), float("nan")), "NaN"),
+    (torch.empty(0, 2, 8, 8, 8), "N > 0"),
+])
+def test_bad_calibration_patches_are_clear_errors(patches, message):
+    network = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1))
+    with pytest.raises(CalibrationDataError, match=message):
+        collect_statistics(network, patches)
+
+
+def _budget_layers() -> list[BudgetLayer]:
+    torch.manual_seed(0)
+    layers = []
+    for c, positions in ((16, 4096), (32, 512), (64, 64)):
+        spectrum = torch.linspace(1, 0.01, c) ** 3
+        layers.append(BudgetLayer(ConvSpec(c, c, (3, 3, 3), (1, 1, 1), False), positions, spectrum, spectrum))
+    return layers
+
+
+def test_allocation_respects_budget_and_more_budget_loses_less():
+    layers = _budget_layers()
+    full = sum(layer.macs(None) for layer in layers)
+    losses = []
+    for share in (0.15, 0.3, 0.6):
+        ranks = allocate_ranks(layers, share * full, 0, rank_min=2)
+        assert sum(layer.macs(r) for layer, r in zip(layers, ranks, strict=True)) <= share * full
+        assert ranks == allocate_ranks(layers, share * full, 0, rank_min=2)  # deterministic
+        losses.append(sum(layer.loss(r) for layer, r in zip(layers, ranks, strict=True)))
+    assert losses[0] > losses[1] > losses[2]
+
+
+def test_budget_plan_meets_budget_on_a_network(architecture):
+    network, shape = build(architecture)
+    report = compress_network(network, TuckerConfig(mac_budget=0.5, rank_min=2), shape)
+    assert report.macs_after <= 0.5 * report.macs_before and report.decomposed_layers > 0
+
+
+def test_unreachable_budget_names_the_reachable_one():
+    network, shape = build("plain3d")
+    with pytest.raises(TuckerConfigError, match=r"mac_budget=0.01 is below what this network can reach"):
+        plan_compression(network, TuckerConfig(mac_budget=0.01), shape)
+
+
+def test_budget_with_statistics_uses_them_and_stays_in_budget():
+    network, shape = build("plain3d")
+    network.eval()
+    stats = collect_statistics(network, torch.randn(2, *shape[1:]))
+    plan = plan_compression(network, TuckerConfig(mac_budget=0.6, rank_min=2), shape, statistics=stats)
+    assert any(layer.ranks for layer in plan) and all("calibrated" in layer.reason
+                                                      for layer in plan if layer.ranks)
+    state, errors = convert_state_dict(network.state_dict(), plan, statistics=stats)
+    compressed = copy.deepcopy(network)
+    report = compress_network(compressed, TuckerConfig(mac_budget=0.6, rank_min=2), shape,
+                              decomposed=(state, errors), plan=plan)
+    assert report.macs_after <= 0.6 * report.macs_before
+    with torch.no_grad():
+        assert torch.isfinite(compressed(torch.randn(shape))).all()

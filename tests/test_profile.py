@@ -1,0 +1,92 @@
+"""The profiled policy: per-layer timings, their cache, and the choice they drive; the GEMM layer forms."""
+
+import copy
+
+import pytest
+import torch
+from networks import build
+from torch import nn
+
+from nnunet_tucker import TuckerConfig, compress_network
+from nnunet_tucker.layers import PointwiseConv, TuckerConv
+from nnunet_tucker.profile import MAX_PROFILE_VOXELS, LayerTimer, layer_shapes, profile_input_shape
+from nnunet_tucker.surgery import plan_compression
+
+
+class ScriptedTimer(LayerTimer):
+    """A timer whose 'measurements' are given: seconds = scale * MACs-like cost of the form."""
+
+    def __init__(self, tmp_path, seconds_of):
+        super().__init__("cpu", cache_dir=tmp_path)
+        self.seconds_of = seconds_of
+
+    def _measure(self, conv, shape, candidates, keys):
+        for c in candidates:
+            self.timings[keys[c]] = self.seconds_of(conv, c)
+        self.measured += len(candidates)
+
+
+def test_profiled_keeps_layers_whose_decomposition_is_not_faster(tmp_path):
+    network, shape = build("plain3d")
+    timer = ScriptedTimer(tmp_path, lambda conv, c: 1.0 if c is None else 0.97)  # 3 % faster: not enough
+    plan = plan_compression(network, TuckerConfig(0.5, policy="profiled"), shape, timer)
+    assert all(layer.ranks is None for layer in plan)
+    assert any(layer.reason.startswith("not faster here") for layer in plan)
+
+
+def test_profiled_prefers_larger_aligned_ranks_when_they_cost_no_time(tmp_path):
+    network, shape = build("plain3d")
+    timer = ScriptedTimer(tmp_path, lambda conv, c: 1.0 if c is None else 0.5)  # every decomposition alike
+    plan = plan_compression(network, TuckerConfig(0.3, policy="profiled", rank_min=2), shape, timer)
+    auto = {p.name: p.ranks for p in plan_compression(network, TuckerConfig(0.3, rank_min=2), shape)}
+    decomposed = [p for p in plan if p.ranks]
+    assert decomposed and all(p.reason.startswith("decomposed, 2.00x faster") for p in decomposed)
+    assert all(p.ranks[0] >= auto[p.name][0] and p.ranks[1] >= auto[p.name][1] for p in decomposed)
+    assert any(p.ranks != auto[p.name] for p in decomposed)
+
+
+def test_layer_timer_caches_on_disk(tmp_path):
+    conv = nn.Conv3d(4, 6, 3, padding=1)
+    timer = LayerTimer("cpu", cache_dir=tmp_path)
+    first = timer.seconds(conv, (1, 4, 8, 8, 8), [None, (2, 3)])
+    assert timer.measured == 2 and all(s > 0 for s in first.values())
+    timer.save()
+    again = LayerTimer("cpu", cache_dir=tmp_path)
+    assert again.seconds(conv, (1, 4, 8, 8, 8), [None, (2, 3)]) == first and again.measured == 0
+
+
+def test_profile_shapes_are_bounded_and_layer_shapes_recorded():
+    assert profile_input_shape((2, 32, 128, 128, 128), (2, 2, 2)) == (1, 32, 64, 64, 64)
+    shape = profile_input_shape((1, 8, 112, 112, 128), (1, 1, 1))
+    assert torch.Size(shape[2:]).numel() <= MAX_PROFILE_VOXELS
+    network, input_shape = build("plain3d")
+    shapes = layer_shapes(network, input_shape)
+    stem = network.encoder.stages[0][0].convs[0].conv
+    assert shapes[id(stem)] == (input_shape, (1, 8, *input_shape[2:]))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_gemm_forms_match_plain_convolutions(memory_format):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(12, 10, 3, stride=(1, 2, 2), padding=1)
+    tucker = TuckerConv(conv, 5, 4)
+    x = torch.randn(2, 12, 6, 8, 10).to(memory_format=memory_format)
+    with torch.no_grad():
+        plain = tucker.last(tucker.core(tucker.first(x)))
+        assert torch.allclose(tucker(x), plain, atol=1e-5) and tucker(x).is_contiguous()
+        head = nn.Conv3d(12, 3, 1)
+        assert torch.allclose(PointwiseConv(head)(x), head(x), atol=1e-5)
+
+
+def test_bias_before_instance_norm_is_dropped_without_changing_outputs():
+    network, shape = build("plain3d")
+    compressed = copy.deepcopy(network)
+    compress_network(compressed, TuckerConfig(0.5, rank_min=2), shape)
+    tuckers = [m for m in compressed.modules() if isinstance(m, TuckerConv)]
+    assert any(t.bias_cancelled for t in tuckers)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        fast = compressed(x)
+        for t in tuckers:
+            t.bias_cancelled = False
+        assert torch.allclose(fast, compressed(x), atol=1e-4)
