@@ -18,6 +18,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ def device_description(device: torch.device) -> str:
     """What decides kernel speed: device model, torch (and cuDNN) version, threads."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return f"cuda {name} torch {torch.__version__} cudnn {torch.backends.cudnn.version()}"
+        return f"cuda {name} torch {torch.__version__} cudnn {torch.backends.cudnn.version()} fp16 autocast"
     return f"{device.type} {platform.machine()} {platform.processor()} torch {torch.__version__} " \
            f"threads {torch.get_num_threads()} cores {os.cpu_count()}"
 
@@ -128,7 +129,9 @@ class LayerTimer:
         forms: dict = {c: original if c is None else TuckerConv(original, *c) for c in candidates}
         x = torch.randn(tuple(shape), **factory)
         best = {c: float("inf") for c in candidates}
-        with torch.inference_mode():
+        # nnU-Net predicts in fp16 autocast on CUDA, so that is what is timed there
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
+        with torch.inference_mode(), autocast:
             for round_index in range(ROUNDS + 1):  # the first round warms up
                 for c, module in forms.items():
                     _synchronize(self.device)

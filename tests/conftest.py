@@ -5,3 +5,9 @@ from networks import ARCHITECTURES
 @pytest.fixture(params=sorted(ARCHITECTURES))
 def architecture(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Decomposed weights, statistics and device profiles go to a per-session folder, not the user's cache."""
+    monkeypatch.setenv("TUCKER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tucker_cache"))

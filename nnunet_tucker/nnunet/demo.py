@@ -1,8 +1,9 @@
 """`nnunet-tucker demo`: the whole workflow on the embedded default, offline, in about a minute.
 
-Makes synthetic CT cases with reference labels, compresses the demo model shipped inside the
-package into a new model folder, predicts the cases with both through nnU-Net, and reports
-parameters, MACs, wall time and per-class Dice (report and figures in the output folder).
+Makes synthetic CT cases with reference labels (and other, unlabelled ones to calibrate on),
+compresses the demo model shipped inside the package into a new model folder, predicts the cases
+with both through nnU-Net, and reports parameters, MACs, wall time and per-class Dice (report and
+figures in the output folder).
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ def run_demo(output: Path, rank_ratio: float = 0.5, overwrite: bool = False, n_c
         if not overwrite:
             raise ModelFolderError(f"{output} exists; pass --overwrite or choose another folder with -o")
         shutil.rmtree(output)
-    config = TuckerConfig(rank_ratio)
     model = demo_model_folder()
-    logger.info("1/3 making %d synthetic CT cases in %s", n_cases, output / "cases")
+    logger.info("1/3 making %d synthetic CT cases in %s, and %d to calibrate on", n_cases, output / "cases",
+                n_cases)
     images = output / "cases" / "images"
     make_test_cases(images, n=n_cases, seed=0)
+    calibration = output / "calibration" / "images"  # unlabelled in spirit: their labels are never read
+    make_test_cases(calibration, n=n_cases, seed=1)
+    config = TuckerConfig(rank_ratio, calibration=str(calibration))
     logger.info("2/3 compressing the demo model %s (%s)", model.name, config)
     compressed = output / "compressed_model"
     compress_model_folder(model, compressed, config, folds=["0"])
@@ -53,7 +57,8 @@ def _summary(evaluation: Evaluation) -> str:
     original, compressed = (s["wall_seconds"][k] for k in ("original", "compressed"))
     lines = [
         "",
-        f"nnunet-tucker demo: rank ratio {report['config']['rank_ratio']} ({report['config']['policy']} policy)",
+        f"nnunet-tucker demo: rank ratio {report['config']['rank_ratio']} ({report['config']['policy']} policy, "
+        f"calibrated on {len(report['calibration']['cases'])} unlabelled images)",
         f"  parameters  {report['params_before'] / 1e6:8.3f} M → {report['params_after'] / 1e6:8.3f} M"
         f"  ({100 * report['params_after'] / report['params_before']:.0f} %)",
         f"  MACs/patch  {report['macs_before'] / 1e9:8.2f} G → {report['macs_after'] / 1e9:8.2f} G"
