@@ -1,8 +1,11 @@
 """Fidelity without fine-tuning at equal MACs: published rule vs budgeted ranks vs budgeted + calibration.
 
-    python benchmarks/fidelity.py [--budgets 0.2 0.3] [--cases 6] [--calibration-cases 4] [--out DIR]
+    python benchmarks/fidelity.py [--model FOLDER] [--folds 0 1] [--budgets 0.2 0.3] [--cases 6]
+                                  [--calibration-cases 4] [--out DIR]
 
-On the shipped demo model (nnU-Net trained on synthetic CT, folds 0 and 1), for each MAC budget
+On the shipped demo model (nnU-Net trained on synthetic CT, folds 0 and 1) or another model trained
+on the phantoms (e.g. a wider one: ``python -m nnunet_tucker.demo_model --out-dir wide --features 16 32
+64 128 128 --folds 0``), for each MAC budget
 (share of the original multiply-accumulates per patch):
 - ``paper``: the published rule (policy paper) at the largest rank ratio within the budget;
 - ``paper + calibration``: the same ranks, factors fitted on calibration images;
@@ -72,10 +75,11 @@ def main() -> None:
     parser.add_argument("--calibration-cases", type=int, default=4)
     parser.add_argument("--calibration-patches", type=int, default=4)
     parser.add_argument("--folds", nargs="+", default=["0", "1"])
+    parser.add_argument("--model", type=Path, default=demo_model_folder(), help="model folder (default: demo model)")
     parser.add_argument("--out", type=Path, help="folder for results.json and predictions (default: temporary)")
     args = parser.parse_args()
 
-    model = demo_model_folder()
+    model = args.model
     work = args.out or Path(tempfile.mkdtemp(prefix="tucker_fidelity_"))
     work.mkdir(parents=True, exist_ok=True)
     images, calibration = work / "cases" / "images", work / "calibration" / "images"

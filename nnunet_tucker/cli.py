@@ -287,6 +287,8 @@ def predict_entry_point(argv: list[str] | None = None) -> None:
         print()
     try:
         fields = config_fields_from_args(args, nnunet_style=True)
+        if "calibration" in fields and not Path(fields["calibration"]).is_dir():
+            raise TuckerConfigError(f"-tucker_calibration {fields['calibration']!r} is not a folder of images")
     except TuckerConfigError as e:
         parser.exit(2, f"nnUNetv2_predict_tucker: error: {e}\n")
     env = env_variables()

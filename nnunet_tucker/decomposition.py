@@ -236,7 +236,7 @@ def kept_by_shape(spec: ConvSpec, policy: str) -> str | None:
         return "grouped convolution"
     if spec.pointwise:  # segmentation heads, projections: a bottleneck on logits, little to save
         return "1x1 convolution"
-    if policy != "paper" and spec.in_channels == 1:
+    if policy == "auto" and spec.in_channels == 1:
         return "single input channel"
     return None
 
@@ -246,7 +246,7 @@ def choose_ranks(
 ) -> tuple[tuple[int, int] | None, str]:
     """(in_rank, out_rank) for a layer, or None to leave it as it is; plus the reason in words.
 
-    The ``profiled`` policy starts from the ``auto`` decision; timings refine it (see surgery).
+    ``profiled`` proposes what ``paper`` does; timings on the device decide (see surgery).
     Deterministic in its arguments, so every fold of a model gets the same structure.
     """
     reason = kept_by_shape(spec, policy)
@@ -254,7 +254,7 @@ def choose_ranks(
         return None, reason
     r_in, r_out = clamp_ranks(spec, paper_rank(spec.in_channels, ratio, rank_min, rank_multiple),
                               paper_rank(spec.out_channels, ratio, rank_min, rank_multiple))
-    if policy == "paper":
+    if policy in ("paper", "profiled"):
         return (r_in, r_out), "decomposed"
     if (r_in, r_out) == (spec.in_channels, spec.out_channels):
         return None, "full ranks"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -58,11 +59,19 @@ class TuckerConv(nn.Module):
         self.core = type(conv)(in_rank, out_rank, conv.kernel_size, **core_kwargs, **factory)
         self.last = pointwise(out_rank, conv.out_channels, 1, bias=conv.bias is not None, **factory)
         self.spec = conv_spec(conv)
-        self.bias_cancelled = False  # set when an instance norm follows: it subtracts any per-channel constant
+        self.__dict__["_norm"] = None  # a FusedInstanceNorm after it (a reference, not a submodule)
+
+    def fuse_norm(self, norm: FusedInstanceNorm) -> None:
+        """Normalise in the last GEMM (inference): the instance norm after this layer is `norm`."""
+        self.__dict__["_norm"] = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias_cancelled else self.last.bias
-        return _channels_first_gemm(self.core(_channels_last_gemm(x, self.first.weight)), self.last.weight, bias)
+        core = self.core(_channels_last_gemm(x, self.first.weight))
+        norm = self.__dict__["_norm"]
+        # (on the meta device, MAC counting: statistics, like the instance norm's, are not counted)
+        if norm is not None and not self.training and core.device.type != "meta":
+            return _normalizing_gemm(core, self.last.weight, norm)
+        return _channels_first_gemm(core, self.last.weight, self.last.bias)
 
     def extra_repr(self) -> str:
         return f"ranks=(in={self.in_rank}, out={self.out_rank})"
@@ -92,6 +101,49 @@ def _channels_first_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if bias is not None:
         out.add_(bias[:, None])
     return out.view(x.shape[0], w.shape[0], *x.shape[2:])
+
+
+def _normalizing_gemm(x: torch.Tensor, weight: torch.Tensor, norm: FusedInstanceNorm) -> torch.Tensor:
+    """InstanceNorm(1x1 conv of `x`) as one GEMM. The per-sample mean and variance of each output
+    channel follow from the mean and covariance of the R rank channels of `x`, so the C output
+    channels are never read twice; scale and shift fold into the weights. Any conv bias cancels."""
+    w = weight.flatten(1).double()
+    products = []
+    for sample in x:
+        positions = _positions_by_channels(sample)  # (V, R)
+        with torch.autocast(positions.device.type, enabled=False):  # statistics in fp32 at least
+            as_float = positions.float()
+            mean = as_float.mean(dim=0).double()
+            covariance = torch.mm(as_float.t(), as_float).double() / positions.shape[0] - torch.outer(mean, mean)
+            variance = ((w @ covariance) * w).sum(dim=1).clamp_min(0)
+            scale = torch.rsqrt(variance + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight.double()
+            scaled = w * scale[:, None]
+            shift = -(scaled @ mean)
+            if norm.bias is not None:
+                shift = shift + norm.bias.double()
+        y = torch.mm(scaled.to(positions.dtype), positions.t())
+        products.append(y.add_(shift.to(y.dtype)[:, None]))
+    return _per_sample(products).view(x.shape[0], -1, *x.shape[2:])
+
+
+class FusedInstanceNorm(nn.Module):
+    """An instance norm whose work the `TuckerConv` before it does at inference (identity then);
+    same parameters and state-dict keys; normalises itself in training mode."""
+
+    def __init__(self, norm: nn.modules.instancenorm._InstanceNorm) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    @staticmethod
+    def applies_to(norm: nn.Module) -> bool:
+        return isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
 
 
 class PointwiseConv(nn.Module):

@@ -31,7 +31,7 @@ from .decomposition import (
     choose_ranks,
     kept_by_shape,
 )
-from .layers import PointwiseConv, TuckerConv, conv_spec, decompose_conv_weights
+from .layers import FusedInstanceNorm, PointwiseConv, TuckerConv, conv_spec, decompose_conv_weights
 from .profile import LayerTimer, layer_shapes
 from .statistics import ChannelStatistics
 
@@ -207,34 +207,40 @@ def plan_compression_from_ranks(network: nn.Module, ranks: dict[str, list[int]])
     return plan
 
 
-def _followed_by_instance_norm(network: nn.Module) -> set[int]:
-    """ids of convolutions whose output goes straight (dropout aside) into an instance norm, in a
-    `nn.Sequential` (nnU-Net's ConvDropoutNormReLU runs its ``all_modules``); their bias cancels."""
-    found = set()
+def _instance_norms_after(network: nn.Module) -> dict[int, nn.Module]:
+    """id(conv) -> the instance norm its output goes straight into (dropout aside), within a
+    `nn.Sequential` (nnU-Net's ConvDropoutNormReLU runs its ``all_modules``)."""
+    found = {}
     for sequence in network.modules():
         if isinstance(sequence, nn.Sequential):
             steps = [m for m in sequence if not isinstance(m, nn.modules.dropout._DropoutNd)]
             for module, after in zip(steps, steps[1:], strict=False):
-                if isinstance(module, _ConvNd) and isinstance(after, nn.modules.instancenorm._InstanceNorm):
-                    found.add(id(module))
+                if isinstance(module, _ConvNd) and FusedInstanceNorm.applies_to(after):
+                    found[id(module)] = after
     return found
 
 
 def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
     """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`;
-    kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM)."""
+    kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM), and an instance
+    norm right after a decomposed layer becomes a `FusedInstanceNorm` done in that layer's last GEMM."""
     network = unwrap(network)
-    before_instance_norm = _followed_by_instance_norm(network)
+    norms = _instance_norms_after(network)
     replacements: dict[int, nn.Module] = {}
     for layer in plan:
         conv = network.get_submodule(layer.name)
         if not isinstance(conv, _ConvNd) or conv_spec(conv) != layer.spec:
             raise ValueError(f"layer {layer.name!r} does not match the compression plan: found {conv!r}")
         if layer.ranks is not None:
-            replacements[id(conv)] = TuckerConv(conv, *layer.ranks)
-            replacements[id(conv)].bias_cancelled = id(conv) in before_instance_norm
+            tucker = replacements[id(conv)] = TuckerConv(conv, *layer.ranks)
+            if id(conv) in norms:
+                fused = replacements[id(norms[id(conv)])] = FusedInstanceNorm(norms[id(conv)])
+                tucker.fuse_norm(fused)
         elif PointwiseConv.applies_to(conv):
             replacements[id(conv)] = PointwiseConv(conv)
+    originals = {id(m): m for m in network.modules()}
+    for key, replacement in replacements.items():
+        replacement.train(originals[key].training)  # a fresh module would be in training mode
     for module in list(network.modules()):
         for child_name, child in list(module._modules.items()):
             if child is not None and id(child) in replacements:
