@@ -27,21 +27,24 @@ from torch.nn.modules.conv import _ConvNd
 
 from .config import default_cache_dir
 from .decomposition import ConvSpec
-from .layers import TuckerConv
+from .layers import FusedInstanceNorm, TuckerConv
 
 logger = logging.getLogger(__name__)
 
 MAX_PROFILE_VOXELS = 1 << 18  # 64³: per-voxel cost is settled by then; bounds profiling time
 ROUNDS = 3
+FORMS_VERSION = 2  # bump when `TuckerConv`'s computation changes: earlier timings no longer apply
 
 
 def device_description(device: torch.device) -> str:
-    """What decides kernel speed: device model, torch (and cuDNN) version, threads."""
+    """What decides kernel speed: device model, torch (and cuDNN) version, threads; and how the
+    forms are computed (`FORMS_VERSION`)."""
+    forms = f"forms {FORMS_VERSION} torch {torch.__version__}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return f"cuda {name} torch {torch.__version__} cudnn {torch.backends.cudnn.version()} fp16 autocast"
-    return f"{device.type} {platform.machine()} {platform.processor()} torch {torch.__version__} " \
-           f"threads {torch.get_num_threads()} cores {os.cpu_count()}"
+        return f"{forms} cuda {name} cudnn {torch.backends.cudnn.version()} fp16 autocast"
+    return f"{forms} {device.type} {platform.machine()} {platform.processor()} threads {torch.get_num_threads()} " \
+           f"cores {os.cpu_count()}"
 
 
 def profile_input_shape(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
@@ -98,15 +101,17 @@ class LayerTimer:
             logger.warning("could not write the device profile %s (%s)", self.path, e)
 
     def seconds(
-        self, conv: _ConvNd, input_shape: Sequence[int], candidates: Sequence[tuple[int, int] | None]
+        self, conv: _ConvNd, input_shape: Sequence[int], candidates: Sequence[tuple[int, int] | None],
+        instance_norm: bool = False,
     ) -> dict[tuple[int, int] | None, float]:
         """Seconds per call of each candidate: None is the original layer, (in_rank, out_rank) a
-        `TuckerConv`; measured interleaved (unless cached), minimum of `ROUNDS`."""
+        `TuckerConv`, each followed by its instance norm if `instance_norm` (fused into the
+        `TuckerConv`); measured interleaved (unless cached), minimum of `ROUNDS`."""
         shape = profile_input_shape(input_shape, conv.stride if not conv.transposed else (1,) * len(conv.stride))
-        keys = {c: self._key(conv, shape, c) for c in candidates}
+        keys = {c: self._key(conv, shape, c) + (" +instancenorm" if instance_norm else "") for c in candidates}
         missing = [c for c in candidates if keys[c] not in self.timings]
         if missing:
-            self._measure(conv, shape, missing, keys)
+            self._measure(conv, shape, missing, keys, instance_norm)
         return {c: self.timings[keys[c]] for c in candidates}
 
     @staticmethod
@@ -118,7 +123,8 @@ class LayerTimer:
                 f"p{tuple(conv.padding)} d{tuple(conv.dilation)} bias{conv.bias is not None} "
                 f"in{tuple(shape)} {form}")
 
-    def _measure(self, conv: _ConvNd, shape: Sequence[int], candidates: Sequence, keys: dict) -> None:
+    def _measure(self, conv: _ConvNd, shape: Sequence[int], candidates: Sequence, keys: dict,
+                 instance_norm: bool = False) -> None:
         start = time.perf_counter()
         factory = {"device": self.device, "dtype": torch.float32}
         original = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
@@ -127,6 +133,14 @@ class LayerTimer:
         if conv.transposed:
             original.output_padding = conv.output_padding
         forms: dict = {c: original if c is None else TuckerConv(original, *c) for c in candidates}
+        if instance_norm:
+            norm = nn.InstanceNorm3d(conv.out_channels, affine=True, **factory)  # any dimension: same work
+            for c, form in forms.items():
+                if c is None:
+                    forms[c] = nn.Sequential(form, norm)
+                else:
+                    form.fuse_norm(FusedInstanceNorm(norm))
+        forms = {c: form.eval() for c, form in forms.items()}
         x = torch.randn(tuple(shape), **factory)
         best = {c: float("inf") for c in candidates}
         # nnU-Net predicts in fp16 autocast on CUDA, so that is what is timed there

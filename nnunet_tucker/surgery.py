@@ -172,6 +172,7 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
               timer: LayerTimer) -> list[LayerPlan]:
     network = unwrap(network)
     shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
+    norms = _instance_norms_after(network)
     refined = []
     for layer in plan:
         conv = network.get_submodule(layer.name)
@@ -179,7 +180,7 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
             refined.append(layer)
             continue
         candidates = list(dict.fromkeys([layer.ranks, *(aligned_ranks(layer.spec, layer.ranks, m) for m in (8, 16))]))
-        seconds = timer.seconds(conv, shapes[id(conv)], [None, *candidates])
+        seconds = timer.seconds(conv, shapes[id(conv)], [None, *candidates], id(conv) in norms)
         fastest = min(seconds[c] for c in candidates)
         original = seconds[None]
         if fastest > original * (1 - PROFILE_MARGIN):

@@ -20,7 +20,7 @@ class ScriptedTimer(LayerTimer):
         super().__init__("cpu", cache_dir=tmp_path)
         self.seconds_of = seconds_of
 
-    def _measure(self, conv, shape, candidates, keys):
+    def _measure(self, conv, shape, candidates, keys, instance_norm=False):
         for c in candidates:
             self.timings[keys[c]] = self.seconds_of(conv, c)
         self.measured += len(candidates)
