@@ -16,7 +16,8 @@ logger = logging.getLogger("nnunet_tucker")
 _HELP = {
     "rank_ratio": "share of each channel mode kept, in (0, 1]; R = min(C, max(rank_min, ceil(C * ratio)))",
     "mac_budget": "instead of a ratio: share of the original MACs to keep, in (0, 1]; ranks allocated per layer",
-    "policy": f"rank policy, one of {', '.join(POLICIES)} (default auto: skip layers that would not get cheaper)",
+    "policy": f"rank policy, one of {', '.join(POLICIES)} (default profiled: keep the faster form of each layer, "
+              "timed on this device)",
     "rank_min": "lower bound of every rank (default 8)",
     "rank_multiple": "round ranks up to a multiple of this, e.g. 8 for tensor cores (default 1)",
     "hooi_iterations": "HOOI refinement iterations after the HOSVD start (default 0)",
@@ -238,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time nnU-Net's prediction of this folder of images (needs -m; TTA off; model load and "
                             "compression timed apart) instead of the forward pass")
     bench.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.3, 0.1], help="rank ratios to time")
-    bench.add_argument("--policies", nargs="+", default=["auto"], choices=POLICIES, help="rank policies to time")
+    bench.add_argument("--policies", nargs="+", default=["profiled"], choices=POLICIES,
+                       help="rank policies to time (default profiled)")
     bench.add_argument("--rank-multiples", type=int, nargs="+", default=[1], help="rank alignments to time")
     bench.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank (default 8)")
     bench.add_argument("-device", default="cpu", help="cpu or cuda (default cpu)")

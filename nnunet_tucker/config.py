@@ -97,9 +97,10 @@ class TuckerConfig:
         are allocated per layer to lose the least (estimated from calibration data if given).
     policy: ``"paper"`` decomposes every convolution but the 1x1 ones, as in the published method;
         ``"auto"`` also leaves layers as they are where decomposition cannot pay off (single-channel
-        stems, full ranks, no multiply-accumulates saved); ``"profiled"`` times every layer the
-        published rule would decompose, on the device, against its original and keeps the faster
-        form (ranks rounded up to 8 or 16 where that costs no time).
+        stems, full ranks, no multiply-accumulates saved); ``"profiled"`` (default) times every layer
+        the published rule would decompose, on the device, against its original and keeps the
+        faster form (ranks rounded up to 8 or 16 where that costs no time); where the input shape
+        is not known it follows the ``auto`` rules.
     rank_min: lower bound of every rank.
     rank_multiple: ranks are rounded up to a multiple of this (hardware alignment, e.g. 8).
     hooi_iterations: HOOI refinement steps after the HOSVD start (0 = plain HOSVD).
@@ -111,7 +112,7 @@ class TuckerConfig:
 
     rank_ratio: float | None = None
     mac_budget: float | None = None
-    policy: str = "auto"
+    policy: str = "profiled"
     rank_min: int = 8
     rank_multiple: int = 1
     hooi_iterations: int = 0

@@ -17,8 +17,8 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -85,6 +85,30 @@ class LayerTimer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         return {}
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the profile's lock file (where the OS has one), reading what others stored first:
+        processes that load a model together (``-num_parts``) time once and decide alike."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here: each process may time on its own
+            yield
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_suffix(".lock"), "w")  # noqa: SIM115 (held across the yield)
+        except OSError:
+            yield
+            return
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.timings = {**self.timings, **self._read()}
+            try:
+                yield
+            finally:
+                self.save()
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def save(self) -> None:
         """Write the timings (merged with what other processes wrote meanwhile), atomically."""

@@ -100,12 +100,13 @@ def plan_compression(
     estimates come from the network's current weights, and from `statistics` (calibration data,
     by layer name) where given.
 
-    The ``paper`` and ``auto`` policies decide from shapes alone. ``profiled`` then times, at each
-    layer's input shape for `input_shape`, the original layer against its decomposition with the
-    requested ranks and with ranks rounded up to multiples of 8 and 16 (on `timer`'s device; a
-    CPU `LayerTimer` if None) and keeps the fastest: the original unless a decomposition is at
-    least `PROFILE_MARGIN` faster, and among decompositions within `TIE_MARGIN` of the fastest,
-    the one with the largest ranks (accuracy for free).
+    The ``paper`` and ``auto`` policies decide from shapes alone (so does ``profiled`` without
+    `input_shape`, by the ``auto`` rules). ``profiled`` times, at each layer's input shape for
+    `input_shape`, the original layer against its decomposition with the requested ranks and with
+    ranks rounded up to multiples of 8 and 16 (on `timer`'s device; a CPU `LayerTimer` if None)
+    and keeps the fastest: the original unless a decomposition is at least `PROFILE_MARGIN`
+    faster, and among decompositions within `TIE_MARGIN` of the fastest, the one with the
+    largest ranks (accuracy for free).
     """
 
     def decide(aliases: tuple[str, ...], spec: ConvSpec) -> tuple:
@@ -114,16 +115,16 @@ def plan_compression(
         if config.mac_budget is not None:
             reason = kept_by_shape(spec, config.policy)
             return (None, reason) if reason else ((spec.in_channels, spec.out_channels), "budget")
-        return choose_ranks(spec, config.rank_ratio, config.policy, config.rank_min, config.rank_multiple)
+        return choose_ranks(spec, config.rank_ratio, policy, config.rank_min, config.rank_multiple)
 
+    profiled = config.policy == "profiled" and input_shape is not None
+    policy = "auto" if config.policy == "profiled" and not profiled else config.policy
     plan = _plan(network, decide)
     if config.mac_budget is not None:
         if input_shape is None:
             raise ValueError("a MAC budget needs the network's input shape to count multiply-accumulates")
         plan = _budgeted(network, plan, config, input_shape, statistics or {})
-    elif config.policy == "profiled":
-        if input_shape is None:
-            raise ValueError("the 'profiled' policy needs the network's input shape to time its layers")
+    elif profiled:
         plan = _profiled(network, plan, input_shape, timer or LayerTimer("cpu"))
     return plan
 
@@ -173,6 +174,12 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
     network = unwrap(network)
     shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
     norms = _instance_norms_after(network)
+    with timer.exclusive():
+        return _fastest_forms(network, plan, shapes, norms, timer)
+
+
+def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norms: dict,
+                   timer: LayerTimer) -> list[LayerPlan]:
     refined = []
     for layer in plan:
         conv = network.get_submodule(layer.name)
@@ -190,7 +197,6 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
                         key=lambda c: (c[0] * c[1], c))
             reason = f"decomposed, {original / seconds[ranks]:.2f}x faster here"
         refined.append(dataclasses.replace(layer, ranks=ranks, reason=reason))
-    timer.save()
     if timer.measured:
         logger.info("profiled %d layer forms on %s in %.1f s (cached in %s)", timer.measured,
                     timer.device, timer.seconds_spent, timer.path)

@@ -8,7 +8,8 @@ from nnunet_tucker.benchmark import benchmark, time_prediction, to_table, write_
 
 def test_interleaved_timings_and_outputs(tmp_path):
     net, shape = build("plain3d")
-    timings = benchmark(net, shape, [TuckerConfig(0.5, rank_min=2), TuckerConfig(0.3, rank_min=2)], rounds=2)
+    timings = benchmark(net, shape, [TuckerConfig(0.5, policy="auto", rank_min=2),
+                                     TuckerConfig(0.3, policy="auto", rank_min=2)], rounds=2)
     assert [t.name for t in timings] == ["original", "auto 0.5", "auto 0.3"]
     assert all(len(t.seconds) == 2 for t in timings) and timings[0].speedup == 1.0
     assert timings[2].macs < timings[1].macs < timings[0].macs and timings[2].mac_reduction > 1

@@ -4,7 +4,7 @@ from nnunet_tucker.cli import main
 
 
 def test_report_preset_json(capsys):
-    assert main(["report", "--preset", "totalseg-3mm", "--rank-ratio", "0.3", "--json"]) == 0
+    assert main(["report", "--preset", "totalseg-3mm", "--rank-ratio", "0.3", "--policy", "auto", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert round(data["macs_before"] / 1e9, 1) == 367.8
     assert data["macs_after"] < data["macs_before"] / 5

@@ -5,7 +5,7 @@ from nnunet_tucker.config import TuckerConfig, TuckerConfigError, read_env, read
 
 def test_defaults_and_dict():
     c = TuckerConfig(0.5)
-    assert c.policy == "auto" and c.rank_min == 8 and c.rank_multiple == 1 and c.exclude == ()
+    assert c.policy == "profiled" and c.rank_min == 8 and c.rank_multiple == 1 and c.exclude == ()
     assert TuckerConfig(**c.to_dict()) == c
 
 
