@@ -40,19 +40,21 @@ from nnunet_tucker.synthetic import LABELS, make_test_cases
 EVAL_SEED, CALIBRATION_SEED = 70, 80  # held-out phantom series, disjoint from training and each other
 
 
-def paper_ratio_within(network: torch.nn.Module, input_shape: tuple[int, ...], budget: float) -> tuple[float, float]:
+def paper_ratio_within(network: torch.nn.Module, input_shape: tuple[int, ...], budget: float,
+                       rank_min: int) -> tuple[float, float]:
     """The largest rank ratio (to 0.005) whose published-rule compression keeps at most `budget` of the MACs."""
 
     total, _ = count_macs(network, input_shape)
 
     def share(ratio: float) -> float:
         compressed = copy.deepcopy(network)
-        swap_modules(compressed, plan_compression(compressed, TuckerConfig(ratio, policy="paper", rank_min=1)))
+        swap_modules(compressed, plan_compression(compressed, TuckerConfig(ratio, policy="paper", rank_min=rank_min)))
         return count_macs(compressed, input_shape)[0] / total
 
     low, high = 0.005, 1.0
     if share(low) > budget:
-        raise SystemExit(f"the published rule cannot reach {budget:.0%} of the MACs on this model")
+        raise SystemExit(f"the published rule cannot reach {budget:.0%} of the MACs on this model with "
+                         f"rank_min={rank_min}")
     while high - low > 0.005:
         mid = (low + high) / 2
         low, high = (mid, high) if share(mid) <= budget else (low, mid)
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=6, help="held-out evaluation cases")
     parser.add_argument("--calibration-cases", type=int, default=4)
     parser.add_argument("--calibration-patches", type=int, default=4)
+    parser.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank, all variants (default 8)")
     parser.add_argument("--folds", nargs="+", default=["0", "1"])
     parser.add_argument("--model", type=Path, default=demo_model_folder(), help="model folder (default: demo model)")
     parser.add_argument("--out", type=Path, help="folder for results.json and predictions (default: temporary)")
@@ -99,12 +102,13 @@ def main() -> None:
              "dice_vs_truth": per_class_dice(original["segs"], truth)}]
     cal = {"calibration": str(calibration), "calibration_patches": args.calibration_patches}
     for budget in args.budgets:
-        ratio, _ = paper_ratio_within(loaded.network, loaded.input_shape, budget)
+        ratio, _ = paper_ratio_within(loaded.network, loaded.input_shape, budget, args.rank_min)
+        low = {"rank_min": args.rank_min}
         variants = {
-            f"paper (ratio {ratio:.3f})": TuckerConfig(ratio, policy="paper", rank_min=1),
-            "paper + calibration": TuckerConfig(ratio, policy="paper", rank_min=1, **cal),
-            "budget": TuckerConfig(mac_budget=budget, rank_min=1),
-            "budget + calibration": TuckerConfig(mac_budget=budget, rank_min=1, **cal),
+            f"paper (ratio {ratio:.3f})": TuckerConfig(ratio, policy="paper", **low),
+            "paper + calibration": TuckerConfig(ratio, policy="paper", **low, **cal),
+            "budget": TuckerConfig(mac_budget=budget, **low),
+            "budget + calibration": TuckerConfig(mac_budget=budget, **low, **cal),
         }
         for name, config in variants.items():
             out = run(f"{budget}-{name.split(' (')[0].replace(' + ', '+')}", config)

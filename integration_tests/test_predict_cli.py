@@ -47,7 +47,7 @@ def test_ratio_one_paper_policy_gives_the_same_segmentation(nnunet_env, cases, w
 def test_environment_variable_compresses_and_reports(compressed_half, baseline):
     segs, stderr, report = compressed_half
     line = next(line for line in stderr.splitlines() if line.startswith("nnunet-tucker:"))
-    assert "rank_ratio=0.5 policy=profiled" in line and "parameters" in line and "MACs" in line
+    assert "rank_ratio=0.5 policy=auto" in line and "parameters" in line and "MACs" in line
     assert report["decomposed_layers"] > 0 and report["params_after"] < report["params_before"]
     assert report["macs_after"] < report["macs_before"] and report["extra"]["folds"] == 1
     scores = dice_per_class(segs, baseline)
@@ -85,6 +85,7 @@ def test_two_fold_ensemble(nnunet_env, cases, workspace, baseline):
 def test_num_parts_processes_share_one_cache_entry(nnunet_env, cases, workspace, tmp_path):
     out = workspace / "pred_parts"
     env = {**nnunet_env, "TUCKER_RANK_RATIO": "0.4", "TUCKER_CACHE_DIR": str(tmp_path / "cache")}
+    del env["TUCKER_POLICY"]  # the default, profiled: both processes must time once and decide alike
     base = [script("nnUNetv2_predict"), "-i", str(cases), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "0",
             "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", "-num_parts", "2"]
     procs = [subprocess.Popen([*base, "-part_id", str(i)], env=env, stderr=subprocess.PIPE, text=True)

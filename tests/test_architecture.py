@@ -25,7 +25,7 @@ def test_compressed_architecture_rebuilds_the_compressed_structure():
 
     original = get_network_from_plans(BASE["network_class_name"], BASE["arch_kwargs"], BASE["_kw_requires_import"],
                                       1, 3, deep_supervision=False).eval()
-    config = TuckerConfig(0.5, rank_min=4)
+    config = TuckerConfig(0.5, policy="auto", rank_min=4)
     plan = plan_compression(original, config)
     entry = compressed_architecture(BASE, plan)
     assert entry["network_class_name"] == NETWORK_CLASS_NAME

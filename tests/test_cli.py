@@ -33,7 +33,8 @@ def test_nothing_asked_for(capsys, monkeypatch):
 def test_report_model_folder_reads_plans_and_checkpoint(capsys):
     from nnunet_tucker.demo_model import demo_model_folder
 
-    assert main(["report", "-m", str(demo_model_folder()), "-f", "1", "--rank-ratio", "0.5", "--json"]) == 0
+    assert main(["report", "-m", str(demo_model_folder()), "-f", "1", "--rank-ratio", "0.5", "--policy", "auto",
+                 "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["input_shape"] == [1, 1, 32, 64, 64] and data["decomposed_layers"] > 0
     assert all(0 < layer["relative_error"] < 1 for layer in data["layers"] if layer["ranks"])

@@ -82,7 +82,7 @@ def test_gemm_forms_match_plain_convolutions(memory_format):
 def test_instance_norm_fused_into_the_last_gemm_gives_the_same_outputs():
     network, shape = build("plain3d")
     compressed = copy.deepcopy(network)
-    compress_network(compressed, TuckerConfig(0.5, rank_min=2), shape)
+    compress_network(compressed, TuckerConfig(0.5, policy="auto", rank_min=2), shape)
     fused = [m for m in compressed.modules() if isinstance(m, TuckerConv) and m.__dict__["_norm"] is not None]
     assert fused and set(compressed.state_dict()) >= {k for k in network.state_dict() if ".norm." in k}
     x = torch.randn(shape)

@@ -30,7 +30,7 @@ def test_full_rank_paper_compression_is_exact(architecture):
 def test_shared_modules_are_decomposed_once_and_every_alias_points_at_it():
     net, shape = build("plain3d")
     first_conv = net.encoder.stages[0][0].convs[1]
-    report = compress_network(net, TuckerConfig(0.5, rank_min=4), shape)
+    report = compress_network(net, TuckerConfig(0.5, policy="auto", rank_min=4), shape)
     assert first_conv.conv is first_conv.all_modules[0] and isinstance(first_conv.conv, TuckerConv)
     assert net.decoder.encoder is net.encoder
     names = [layer.name for layer in report.layers]
@@ -40,7 +40,7 @@ def test_shared_modules_are_decomposed_once_and_every_alias_points_at_it():
 
 
 def test_converted_state_dict_loads_strictly_into_a_fresh_compressed_network(architecture):
-    config = TuckerConfig(0.5, rank_min=2)
+    config = TuckerConfig(0.5, policy="auto", rank_min=2)
     original, shape = build(architecture, seed=1)
     compressed, _ = build(architecture, seed=1)
     compress_network(compressed, config)
@@ -60,7 +60,7 @@ def test_converted_state_dict_loads_strictly_into_a_fresh_compressed_network(arc
 def test_plan_is_deterministic_and_exclude_patterns_apply():
     a, _ = build("resenc3d", seed=0)
     b, _ = build("resenc3d", seed=5)
-    config = TuckerConfig(0.3, rank_multiple=8, exclude=("decoder.*",))
+    config = TuckerConfig(0.3, policy="auto", rank_multiple=8, exclude=("decoder.*",))
     plan_a, plan_b = plan_compression(a, config), plan_compression(b, config)
     assert plan_a == plan_b
     assert all(layer.ranks is None for layer in plan_a if layer.name.startswith("decoder."))
@@ -71,7 +71,7 @@ def test_plan_is_deterministic_and_exclude_patterns_apply():
 def test_report_counts_and_serialises():
     net, shape = build("plain3d")
     params, (macs, _) = count_params(net), count_macs(net, shape)
-    report = compress_network(net, TuckerConfig(0.5, rank_min=4), shape)
+    report = compress_network(net, TuckerConfig(0.5, policy="auto", rank_min=4), shape)
     assert (report.params_before, report.macs_before) == (params, macs)
     assert report.params_after == count_params(net) < params
     assert report.macs_after == count_macs(net, shape)[0] < macs
