@@ -47,7 +47,6 @@ def nnunet_env(workspace, model_folder) -> dict[str, str]:
         nnUNet_preprocessed=str(workspace / "preprocessed"),
         nnUNet_results=str(workspace / "results"),
         TUCKER_CACHE_DIR=str(workspace / "cache"),
-        TUCKER_POLICY="auto",  # structure from shapes: assertions must not hang on timings of a busy machine
         nnUNet_def_n_proc="2",
     )
     return env

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def compressed(model_folder, nnunet_env, workspace):
     out = workspace / "compressed_0.5"
-    run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(out), "--rank-ratio", "0.5"], nnunet_env)
+    run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(out), "--rank-ratio", "0.5",
+         "--policy", "auto"], nnunet_env)
     return out
 
 
@@ -46,7 +47,7 @@ def test_unchanged_predict_matches_on_the_fly_compression(compressed, nnunet_env
     run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(out_folder), "-m", str(compressed),
          "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], nnunet_env, TUCKER_HOOK="0")
     out_fly = tmp_path / "on_the_fly"
-    predict(nnunet_env, cases, out_fly, "-f", "0", "--disable_tta", TUCKER_RANK_RATIO="0.5")
+    predict(nnunet_env, cases, out_fly, "-f", "0", "--disable_tta", TUCKER_RANK_RATIO="0.5", TUCKER_POLICY="auto")
     a, b = load_segmentations(out_folder), load_segmentations(out_fly)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -54,22 +55,24 @@ def test_unchanged_predict_matches_on_the_fly_compression(compressed, nnunet_env
 def test_compressed_folder_ignores_a_second_request(compressed, nnunet_env, cases, tmp_path):
     result = run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(tmp_path / "o"), "-m",
                   str(compressed), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
-                 nnunet_env, TUCKER_RANK_RATIO="0.3")
+                 nnunet_env, TUCKER_RANK_RATIO="0.3", TUCKER_POLICY="auto")
     assert "already compressed by nnunet-tucker" in result.stderr
 
 
 def test_refusals_and_overwrite(compressed, model_folder, nnunet_env, tmp_path):
-    again = run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(compressed), "--rank-ratio", "0.3"],
+    again = run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(compressed), "--rank-ratio", "0.3",
+                 "--policy", "auto"],
                 nnunet_env, check=False)
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
-    twice = run(["nnunet-tucker", "compress", "-i", str(compressed), "-o", str(tmp_path / "x"), "--rank-ratio", "0.3"],
+    twice = run(["nnunet-tucker", "compress", "-i", str(compressed), "-o", str(tmp_path / "x"), "--rank-ratio", "0.3",
+                 "--policy", "auto"],
                 nnunet_env, check=False)
     assert twice.returncode == 2 and "already compressed" in twice.stderr and not (tmp_path / "x").exists()
     target = tmp_path / "over"
     target.mkdir()
     (target / "old.txt").write_text("old")
     run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(target), "--rank-ratio", "0.3",
-         "-f", "0", "--overwrite"], nnunet_env)
+         "--policy", "auto", "-f", "0", "--overwrite"], nnunet_env)
     assert not (target / "old.txt").exists() and (target / "fold_0" / "checkpoint_final.pth").is_file()
     assert not list(tmp_path.glob(".over.*"))
 
@@ -83,7 +86,8 @@ def test_bad_checkpoint_gives_clear_error_and_no_output(model_folder, nnunet_env
         checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
     else:
         torch.save({"state_dict": {}}, checkpoint)
-    result = run(["nnunet-tucker", "compress", "-i", str(broken), "-o", str(tmp_path / "out"), "--rank-ratio", "0.5"],
+    result = run(["nnunet-tucker", "compress", "-i", str(broken), "-o", str(tmp_path / "out"), "--rank-ratio", "0.5",
+                  "--policy", "auto"],
                  nnunet_env, check=False)
     assert result.returncode == 2
     expected = "is not a readable PyTorch checkpoint" if damage == "truncated" else "is not an nnU-Net checkpoint"

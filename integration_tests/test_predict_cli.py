@@ -24,7 +24,8 @@ def baseline(nnunet_env, cases, workspace):
 @pytest.fixture(scope="session")
 def compressed_half(nnunet_env, cases, workspace):
     out, report = workspace / "pred_env_0.5", workspace / "report_0.5.json"
-    result = predict(nnunet_env, cases, out, "-f", "0", TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+    result = predict(nnunet_env, cases, out, "-f", "0", TUCKER_RANK_RATIO="0.5", TUCKER_POLICY="auto",
+                     TUCKER_REPORT=str(report))
     return load_segmentations(out), result.stderr, json.loads(report.read_text())
 
 
@@ -57,7 +58,7 @@ def test_environment_variable_compresses_and_reports(compressed_half, baseline):
 
 def test_one_flag_command_matches_the_environment_variable(nnunet_env, cases, workspace, compressed_half):
     out = workspace / "pred_flag_0.5"
-    result = predict(nnunet_env, cases, out, "-f", "0", "-tucker_rank_ratio", "0.5",
+    result = predict(nnunet_env, cases, out, "-f", "0", "-tucker_rank_ratio", "0.5", "-tucker_policy", "auto",
                      script="nnUNetv2_predict_tucker")
     assert "rank_ratio=0.5" in result.stderr and "cache hit" in result.stderr  # same key as the env run
     segs = load_segmentations(out)
@@ -74,7 +75,7 @@ def test_flag_overrides_environment(nnunet_env, cases, workspace):
 def test_two_fold_ensemble(nnunet_env, cases, workspace, baseline):
     out, report = workspace / "pred_2folds", workspace / "report_2folds.json"
     predict(nnunet_env, cases, out, "-f", "0", "1", "--disable_tta",
-            TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+            TUCKER_RANK_RATIO="0.5", TUCKER_POLICY="auto", TUCKER_REPORT=str(report))
     data = json.loads(report.read_text())
     assert data["extra"]["folds"] == 2
     scores = dice_per_class(load_segmentations(out), baseline)
@@ -84,8 +85,8 @@ def test_two_fold_ensemble(nnunet_env, cases, workspace, baseline):
 
 def test_num_parts_processes_share_one_cache_entry(nnunet_env, cases, workspace, tmp_path):
     out = workspace / "pred_parts"
+    # the default policy, profiled: both processes must time once and decide alike
     env = {**nnunet_env, "TUCKER_RANK_RATIO": "0.4", "TUCKER_CACHE_DIR": str(tmp_path / "cache")}
-    del env["TUCKER_POLICY"]  # the default, profiled: both processes must time once and decide alike
     base = [script("nnUNetv2_predict"), "-i", str(cases), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-f", "0",
             "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", "-num_parts", "2"]
     procs = [subprocess.Popen([*base, "-part_id", str(i)], env=env, stderr=subprocess.PIPE, text=True)
@@ -101,7 +102,7 @@ def test_plans_field_asks_for_compression(nnunet_env, cases, workspace, model_fo
     folder = workspace / "with_plans_field"
     shutil.copytree(model_folder, folder)
     plans = json.loads((folder / "plans.json").read_text())
-    plans["tucker"] = {"rank_ratio": 0.5}
+    plans["tucker"] = {"rank_ratio": 0.5, "policy": "auto"}
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     out = workspace / "pred_plans_field"
     result = run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(out), "-m", str(folder),

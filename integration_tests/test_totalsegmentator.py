@@ -50,7 +50,7 @@ def _check_report(path, stderr):
 def test_totalsegmentator_cli_fast_compresses(totalseg_env, ct, tmp_path):
     report = tmp_path / "report.json"
     result = run(["TotalSegmentator", "-i", str(ct), "-o", str(tmp_path / "seg"), "--fast", "-d", "cpu"],
-                 totalseg_env, TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+                 totalseg_env, TUCKER_RANK_RATIO="0.5", TUCKER_POLICY="auto", TUCKER_REPORT=str(report))
     _check_report(report, result.stderr)
     assert (tmp_path / "seg" / "spleen.nii.gz").is_file()
 
@@ -61,7 +61,8 @@ def test_totalsegmentator_python_api_compresses(totalseg_env, ct, tmp_path):
         "from totalsegmentator.python_api import totalsegmentator; "
         f"totalsegmentator({str(ct)!r}, {str(tmp_path / 'seg')!r}, fast=True, device='cpu', ml=True)"
     )
-    result = run([sys.executable, "-c", code], totalseg_env, TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+    result = run([sys.executable, "-c", code], totalseg_env, TUCKER_RANK_RATIO="0.5", TUCKER_POLICY="auto",
+                 TUCKER_REPORT=str(report))
     _check_report(report, result.stderr)
 
 
@@ -76,8 +77,8 @@ def test_totalsegmentator_loads_a_compressed_model_folder(totalseg_env, ct, tmp_
     shutil.copytree(totalseg_env["TOTALSEG_HOME_DIR"], home)
     model = home / "nnunet" / "results" / TASK_FOLDER / f"{TRAINER}__nnUNetPlans__3d_fullres"
     compressed = tmp_path / "compressed"
-    run(["nnunet-tucker", "compress", "-i", str(model), "-o", str(compressed), "--rank-ratio", "0.5", "-f", "0"],
-        totalseg_env)
+    run(["nnunet-tucker", "compress", "-i", str(model), "-o", str(compressed), "--rank-ratio", "0.5",
+         "--policy", "auto", "-f", "0"], totalseg_env)
     shutil.rmtree(model)
     shutil.move(compressed, model)
     result = run(["TotalSegmentator", "-i", str(ct), "-o", str(tmp_path / "seg"), "--fast", "-d", "cpu"],
