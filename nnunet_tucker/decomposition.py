@@ -119,6 +119,17 @@ def _output_scale(output_cov: torch.Tensor) -> torch.Tensor:
     return scale.clamp_min(float(scale.max()) * WHITENING_FLOOR if scale.max() > 0 else 1.0)
 
 
+def _calibrated_grams(
+    flat: torch.Tensor, input_cov: torch.Tensor, output_cov: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a float64 weight (C_out, C_in, K) and calibration covariances: S, S⁻¹, D and the two
+    matrices whose leading eigenvectors `calibrated_tucker2` keeps, Sᵀ(Σₖ WₖᵀD⁻²Wₖ)S and D⁻¹ΣD⁻¹."""
+    s, s_inv = _whitening(input_cov.double())
+    d = _output_scale(output_cov.double())
+    gram_in = s @ torch.einsum("oik,o,ojk->ij", flat, d.pow(-2), flat) @ s
+    return s, s_inv, d, gram_in, output_cov.double() / d[:, None] / d[None, :]
+
+
 def channel_spectra(
     weight: torch.Tensor, input_cov: torch.Tensor | None = None, output_cov: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +140,7 @@ def channel_spectra(
     if input_cov is None or output_cov is None:
         gram_in, gram_out = torch.einsum("oik,ojk->ij", w, w), torch.einsum("oik,pik->op", w, w)
     else:
-        s, _ = _whitening(input_cov.double())
-        d = _output_scale(output_cov.double())
-        gram_in = s @ torch.einsum("oik,o,ojk->ij", w, d.pow(-2), w) @ s
-        gram_out = output_cov.double() / d[:, None] / d[None, :]
+        *_, gram_in, gram_out = _calibrated_grams(w, input_cov, output_cov)
     return eigh_descending(gram_in)[0].clamp_min(0), eigh_descending(gram_out)[0].clamp_min(0)
 
 
@@ -155,14 +163,11 @@ def calibrated_tucker2(
     w = weight.detach().double().cpu()
     kernel = w.shape[2:]
     flat = w.flatten(2)
-    s, s_inv = _whitening(input_cov.double())
-    d = _output_scale(output_cov.double())
-    _, v = eigh_descending(s @ torch.einsum("oik,o,ojk->ij", flat, d.pow(-2), flat) @ s)
-    v = v[:, :rank_in]
+    s, s_inv, d, gram_in, gram_out = _calibrated_grams(flat, input_cov, output_cov)
+    v = eigh_descending(gram_in)[1][:, :rank_in]
     first = v.T @ s_inv  # (R_in, C_in)
     projected = torch.einsum("oik,ir->ork", flat, s @ v) / d[:, None, None]  # (C_out, R_in, K), normalised
-    _, u = eigh_descending(output_cov.double() / d[:, None] / d[None, :])
-    u = u[:, :rank_out]  # (C_out, R_out)
+    u = eigh_descending(gram_out)[1][:, :rank_out]  # (C_out, R_out)
     core = torch.einsum("or,osk->rsk", u, projected)
     last = d[:, None] * u
     approx = torch.einsum("or,rsk,si->oik", last, core, first)

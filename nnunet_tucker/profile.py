@@ -10,6 +10,7 @@ keyed by device, library versions, threads and shapes, so that later loads decid
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -26,13 +27,13 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .config import default_cache_dir
-from .decomposition import ConvSpec
-from .layers import FusedInstanceNorm, TuckerConv
+from .layers import FusedInstanceNorm, TuckerConv, conv_spec
 
 logger = logging.getLogger(__name__)
 
 MAX_PROFILE_VOXELS = 1 << 18  # 64³: per-voxel cost is settled by then; bounds profiling time
 ROUNDS = 3
+_INSTANCE_NORMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 FORMS_VERSION = 2  # bump when `TuckerConv`'s computation changes: earlier timings no longer apply
 
 
@@ -74,6 +75,7 @@ class LayerTimer:
         key = hashlib.blake2b(self.description.encode(), digest_size=8).hexdigest()
         self.path = (cache_dir or default_cache_dir()) / f"profile-{key}.json"
         self.timings: dict[str, float] = self._read()
+        self.consulted = False  # whether a plan asked this timer anything
         self.measured = 0
         self.seconds_spent = 0.0
 
@@ -131,6 +133,7 @@ class LayerTimer:
         """Seconds per call of each candidate: None is the original layer, (in_rank, out_rank) a
         `TuckerConv`, each followed by its instance norm if `instance_norm` (fused into the
         `TuckerConv`); measured interleaved (unless cached), minimum of `ROUNDS`."""
+        self.consulted = True
         shape = profile_input_shape(input_shape, conv.stride if not conv.transposed else (1,) * len(conv.stride))
         keys = {c: self._key(conv, shape, c) + (" +instancenorm" if instance_norm else "") for c in candidates}
         missing = [c for c in candidates if keys[c] not in self.timings]
@@ -140,8 +143,7 @@ class LayerTimer:
 
     @staticmethod
     def _key(conv: _ConvNd, shape: Sequence[int], candidate: tuple[int, int] | None) -> str:
-        s = ConvSpec(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
-                     conv.transposed, conv.groups)
+        s = conv_spec(conv)
         form = "original" if candidate is None else f"tucker{candidate[0]}x{candidate[1]}"
         return (f"{type(conv).__name__} {s.in_channels}->{s.out_channels} k{s.kernel_size} s{s.stride} "
                 f"p{tuple(conv.padding)} d{tuple(conv.dilation)} bias{conv.bias is not None} "
@@ -151,14 +153,10 @@ class LayerTimer:
                  instance_norm: bool = False) -> None:
         start = time.perf_counter()
         factory = {"device": self.device, "dtype": torch.float32}
-        original = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                              padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                              padding_mode=conv.padding_mode, **factory)
-        if conv.transposed:
-            original.output_padding = conv.output_padding
+        original = copy.deepcopy(conv).to(**factory)
         forms: dict = {c: original if c is None else TuckerConv(original, *c) for c in candidates}
         if instance_norm:
-            norm = nn.InstanceNorm3d(conv.out_channels, affine=True, **factory)  # any dimension: same work
+            norm = _INSTANCE_NORMS[conv.weight.ndim - 2](conv.out_channels, affine=True, **factory)
             for c, form in forms.items():
                 if c is None:
                     forms[c] = nn.Sequential(form, norm)
@@ -187,8 +185,6 @@ class LayerTimer:
 def layer_shapes(network: nn.Module, input_shape: Sequence[int]) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
     """id(conv module) -> (input shape, output shape) in one forward pass on `input_shape` (meta
     device, no arithmetic). Layers the forward pass does not run (deep-supervision heads) are absent."""
-    import copy
-
     originals = {id(m): m for m in network.modules() if isinstance(m, _ConvNd)}
     clone = copy.deepcopy(network)
     clones = {id(c): o for o, c in zip(network.modules(), clone.modules(), strict=True)}

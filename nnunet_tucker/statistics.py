@@ -47,7 +47,7 @@ class ChannelStatistics:
 
 class _Accumulator:
     def __init__(self) -> None:
-        self.input_cov = self.output_cov = self.input_sum = None
+        self.input_cov = self.output_cov = self.input_sum = 0.0  # tensors after the first `add`
         self.voxels = 0
 
     @staticmethod
@@ -57,14 +57,9 @@ class _Accumulator:
         return torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        gram_in, gram_out = self._centred_gram(x), self._centred_gram(y)
-        input_sum = x.detach().float().sum(dim=(0, *range(2, x.ndim))).double().cpu()
-        if self.input_cov is None:
-            self.input_cov, self.output_cov, self.input_sum = gram_in, gram_out, input_sum
-        else:
-            self.input_cov += gram_in
-            self.output_cov += gram_out
-            self.input_sum += input_sum
+        self.input_cov = self.input_cov + self._centred_gram(x)
+        self.output_cov = self.output_cov + self._centred_gram(y)
+        self.input_sum = self.input_sum + x.detach().float().sum(dim=(0, *range(2, x.ndim))).double().cpu()
         self.voxels += x[:, 0].numel()
 
     def result(self) -> ChannelStatistics:

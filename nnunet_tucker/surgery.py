@@ -134,10 +134,14 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
     network = unwrap(network)
     shapes = layer_shapes(network, input_shape)
     total, _ = count_macs(network, input_shape)
+    refined = list(plan)
     candidates, layers = [], []
     for i, layer in enumerate(plan):
+        if layer.ranks is None:
+            continue
         conv = network.get_submodule(layer.name)
-        if layer.ranks is None or id(conv) not in shapes:
+        if id(conv) not in shapes:  # eligible, but the forward pass never runs it
+            refined[i] = dataclasses.replace(layer, ranks=None, reason="not run")
             continue
         in_shape, out_shape = shapes[id(conv)]
         weight = conv.weight.transpose(0, 1) if layer.spec.transposed else conv.weight
@@ -154,14 +158,10 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
             f"mac_budget={config.mac_budget} is below what this network can reach: it {e} "
             f"(of {total:.4g}); raise the budget or lower rank_min"
         ) from None
-    refined = list(plan)
     for i, layer_ranks, budget_layer in zip(candidates, ranks, layers, strict=True):
         reason = "budget: kept" if layer_ranks is None else (
             f"budget: est. error {budget_layer.error(layer_ranks):.3f}" + (" (calibrated)" if statistics else ""))
         refined[i] = dataclasses.replace(plan[i], ranks=layer_ranks, reason=reason)
-    for i, layer in enumerate(refined):  # eligible layers the forward pass never runs
-        if layer.reason == "budget":
-            refined[i] = dataclasses.replace(layer, ranks=None, reason="not run")
     return refined
 
 

@@ -94,3 +94,10 @@ def test_instance_norm_fused_into_the_last_gemm_gives_the_same_outputs():
                 m.p = 0.0
         slow = compressed(x)
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_real_timings_of_a_2d_network_with_instance_norms(tmp_path):
+    network, shape = build("plain2d")
+    plan = plan_compression(network, TuckerConfig(0.5, rank_min=2), shape, LayerTimer("cpu", cache_dir=tmp_path))
+    timed = [p for p in plan if p.reason.startswith(("decomposed,", "not faster here"))]
+    assert timed and (tmp_path / LayerTimer("cpu", cache_dir=tmp_path).path.name).is_file()

@@ -119,7 +119,7 @@ def compress_folds(
     calibration = None
     if config.calibration:
         statistics, calibration = _calibration_statistics(predictor, network, folds, config, cache)
-    timer = LayerTimer(predictor.device) if config.policy == "profiled" and config.mac_budget is None else None
+    timer = LayerTimer(predictor.device)
     plan = plan_compression(network, config, input_shape, timer, statistics[0])
     converted = [cache.convert(state, plan, stats) for state, stats in zip(folds, statistics, strict=True)]
     report = compress_network(network, config, input_shape, decomposed=converted[0], plan=plan)
@@ -128,7 +128,7 @@ def compress_folds(
         {"model": source, "folds": len(folds), "cache_hits": cache.hits, "cache_misses": cache.misses,
          "cache_dir": str(cache.directory)}
     )
-    if timer is not None:
+    if timer.consulted:
         report.extra["profile"] = {"device": timer.description, "layer_forms_timed": timer.measured,
                                    "seconds": round(timer.seconds_spent, 2), "file": str(timer.path)}
     if calibration is not None:
