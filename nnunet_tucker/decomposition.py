@@ -101,75 +101,81 @@ class CalibratedTucker2:
     relative_error: float
 
 
-WHITENING_FLOOR = 1e-4  # input-covariance eigenvalues below this share of the largest are raised to it
+METRIC_FLOOR = 1e-4  # eigenvalues of a covariance or metric below this share of the largest are raised to it
 
 
-def _whitening(input_cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """S and S⁻¹ with S Sᵀ = Σ (symmetric square root), near-null directions floored for stability."""
-    eigenvalues, vectors = eigh_descending(input_cov)
-    eigenvalues = eigenvalues.clamp_min(float(eigenvalues[0]) * WHITENING_FLOOR)
-    root = eigenvalues.sqrt()
+def _root_and_inverse(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^½ and A^-½ of a positive semi-definite matrix, near-null directions floored for stability
+    (the identity for an all-zero matrix)."""
+    eigenvalues, vectors = eigh_descending(symmetric.double())
+    if not float(eigenvalues[0]) > 0:
+        eye = torch.eye(symmetric.shape[0], dtype=torch.float64)
+        return eye, eye
+    root = eigenvalues.clamp_min(float(eigenvalues[0]) * METRIC_FLOOR).sqrt()
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
 
-def _output_scale(output_cov: torch.Tensor) -> torch.Tensor:
-    """Per-channel output standard deviation (floored): the instance norm after a convolution divides
-    each channel by it, so an error counts relative to the channel's own spread."""
-    scale = output_cov.diagonal().clamp_min(0).sqrt()
-    return scale.clamp_min(float(scale.max()) * WHITENING_FLOOR if scale.max() > 0 else 1.0)
+@dataclass(frozen=True)
+class Whitening:
+    """The metric in which `calibrated_tucker2` fits a convolution weight (C_out, C_in, K): the loss
+    of an error E is ‖M^½ E (Σ_s^½ ⊗ Σ^½)‖², with Σ the input-channel covariance, Σ_s the correlation
+    of the input between kernel offsets (so that E·x, summed over the offsets, has that expected
+    square) and M the output metric (the Fisher information of the prediction with respect to the
+    layer's output: the loss then estimates twice the expected increase of the KL divergence from
+    the original prediction). Holds each root and its inverse."""
+
+    input_root: tuple[torch.Tensor, torch.Tensor]
+    output_root: tuple[torch.Tensor, torch.Tensor]
+    spatial_root: tuple[torch.Tensor, torch.Tensor] | None
+
+    @classmethod
+    def of(cls, input_cov: torch.Tensor, output_metric: torch.Tensor,
+           spatial_corr: torch.Tensor | None = None) -> Whitening:
+        spatial = None if spatial_corr is None or spatial_corr.shape[0] == 1 else _root_and_inverse(spatial_corr)
+        return cls(_root_and_inverse(input_cov), _root_and_inverse(output_metric), spatial)
+
+    def apply(self, flat: torch.Tensor) -> torch.Tensor:
+        """The whitened weight M^½ W (Σ_s^½ ⊗ Σ^½) of a float64 weight (C_out, C_in, K)."""
+        w = torch.einsum("po,oik,ij->pjk", self.output_root[0], flat, self.input_root[0])
+        return w if self.spatial_root is None else torch.einsum("pjk,kl->pjl", w, self.spatial_root[0])
 
 
-def _calibrated_grams(
-    flat: torch.Tensor, input_cov: torch.Tensor, output_cov: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a float64 weight (C_out, C_in, K) and calibration covariances: S, S⁻¹, D and the two
-    matrices whose leading eigenvectors `calibrated_tucker2` keeps, Sᵀ(Σₖ WₖᵀD⁻²Wₖ)S and D⁻¹ΣD⁻¹."""
-    s, s_inv = _whitening(input_cov.double())
-    d = _output_scale(output_cov.double())
-    gram_in = s @ torch.einsum("oik,o,ojk->ij", flat, d.pow(-2), flat) @ s
-    return s, s_inv, d, gram_in, output_cov.double() / d[:, None] / d[None, :]
-
-
-def channel_spectra(
-    weight: torch.Tensor, input_cov: torch.Tensor | None = None, output_cov: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_spectra(weight: torch.Tensor, whitening: Whitening | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Energy per rank direction of the input and output modes of a convolution weight
-    (C_out, C_in, *k), descending. Weights alone: the HOSVD spectra (squared singular values of
-    the unfoldings). With calibration covariances: the spectra that `calibrated_tucker2` truncates."""
+    (C_out, C_in, *k), descending: the squared singular values of the mode unfoldings, of the
+    weight itself (HOSVD) or, with calibration, of the whitened weight that `calibrated_tucker2`
+    truncates (then in units of the loss, comparable across layers)."""
     w = weight.detach().double().cpu().flatten(2)
-    if input_cov is None or output_cov is None:
-        gram_in, gram_out = torch.einsum("oik,ojk->ij", w, w), torch.einsum("oik,pik->op", w, w)
-    else:
-        *_, gram_in, gram_out = _calibrated_grams(w, input_cov, output_cov)
+    if whitening is not None:
+        w = whitening.apply(w)
+    gram_in, gram_out = torch.einsum("oik,ojk->ij", w, w), torch.einsum("oik,pik->op", w, w)
     return eigh_descending(gram_in)[0].clamp_min(0), eigh_descending(gram_out)[0].clamp_min(0)
 
 
 def calibrated_tucker2(
-    weight: torch.Tensor, rank_in: int, rank_out: int, input_cov: torch.Tensor, output_cov: torch.Tensor,
+    weight: torch.Tensor, rank_in: int, rank_out: int, whitening: Whitening,
     input_mean: torch.Tensor | None = None, positions_per_output: float = 1.0,
 ) -> CalibratedTucker2:
-    """Tucker-2 of a convolution weight (C_out, C_in, *k) fitted to keep its outputs on data.
+    """Tucker-2 of a convolution weight (C_out, C_in, *k) fitted to keep the network's prediction.
 
-    Errors are measured per output channel relative to its spread D (what the instance norm after
-    the layer sees). Input mode: with S Sᵀ the input covariance, the rank-R_in input map that loses
-    least output (inputs taken as uncorrelated across kernel offsets) projects on the leading
-    eigenvectors V of Sᵀ(Σₖ WₖᵀD⁻²Wₖ)S: first = VᵀS⁻¹, reconstruction S V (the regression of x on
-    first·x). Output mode: the leading eigenvectors U of the output correlation D⁻¹ΣD⁻¹ (PCA of
-    the normalised outputs); last = D U, core = Uᵀ D⁻¹ W (S V). With white inputs and outputs of
-    equal spread this is the HOSVD. `bias_shift` restores the mean output for inputs of mean
-    `input_mean` (`positions_per_output`: kernel offsets per output position, 1/stride volume for
-    transposed convolutions).
+    The HOSVD of the whitened weight W' = M^½ W (Σ_s^½ ⊗ Σ^½) (see `Whitening`), mapped back:
+    with U (C_out, R_out) and V (C_in, R_in) the leading left singular vectors of W''s output and
+    input unfoldings, first = VᵀΣ^-½, last = M^-½U and core = UᵀW'V with its kernel offsets
+    un-whitened by Σ_s^-½. With identity covariances and metric this is the HOSVD of W.
+    `bias_shift` restores the mean output for inputs of mean `input_mean` (`positions_per_output`:
+    kernel offsets per output position, 1/stride volume for transposed convolutions).
     """
     w = weight.detach().double().cpu()
     kernel = w.shape[2:]
     flat = w.flatten(2)
-    s, s_inv, d, gram_in, gram_out = _calibrated_grams(flat, input_cov, output_cov)
-    v = eigh_descending(gram_in)[1][:, :rank_in]
-    first = v.T @ s_inv  # (R_in, C_in)
-    projected = torch.einsum("oik,ir->ork", flat, s @ v) / d[:, None, None]  # (C_out, R_in, K), normalised
-    u = eigh_descending(gram_out)[1][:, :rank_out]  # (C_out, R_out)
-    core = torch.einsum("or,osk->rsk", u, projected)
-    last = d[:, None] * u
+    whitened = whitening.apply(flat)
+    v = eigh_descending(torch.einsum("oik,ojk->ij", whitened, whitened))[1][:, :rank_in]
+    u = eigh_descending(torch.einsum("oik,pik->op", whitened, whitened))[1][:, :rank_out]
+    core = torch.einsum("or,osk,si->rik", u, whitened, v)
+    if whitening.spatial_root is not None:
+        core = torch.einsum("rik,kl->ril", core, whitening.spatial_root[1])
+    first = v.T @ whitening.input_root[1]
+    last = whitening.output_root[1] @ u
     approx = torch.einsum("or,rsk,si->oik", last, core, first)
     error = float((flat - approx).norm() / flat.norm()) if flat.norm() > 0 else 0.0
     if input_mean is None:
@@ -277,6 +283,7 @@ class BudgetLayer:
     positions: int
     spectrum_in: torch.Tensor
     spectrum_out: torch.Tensor
+    calibrated: bool = False
 
     def macs(self, ranks: tuple[int, int] | None) -> int:
         return self.spec.macs_per_position(ranks) * self.positions
@@ -294,8 +301,15 @@ class BudgetLayer:
         return 1.0 - kept_in * kept_out
 
     def loss(self, ranks: tuple[int, int] | None) -> float:
-        """−log of the estimated share kept: shares multiply through the network, so losses add
-        up, and a layer near total loss costs without bound."""
+        """What truncating to `ranks` costs. Calibrated spectra are in units of the network's loss
+        (see `Whitening`), so the discarded energy of both modes is the loss, additive over layers.
+        Weight spectra say nothing of a layer's weight in the network: then −log of the estimated
+        share kept (shares multiply through the network, so these losses add up, and a layer near
+        total loss costs without bound)."""
+        if ranks is None:
+            return 0.0
+        if self.calibrated:
+            return float(self.spectrum_in[ranks[0]:].sum() + self.spectrum_out[ranks[1]:].sum())
         return -sum(math.log(max(k, 1e-12)) for k in self.kept(ranks))
 
 

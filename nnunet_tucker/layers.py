@@ -185,9 +185,8 @@ def decompose_conv_weights(
     ones = (1,) * (weight.ndim - 2)
     if statistics is not None and statistics.usable():
         fit = calibrated_tucker2(
-            weight.transpose(0, 1) if spec.transposed else weight, r_in, r_out, statistics.input_cov,
-            statistics.output_cov, statistics.input_mean,
-            positions_per_output=1 / math.prod(spec.stride) if spec.transposed else 1.0,
+            weight.transpose(0, 1) if spec.transposed else weight, r_in, r_out, statistics.whitening(),
+            statistics.input_mean, positions_per_output=1 / math.prod(spec.stride) if spec.transposed else 1.0,
         )
         state = {
             "first.weight": fit.first.reshape(r_in, -1, *ones),

@@ -1,21 +1,28 @@
-"""Channel statistics of every convolution's input and output on calibration data.
+"""What the calibration-aware fit needs to know of every convolution, measured on calibration data.
 
-The calibration-aware fit (`decomposition.calibrated_tucker2`) keeps the directions the data
-uses rather than the largest ones of the weights. It needs, per layer, the covariance of the
-input channels and of the output channels. Covariances are centred per sample and channel: a
-per-channel constant is what the instance norm after (nearly) every nnU-Net convolution removes,
-so only the variation around it matters. Means are kept for a bias correction.
+The calibration-aware fit (`decomposition.calibrated_tucker2`) keeps the directions that matter for
+the network's prediction on real data rather than the largest ones of the weights. Per layer it
+needs the covariance of the input channels (centred per sample and channel: a per-channel constant
+is what the instance norm after nearly every nnU-Net convolution removes), the correlation of the
+input between kernel offsets, and the Fisher information of the prediction with respect to the
+layer's output: which output directions change the segmentation, and by how much. The Fisher
+information comes from one backward pass per patch with labels drawn from the network's own
+prediction, so no labels are needed. Means are kept for a bias correction.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from .decomposition import Whitening
 
 
 class CalibrationDataError(ValueError):
@@ -26,82 +33,144 @@ class CalibrationDataError(ValueError):
 class ChannelStatistics:
     """Second moments of one convolution on calibration data, float64 on the CPU.
 
-    input_cov (C_in, C_in) and output_cov (C_out, C_out): covariances of the channels, centred per
-    sample; input_mean (C_in,): mean input over all positions; voxels: positions seen.
+    input_cov (C_in, C_in): covariance of the input channels, centred per sample; input_mean (C_in,):
+    mean input; spatial_corr (K, K): correlation of the input between the kernel's K offsets (a
+    product of per-axis lag correlations; 1x1 for transposed convolutions, whose offsets never see
+    the same input twice); output_fisher (C_out, C_out): Fisher information of the prediction with
+    respect to the layer's output, summed over positions, per patch; voxels: input positions seen.
     """
 
     input_cov: torch.Tensor
-    output_cov: torch.Tensor
     input_mean: torch.Tensor
+    spatial_corr: torch.Tensor
+    output_fisher: torch.Tensor
     voxels: int
 
     def usable(self) -> bool:
-        """Finite and not all zero (a layer fed only constants has nothing to calibrate on)."""
+        """Finite, and not fed only constants (which leave nothing to calibrate on)."""
         return bool(
             self.voxels > 0
-            and all(torch.isfinite(t).all() for t in (self.input_cov, self.output_cov, self.input_mean))
+            and all(torch.isfinite(t).all() for t in (self.input_cov, self.input_mean, self.spatial_corr,
+                                                      self.output_fisher))
             and self.input_cov.diagonal().sum() > 0
-            and self.output_cov.diagonal().sum() > 0
         )
+
+    def whitening(self) -> Whitening:
+        return Whitening.of(self.input_cov, self.output_fisher, self.spatial_corr)
 
 
 class _Accumulator:
-    def __init__(self) -> None:
-        self.input_cov = self.output_cov = self.input_sum = 0.0  # tensors after the first `add`
-        self.voxels = 0
+    """Running sums for one convolution; the spatial correlation from lag products along each axis."""
 
-    @staticmethod
-    def _centred_gram(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, conv: _ConvNd) -> None:
+        self.transposed = isinstance(conv, _ConvTransposeNd)
+        self.kernel, self.dilation = tuple(conv.kernel_size), tuple(conv.dilation)
+        self.input_cov = self.input_sum = self.fisher = 0.0  # tensors after the first `add`
+        self.lags = {}  # (axis, lag) -> [sum x·x_shifted, sum x², sum x_shifted²]
+        self.voxels = 0
+        self.out_channels = conv.out_channels
+
+    def add(self, x: torch.Tensor) -> None:
         flat = x.detach().flatten(2).float()  # (n, C, V)
         centred = flat - flat.mean(dim=2, keepdim=True)
-        return torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
+        self.input_cov = self.input_cov + torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
+        self.input_sum = self.input_sum + flat.sum(dim=(0, 2)).double().cpu()
+        self.voxels += flat.shape[0] * flat.shape[2]
+        if self.transposed:
+            return
+        centred = centred.view_as(x)
+        for axis, (k, d) in enumerate(zip(self.kernel, self.dilation, strict=True)):
+            dim, n = 2 + axis, x.shape[2 + axis]
+            for lag in range(d, min((k - 1) * d, n - 1) + 1, d):
+                a, b = centred.narrow(dim, 0, n - lag), centred.narrow(dim, lag, n - lag)
+                sums = [float((a * b).sum()), float(a.square().sum()), float(b.square().sum())]
+                self.lags[axis, lag] = [s + t for s, t in zip(self.lags.get((axis, lag), [0.0] * 3), sums,
+                                                               strict=True)]
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.input_cov = self.input_cov + self._centred_gram(x)
-        self.output_cov = self.output_cov + self._centred_gram(y)
-        self.input_sum = self.input_sum + x.detach().float().sum(dim=(0, *range(2, x.ndim))).double().cpu()
-        self.voxels += x[:, 0].numel()
+    def add_gradient(self, g: torch.Tensor) -> None:
+        flat = g.detach().flatten(2).float()
+        self.fisher = self.fisher + torch.einsum("ncv,ndv->cd", flat, flat).double().cpu()
 
-    def result(self) -> ChannelStatistics:
+    def _spatial_corr(self) -> torch.Tensor:
+        if self.transposed:
+            return torch.ones(1, 1, dtype=torch.float64)
+        corr = torch.ones(1, 1, dtype=torch.float64)
+        for axis, (k, d) in enumerate(zip(self.kernel, self.dilation, strict=True)):
+            rho = [1.0]
+            for step in range(1, k):
+                ab, aa, bb = self.lags.get((axis, step * d), (0.0, 0.0, 0.0))
+                rho.append(ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0)
+            offsets = torch.arange(k)
+            corr = torch.kron(corr, torch.tensor(rho, dtype=torch.float64)[(offsets[:, None] - offsets).abs()])
+        return corr
+
+    def result(self, patches: int) -> ChannelStatistics:
         n = max(self.voxels, 1)
-        return ChannelStatistics(self.input_cov / n, self.output_cov / n, self.input_sum / n, self.voxels)
+        fisher = self.fisher if isinstance(self.fisher, torch.Tensor) else torch.zeros(
+            self.out_channels, self.out_channels, dtype=torch.float64)
+        return ChannelStatistics(self.input_cov / n, self.input_sum / n, self._spatial_corr(),
+                                 fisher / max(patches, 1), self.voxels)
+
+
+def _sampled_log_likelihood(logits: torch.Tensor, regions: bool, generator: torch.Generator) -> torch.Tensor:
+    """log p(ŷ) summed over positions, with ŷ drawn from the prediction itself (softmax over classes,
+    or independent sigmoids for region-based models): its gradient's second moment is the Fisher
+    information."""
+    noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    if regions:
+        target = (noise < torch.sigmoid(logits.detach())).to(logits.dtype)
+        return -F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1 - 1e-7)))
+    return -F.cross_entropy(logits, (logits.detach() + gumbel).argmax(dim=1), reduction="sum")
 
 
 def collect_statistics(
     network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, names: Sequence[str] | None = None,
-    batch_size: int = 1,
+    batch_size: int = 1, regions: bool = False, seed: int = 0,
 ) -> dict[str, ChannelStatistics]:
-    """Run `network` (eval mode, its own device) on `patches` (N, C, *spatial) and return the
-    statistics of every convolution module (or of those in `names`), keyed by qualified name."""
+    """Run `network` (eval mode, its own device) forward and backward on `patches` (N, C, *spatial)
+    and return the statistics of every convolution module (or of those in `names`), keyed by
+    qualified name. The network's output (or the first of several) are class logits, or region
+    logits if `regions`; labels for the Fisher information are drawn from them with `seed`. The
+    network's parameters and their gradients are left untouched."""
     device = next(network.parameters()).device
     wanted = {}
     for name, module in network.named_modules():
         if isinstance(module, _ConvNd) and (names is None or name in names) and id(module) not in wanted:
             wanted[id(module)] = name
-    accumulators = {name: _Accumulator() for name in wanted.values()}
+    accumulators = {name: _Accumulator(network.get_submodule(name)) for name in wanted.values()}
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        accumulators[wanted[id(module)]].add(args[0], output)
+        accumulator = accumulators[wanted[id(module)]]
+        accumulator.add(args[0])
+        if output.requires_grad:
+            output.register_hook(accumulator.add_gradient)
 
     handles = [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]
     was_training = network.training
     network.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    count = 0
     try:
         expected = _input_channels(network)
-        with torch.inference_mode():
-            for batch in _batches(patches, batch_size):
-                if expected is not None and batch.shape[1] != expected:
-                    raise CalibrationDataError(
-                        f"calibration patches have {batch.shape[1]} channel(s) but the network takes {expected}"
-                    )
-                if not torch.isfinite(batch).all():
-                    raise CalibrationDataError("calibration patches contain NaN or infinite values")
-                network(batch.to(device=device, dtype=torch.float32))
+        for batch in _batches(patches, batch_size):
+            if expected is not None and batch.shape[1] != expected:
+                raise CalibrationDataError(
+                    f"calibration patches have {batch.shape[1]} channel(s) but the network takes {expected}"
+                )
+            if not torch.isfinite(batch).all():
+                raise CalibrationDataError("calibration patches contain NaN or infinite values")
+            x = batch.to(device=device, dtype=torch.float32).requires_grad_(True)
+            with torch.enable_grad():
+                output = network(x)
+                logits = output[0] if isinstance(output, (list, tuple)) else output
+                torch.autograd.grad(_sampled_log_likelihood(logits, regions, generator), x)
+            count += batch.shape[0]
     finally:
         for h in handles:
             h.remove()
         network.train(was_training)
-    statistics = {name: acc.result() for name, acc in accumulators.items() if acc.voxels}
+    statistics = {name: acc.result(count) for name, acc in accumulators.items() if acc.voxels}
     if not statistics:
         raise CalibrationDataError("no calibration patches were given")
     return statistics
@@ -131,6 +200,6 @@ def statistics_digest(statistics: dict[str, ChannelStatistics] | None) -> str | 
     for name in sorted(statistics):
         s = statistics[name]
         h.update(f"{name}|{s.voxels}|".encode())
-        for t in (s.input_cov, s.output_cov, s.input_mean):
+        for t in (s.input_cov, s.input_mean, s.spatial_corr, s.output_fisher):
             h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -143,13 +143,16 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
         if id(conv) not in shapes:  # eligible, but the forward pass never runs it
             refined[i] = dataclasses.replace(layer, ranks=None, reason="not run")
             continue
+        stats = statistics.get(layer.name)
+        if statistics and (stats is None or not stats.usable()):  # losses of other layers are in other units
+            refined[i] = dataclasses.replace(layer, ranks=None, reason="no calibration data")
+            continue
         in_shape, out_shape = shapes[id(conv)]
         weight = conv.weight.transpose(0, 1) if layer.spec.transposed else conv.weight
-        stats = statistics.get(layer.name)
-        covs = (stats.input_cov, stats.output_cov) if stats is not None and stats.usable() else ()
         positions = math.prod((in_shape if layer.spec.transposed else out_shape)[2:]) * in_shape[0]
         candidates.append(i)
-        layers.append(BudgetLayer(layer.spec, positions, *channel_spectra(weight, *covs)))
+        spectra = channel_spectra(weight, stats.whitening() if statistics else None)
+        layers.append(BudgetLayer(layer.spec, positions, *spectra, calibrated=bool(statistics)))
     fixed = total - sum(layer.macs(None) for layer in layers)
     try:
         ranks = allocate_ranks(layers, config.mac_budget * total, fixed, config.rank_min, config.rank_multiple)

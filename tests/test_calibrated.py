@@ -10,7 +10,14 @@ from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.config import TuckerConfigError
-from nnunet_tucker.decomposition import BudgetLayer, ConvSpec, allocate_ranks, calibrated_tucker2, tucker2
+from nnunet_tucker.decomposition import (
+    BudgetLayer,
+    ConvSpec,
+    Whitening,
+    allocate_ranks,
+    calibrated_tucker2,
+    tucker2,
+)
 from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights
 from nnunet_tucker.statistics import CalibrationDataError, collect_statistics
 from nnunet_tucker.surgery import convert_state_dict, plan_compression
@@ -49,10 +56,9 @@ def test_calibrated_fit_beats_hosvd_on_correlated_inputs():
 def test_calibrated_fit_equals_hosvd_on_white_inputs():
     torch.manual_seed(0)
     w = torch.randn(12, 10, 3, 3, 3, dtype=torch.float64)
-    w = w / w.flatten(1).norm(dim=1)[:, None, None, None, None]  # equal output spread
-    flat = w.flatten(2)
-    fit = calibrated_tucker2(w, 4, 5, torch.eye(10, dtype=torch.float64),
-                             torch.einsum("oik,pik->op", flat, flat))  # what white inputs give
+    eye = torch.eye(27, dtype=torch.float64)
+    fit = calibrated_tucker2(w, 4, 5, Whitening.of(torch.eye(10, dtype=torch.float64),
+                                                   torch.eye(12, dtype=torch.float64), eye))
     approx = torch.einsum("or,rsk,si->oik", fit.last, fit.core.flatten(2), fit.first).reshape(w.shape)
     t = tucker2(w, 5, 4)
     hosvd = torch.einsum("ab...,ia,jb->ij...", t.core, t.factor0, t.factor1)
@@ -71,6 +77,41 @@ def test_calibrated_transposed_conv_and_bias_keep_the_mean():
         y, y_hat = conv(x), tucker(x)
     assert y_hat.shape == y.shape
     assert torch.allclose(y_hat.mean(dim=(0, 2, 3, 4)), y.mean(dim=(0, 2, 3, 4)), atol=1e-3)
+
+
+def test_fit_spends_ranks_on_the_outputs_the_prediction_depends_on():
+    torch.manual_seed(0)
+    w = torch.randn(12, 10, 3, 3, 3, dtype=torch.float64)
+    fisher = torch.diag(torch.tensor([10.0] * 4 + [0.01] * 8, dtype=torch.float64))  # 4 outputs matter
+    fit = calibrated_tucker2(w, 10, 4, Whitening.of(torch.eye(10, dtype=torch.float64), fisher))
+    approx = torch.einsum("or,rsk,si->oik", fit.last, fit.core.flatten(2), fit.first).reshape(w.shape)
+    t = tucker2(w, 4, 10)
+    hosvd = torch.einsum("ab...,ia,jb->ij...", t.core, t.factor0, t.factor1)
+
+    def loss(a):
+        e = (w - a).flatten(1)
+        return float(torch.einsum("oi,op,pi->", e, fisher, e))
+
+    assert loss(approx) < 0.01 * loss(hosvd)
+
+
+def test_statistics_hold_spatial_correlation_and_fisher_and_leave_the_network_alone():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv3d(2, 6, 3, padding=1), nn.InstanceNorm3d(6), nn.LeakyReLU(),
+                            nn.ConvTranspose3d(6, 3, 2, stride=2))
+    smooth = F.avg_pool3d(torch.randn(3, 2, 14, 14, 14), 5, stride=1, padding=2)
+    stats = collect_statistics(network, smooth)
+    conv, transposed = stats["0"], stats["3"]
+    assert conv.spatial_corr.shape == (27, 27) and transposed.spatial_corr.shape == (1, 1)
+    assert torch.allclose(conv.spatial_corr.diagonal(), torch.ones(27, dtype=torch.float64))
+    assert conv.spatial_corr[13, 14] > 0.5  # neighbours of a smooth field are correlated
+    white = collect_statistics(network, torch.randn(3, 2, 14, 14, 14))["0"]
+    assert white.spatial_corr[13, 14].abs() < 0.1
+    for s in (conv, transposed):
+        assert s.usable() and torch.linalg.eigvalsh(s.output_fisher).min() > -1e-9 and s.output_fisher.trace() > 0
+    assert all(p.grad is None for p in network.parameters())
+    regions = collect_statistics(network, smooth, regions=True)["3"]
+    assert regions.output_fisher.trace() > 0 and not torch.allclose(regions.output_fisher, transposed.output_fisher)
 
 
 @pytest.mark.parametrize("patches, message", [
@@ -103,6 +144,20 @@ def test_allocation_respects_budget_and_more_budget_loses_less():
         assert ranks == allocate_ranks(layers, share * full, 0, rank_min=2)  # deterministic
         losses.append(sum(layer.loss(r) for layer, r in zip(layers, ranks, strict=True)))
     assert losses[0] > losses[1] > losses[2]
+
+
+def test_calibrated_allocation_gives_ranks_where_the_loss_is():
+    layers = _budget_layers()
+    full = sum(layer.macs(None) for layer in layers)
+    scaled = [BudgetLayer(layer.spec, layer.positions, layer.spectrum_in * w, layer.spectrum_out * w, calibrated=True)
+              for layer, w in zip(layers, (1.0, 1.0, 1.0), strict=True)]
+    heavy = list(scaled)
+    heavy[1] = BudgetLayer(scaled[1].spec, scaled[1].positions, scaled[1].spectrum_in * 100,
+                           scaled[1].spectrum_out * 100, calibrated=True)
+    even, weighted = (allocate_ranks(ls, 0.3 * full, 0, rank_min=2) for ls in (scaled, heavy))
+    assert sum(weighted[1]) > sum(even[1])
+    assert scaled[0].loss(None) == 0 and scaled[0].loss((2, 2)) == pytest.approx(
+        float(scaled[0].spectrum_in[2:].sum() + scaled[0].spectrum_out[2:].sum()))
 
 
 def test_budget_plan_meets_budget_on_a_network(architecture):

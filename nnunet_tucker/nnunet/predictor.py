@@ -150,7 +150,7 @@ def _calibration_statistics(predictor: nnUNetPredictor, network: nn.Module, fold
         if patches is None:
             patches = load_calibration_patches(folder, predictor, config.calibration_patches)
         network.load_state_dict(state)
-        return collect_statistics(network, patches)
+        return collect_statistics(network, patches, regions=predictor.label_manager.has_regions)
 
     start = time.perf_counter()
     try:
