@@ -189,6 +189,32 @@ def calibrated_tucker2(
     )
 
 
+REFIT_SAMPLES_PER_FEATURE = 10  # fewer calibration positions than this per feature: no refit (it would overfit)
+RIDGE = 1e-6  # share of the mean feature variance added to the diagonal of the feature covariance
+
+
+def refit_core_and_last(
+    feature_cov: torch.Tensor, cross_cov: torch.Tensor, output_metric: torch.Tensor, rank_out: int, rank_in: int,
+    kernel: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Core (R_out, R_in, *kernel) and last factor (C_out, R_out) refitted on data for a fixed first factor.
+
+    f are the first factor's outputs at the K kernel offsets around an output position (offsets
+    major, covariance `feature_cov`), y the original layer's output there (`cross_cov` = Cov(y, f)).
+    Minimises E‖M^½(y − last·core·f)‖² over all rank-R_out maps (reduced-rank regression): the
+    least-squares map B = Cov(y, f) Cov(f)⁻¹, then its fitted outputs, whitened by M^½, projected
+    on their R_out leading principal directions U: last = M^-½U, core = UᵀM^½B. Unlike the fit
+    from the weights alone this uses how the inputs really co-vary across offsets and channels.
+    """
+    f_cov = feature_cov.double()
+    f_cov = f_cov + RIDGE * float(f_cov.diagonal().mean()) * torch.eye(f_cov.shape[0], dtype=torch.float64)
+    b = torch.linalg.solve(f_cov, cross_cov.double().T).T  # (C_out, K·R_in)
+    root, inverse_root = _root_and_inverse(output_metric)
+    u = eigh_descending(root @ b @ f_cov @ b.T @ root)[1][:, :rank_out]
+    core = (u.T @ root @ b).reshape(rank_out, math.prod(kernel), rank_in).transpose(1, 2)
+    return core.reshape(rank_out, rank_in, *kernel), inverse_root @ u
+
+
 def paper_rank(channels: int, ratio: float, rank_min: int, multiple: int = 1) -> int:
     """The published rank rule R = min(C, max(rank_min, ceil(C·ratio))), rounded up to `multiple`."""
     rank = max(rank_min, math.ceil(round(channels * ratio, 9)))

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .decomposition import ConvSpec, calibrated_tucker2, tucker2
-from .statistics import ChannelStatistics
+from .decomposition import REFIT_SAMPLES_PER_FEATURE, ConvSpec, calibrated_tucker2, refit_core_and_last, tucker2
+from .statistics import ChannelStatistics, ResponseStatistics
 
 _POINTWISE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -210,3 +210,35 @@ def decompose_conv_weights(
     if bias is not None:
         state["last.bias"] = bias.detach().clone()
     return state, t.relative_error
+
+
+def refittable(spec: ConvSpec, padding: object, padding_mode: str) -> bool:
+    """Whether `refit_conv_weights` applies: an ordinary convolution with zero padding (a transposed
+    convolution's offsets never share an input, so its fit from the statistics is already exact)."""
+    return not spec.transposed and spec.groups == 1 and padding_mode == "zeros" and isinstance(padding, tuple)
+
+
+def refit_conv_weights(
+    state: dict[str, torch.Tensor], weight: torch.Tensor, spec: ConvSpec, responses: ResponseStatistics,
+    output_fisher: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], float] | None:
+    """`state` (of `decompose_conv_weights`) with core and last factor refitted on calibration
+    `responses` for its first factor (`refit_core_and_last`) and the bias set to keep the mean
+    output; plus the new relative weight error. None if there are too few positions to fit on."""
+    first = state["first.weight"].flatten(1).double()
+    r_in, r_out = first.shape[0], state["last.weight"].shape[1]
+    if responses.samples < REFIT_SAMPLES_PER_FEATURE * math.prod(spec.kernel_size) * r_in:
+        return None
+    core, last = refit_core_and_last(responses.feature_cov, responses.cross_cov, output_fisher, r_out, r_in,
+                                     spec.kernel_size)
+    dtype, ones = weight.dtype, (1,) * len(spec.kernel_size)
+    refitted = dict(state)
+    refitted["core.weight"] = core.to(dtype).contiguous()
+    refitted["last.weight"] = last.reshape(-1, r_out, *ones).to(dtype).contiguous()
+    if "last.bias" in state:
+        by_offset = core.flatten(2).transpose(1, 2).flatten(1)  # (R_out, K·R_in), offsets major like f
+        mean_out = last @ (by_offset @ responses.feature_mean.double())
+        refitted["last.bias"] = (responses.output_mean.double() - mean_out).to(dtype)
+    flat = weight.detach().double().flatten(2)
+    approx = torch.einsum("or,rsk,si->oik", last, core.flatten(2), first)
+    return refitted, float((flat - approx).norm() / flat.norm()) if flat.norm() > 0 else 0.0

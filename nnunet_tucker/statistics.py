@@ -13,8 +13,9 @@ prediction, so no labels are needed. Means are kept for a bias correction.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,82 @@ def collect_statistics(
     if not statistics:
         raise CalibrationDataError("no calibration patches were given")
     return statistics
+
+
+@dataclass(frozen=True)
+class ResponseStatistics:
+    """What refitting a decomposed layer's core needs, on calibration data: f, its first factor's
+    outputs at the K kernel offsets around an output position (K·R_in, offsets major), and y, the
+    original layer's output there. feature_cov and cross_cov = Cov(y, f) are centred per sample;
+    feature_mean (K·R_in,) and output_mean (C_out,) are plain means; samples: positions used."""
+
+    feature_cov: torch.Tensor
+    cross_cov: torch.Tensor
+    feature_mean: torch.Tensor
+    output_mean: torch.Tensor
+    samples: int
+
+
+class _ResponseAccumulator:
+    def __init__(self, conv: _ConvNd, first: torch.Tensor, positions: int, generator: torch.Generator) -> None:
+        self.conv, self.positions, self.generator = conv, positions, generator
+        self.first = first.detach().flatten(1).float()  # (R_in, C_in)
+        self.sums = None  # feature_cov, cross_cov, feature_sum, output_sum
+        self.samples = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        conv = self.conv
+        z = torch.einsum("ri,ni...->nr...", self.first.to(x.device), x.float())
+        padding = [p for p in reversed(conv.padding) for _ in range(2)]
+        z = F.pad(z, padding)
+        out_shape = y.shape[2:]
+        for n in range(x.shape[0]):
+            count = math.prod(out_shape)
+            chosen = torch.randperm(count, generator=self.generator)[:self.positions].to(x.device)
+            coords = torch.unravel_index(chosen, out_shape)
+            columns = []
+            for offset in itertools.product(*(range(k) for k in conv.kernel_size)):
+                index = [c * s + o * d for c, s, o, d in zip(coords, conv.stride, offset, conv.dilation, strict=True)]
+                columns.append(z[n][(slice(None), *index)].T)  # (S, R_in)
+            f = torch.stack(columns, dim=1).flatten(1).double().cpu()  # (S, K·R_in)
+            t = y[n][(slice(None), *coords)].T.double().cpu()  # (S, C_out)
+            fc, tc = f - f.mean(dim=0), t - t.mean(dim=0)
+            sums = (fc.T @ fc, tc.T @ fc, f.sum(dim=0), t.sum(dim=0))
+            self.sums = sums if self.sums is None else tuple(a + b for a, b in zip(self.sums, sums, strict=True))
+            self.samples += f.shape[0]
+
+    def result(self) -> ResponseStatistics:
+        n = max(self.samples, 1)
+        return ResponseStatistics(*(t / n for t in self.sums), self.samples)
+
+
+def collect_responses(
+    network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, firsts: Mapping[str, torch.Tensor],
+    positions_per_patch: int = 16384, seed: int = 0,
+) -> dict[str, ResponseStatistics]:
+    """For every convolution named in `firsts` (name -> its decomposition's first factor), run the
+    original `network` on `patches` and collect `ResponseStatistics` at up to `positions_per_patch`
+    output positions per patch (drawn with `seed`)."""
+    device = next(network.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    accumulators = {id(network.get_submodule(name)): (name, _ResponseAccumulator(
+        network.get_submodule(name), first, positions_per_patch, generator)) for name, first in firsts.items()}
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        accumulators[id(module)][1].add(args[0], output)
+
+    handles = [m.register_forward_hook(hook) for m in network.modules() if id(m) in accumulators]
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode():
+            for batch in _batches(patches, 1):
+                network(batch.to(device=device, dtype=torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+        network.train(was_training)
+    return {name: acc.result() for name, acc in accumulators.values() if acc.samples}
 
 
 def _input_channels(network: nn.Module) -> int | None:

@@ -31,9 +31,17 @@ from .decomposition import (
     choose_ranks,
     kept_by_shape,
 )
-from .layers import FusedInstanceNorm, PointwiseConv, TuckerConv, conv_spec, decompose_conv_weights
+from .layers import (
+    FusedInstanceNorm,
+    PointwiseConv,
+    TuckerConv,
+    conv_spec,
+    decompose_conv_weights,
+    refit_conv_weights,
+    refittable,
+)
 from .profile import LayerTimer, layer_shapes
-from .statistics import ChannelStatistics
+from .statistics import ChannelStatistics, ResponseStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,7 @@ class LayerPlan:
     ranks: tuple[int, int] | None
     reason: str
     bias: bool
+    refittable: bool = False
 
     def to_dict(self) -> dict:
         return {"name": self.name, "ranks": list(self.ranks) if self.ranks else None}
@@ -82,7 +91,8 @@ def _plan(network: nn.Module, decide: Callable[[tuple[str, ...], ConvSpec], tupl
         if isinstance(module, _ConvNd) and id(module) not in inside_decomposed:
             aliases = tuple(names[id(module)])
             spec = conv_spec(module)
-            plans.append(LayerPlan(name, aliases, spec, *decide(aliases, spec), module.bias is not None))
+            plans.append(LayerPlan(name, aliases, spec, *decide(aliases, spec), module.bias is not None,
+                                   refittable(spec, module.padding, module.padding_mode)))
     return plans
 
 
@@ -260,28 +270,41 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
 def convert_state_dict(
     state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0,
     statistics: dict[str, ChannelStatistics] | None = None,
+    responses: Callable[[dict[str, torch.Tensor]], dict[str, ResponseStatistics]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An original state dict in the compressed layout, plus each decomposed layer's relative error.
 
     Keys of layers left as they are pass through unchanged; each decomposed layer is decomposed
     once and written under all of its aliases. Layers with (usable) `statistics` for these
-    weights get the calibration-aware fit, the others the HOSVD.
+    weights get the calibration-aware fit, the others the HOSVD. `responses`, given the first
+    factors of the calibrated layers (by name), returns their `ResponseStatistics` on calibration
+    data (the network must hold these weights); their core and last factor are then refitted.
     """
     statistics = statistics or {}
-    converted = dict(state_dict)
+    plan = [layer for layer in plan if layer.ranks is not None]
+    decomposed: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
     for layer in plan:
-        if layer.ranks is None:
-            continue
-        weight = state_dict[f"{layer.name}.weight"]
-        bias = state_dict.get(f"{layer.name}.bias")
-        decomposed, errors[layer.name] = decompose_conv_weights(
-            weight, bias, layer.spec, layer.ranks, hooi_iterations, statistics.get(layer.name)
+        decomposed[layer.name], errors[layer.name] = decompose_conv_weights(
+            state_dict[f"{layer.name}.weight"], state_dict.get(f"{layer.name}.bias"), layer.spec, layer.ranks,
+            hooi_iterations, statistics.get(layer.name)
         )
+    refit = {layer.name: layer for layer in plan if layer.refittable and layer.name in statistics
+             and statistics[layer.name].usable()}
+    if responses is not None and refit:
+        measured = responses({name: decomposed[name]["first.weight"] for name in refit})
+        for name, layer in refit.items():
+            result = name in measured and refit_conv_weights(
+                decomposed[name], state_dict[f"{name}.weight"], layer.spec, measured[name],
+                statistics[name].output_fisher)
+            if result:
+                decomposed[name], errors[name] = result
+    converted = dict(state_dict)
+    for layer in plan:
         for alias in layer.aliases:
             converted.pop(f"{alias}.weight", None)
             converted.pop(f"{alias}.bias", None)
-            converted.update({f"{alias}.{k}": v for k, v in decomposed.items()})
+            converted.update({f"{alias}.{k}": v for k, v in decomposed[layer.name].items()})
     return converted, errors
 
 

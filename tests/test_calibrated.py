@@ -19,7 +19,7 @@ from nnunet_tucker.decomposition import (
     tucker2,
 )
 from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights
-from nnunet_tucker.statistics import CalibrationDataError, collect_statistics
+from nnunet_tucker.statistics import CalibrationDataError, collect_responses, collect_statistics
 from nnunet_tucker.surgery import convert_state_dict, plan_compression
 
 
@@ -186,3 +186,47 @@ def test_budget_with_statistics_uses_them_and_stays_in_budget():
     assert report.macs_after <= 0.6 * report.macs_before
     with torch.no_grad():
         assert torch.isfinite(compressed(torch.randn(shape))).all()
+
+
+def test_refit_on_responses_lowers_the_output_error_and_keeps_the_mean():
+    torch.manual_seed(0)
+    conv = nn.Conv3d(16, 16, 3, padding=1)
+    network = nn.Sequential(conv)
+    x = _correlated(4, 16, seed=1) + 0.5
+    stats = collect_statistics(network, x)
+    plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=1))
+    assert plan[0].refittable and plan[0].ranks == (4, 4)
+    held_out = _correlated(2, 16, seed=2) + 0.5
+    fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
+    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats,
+                                     responses=lambda firsts: collect_responses(network, x, firsts))
+
+    def strip(state):
+        return {k.removeprefix("0."): v for k, v in state.items()}
+
+    assert not torch.equal(fitted["0.core.weight"], refitted["0.core.weight"])
+    assert torch.equal(fitted["0.first.weight"], refitted["0.first.weight"])
+    assert _output_error(conv, strip(refitted), (4, 4), held_out) < _output_error(conv, strip(fitted), (4, 4), held_out)
+    tucker = TuckerConv(conv, 4, 4)
+    tucker.load_state_dict(strip(refitted))
+    with torch.no_grad():
+        assert torch.allclose(tucker(x).mean(dim=(0, 2, 3, 4)), conv(x).mean(dim=(0, 2, 3, 4)), atol=1e-2)
+
+
+def test_no_refit_without_enough_positions_or_for_transposed_convolutions():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ConvTranspose3d(8, 4, 2, stride=2))
+    x = torch.randn(1, 8, 4, 4, 4)  # 64 positions for 27·2 features
+    stats = collect_statistics(network, x)
+    plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=2))
+    assert [layer.refittable for layer in plan] == [True, False]
+    asked = []
+
+    def responses(firsts):
+        asked.append(sorted(firsts))
+        return collect_responses(network, x, firsts)
+
+    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, responses=responses)
+    fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
+    assert asked == [["0"]]
+    assert all(torch.equal(refitted[k], fitted[k]) for k in fitted)

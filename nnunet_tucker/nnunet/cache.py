@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..config import default_cache_dir
-from ..statistics import ChannelStatistics, statistics_digest
+from ..statistics import ChannelStatistics, ResponseStatistics, statistics_digest
 from ..surgery import LayerPlan, convert_state_dict, converted_shapes
 
 logger = logging.getLogger(__name__)
@@ -48,13 +48,14 @@ class DecompositionCache:
         self.misses = 0
 
     def key(self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
-            statistics: dict[str, ChannelStatistics] | None = None) -> str:
+            statistics: dict[str, ChannelStatistics] | None = None, refit: bool = False) -> str:
         layout = json.dumps(
             {
                 "weights": state_dict_digest(state_dict),
                 "plan": [layer.to_dict() for layer in plan],
                 "hooi_iterations": self.hooi_iterations,
                 "statistics": statistics_digest(statistics),
+                "refit": refit,
                 "version": __version__,
             },
             sort_keys=True,
@@ -64,15 +65,17 @@ class DecompositionCache:
     def convert(
         self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
         statistics: dict[str, ChannelStatistics] | None = None,
+        responses: Callable[[dict[str, torch.Tensor]], dict[str, ResponseStatistics]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """`convert_state_dict` through the cache."""
-        path = self.directory / f"{self.key(state_dict, plan, statistics)}.pt"
+        """`convert_state_dict` through the cache (`responses` must be a function of the weights and
+        of the data the statistics were collected on)."""
+        path = self.directory / f"{self.key(state_dict, plan, statistics, responses is not None)}.pt"
         entry = self._load(path, converted_shapes(state_dict, plan))
         if entry is not None:
             self.hits += 1
             return entry
         self.misses += 1
-        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations, statistics)
+        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations, statistics, responses)
         _store(path, {"state_dict": state, "errors": errors})
         return state, errors
 

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import nn
 from ..accounting import CompressionReport
 from ..config import TuckerConfig, read_env, read_plans, resolve_config
 from ..profile import LayerTimer
-from ..statistics import collect_statistics
+from ..statistics import collect_responses, collect_statistics
 from ..surgery import compress_network, plan_compression, unwrap
 from .architecture import is_compressed
 from .cache import DecompositionCache
@@ -116,12 +116,18 @@ def compress_folds(
     cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
     start = time.perf_counter()
     statistics: list[dict | None] = [None] * len(folds)
+    responses: list[Callable | None] = [None] * len(folds)
     calibration = None
     if config.calibration:
-        statistics, calibration = _calibration_statistics(predictor, network, folds, config, cache)
+        statistics, calibration, patches = _calibration_statistics(predictor, network, folds, config, cache)
+        responses = [_responses_of(network, state, patches) for state in folds]
     timer = LayerTimer(predictor.device)
     plan = plan_compression(network, config, input_shape, timer, statistics[0])
-    converted = [cache.convert(state, plan, stats) for state, stats in zip(folds, statistics, strict=True)]
+    try:
+        converted = [cache.convert(state, plan, stats, measure)
+                     for state, stats, measure in zip(folds, statistics, responses, strict=True)]
+    finally:
+        network.load_state_dict(folds[0])
     report = compress_network(network, config, input_shape, decomposed=converted[0], plan=plan)
     report.decomposition_seconds = time.perf_counter() - start
     report.extra.update(
@@ -136,21 +142,25 @@ def compress_folds(
     return report, converted
 
 
-def _calibration_statistics(predictor: nnUNetPredictor, network: nn.Module, folds: list[dict], config: TuckerConfig,
-                            cache: DecompositionCache) -> tuple[list[dict], dict]:
-    """Per fold, the channel statistics of the original network on the calibration images."""
+def _calibration_statistics(
+    predictor: nnUNetPredictor, network: nn.Module, folds: list[dict], config: TuckerConfig, cache: DecompositionCache
+) -> tuple[list[dict], dict, Callable[[], torch.Tensor]]:
+    """Per fold, the channel statistics of the original network on the calibration images; a record of
+    the calibration for the report; and the calibration patches (loaded once, when first needed)."""
     from .calibration import calibration_cases, calibration_digest, load_calibration_patches
 
     folder = config.calibration
     digest = calibration_digest(folder, predictor.dataset_json, config.calibration_patches)
-    patches = None
+    loaded: list[torch.Tensor] = []
+
+    def patches() -> torch.Tensor:
+        if not loaded:
+            loaded.append(load_calibration_patches(folder, predictor, config.calibration_patches))
+        return loaded[0]
 
     def collect(state: dict) -> dict:
-        nonlocal patches
-        if patches is None:
-            patches = load_calibration_patches(folder, predictor, config.calibration_patches)
         network.load_state_dict(state)
-        return collect_statistics(network, patches, regions=predictor.label_manager.has_regions)
+        return collect_statistics(network, patches(), regions=predictor.label_manager.has_regions)
 
     start = time.perf_counter()
     try:
@@ -163,7 +173,17 @@ def _calibration_statistics(predictor: nnUNetPredictor, network: nn.Module, fold
             "seconds": round(time.perf_counter() - start, 2)}
     logger.info("calibration statistics from %s: %d case(s), %d voxels per layer input, %.1f s",
                 folder, len(info["cases"]), voxels, info["seconds"])
-    return statistics, info
+    return statistics, info, patches
+
+
+def _responses_of(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor]) -> Callable:
+    """`convert_state_dict`'s `responses` for one fold: the network with that fold's weights on the patches."""
+
+    def responses(firsts: dict[str, torch.Tensor]) -> dict:
+        network.load_state_dict(state)
+        return collect_responses(network, patches(), firsts)
+
+    return responses
 
 
 def _write_report(report: CompressionReport) -> None:
