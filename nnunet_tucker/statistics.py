@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -191,66 +191,98 @@ class ResponseStatistics:
     samples: int
 
 
-class _ResponseAccumulator:
-    def __init__(self, conv: _ConvNd, first: torch.Tensor, positions: int, generator: torch.Generator) -> None:
-        self.conv, self.positions, self.generator = conv, positions, generator
-        self.first = first.detach().flatten(1).float()  # (R_in, C_in)
-        self.sums = None  # feature_cov, cross_cov, feature_sum, output_sum
-        self.samples = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        conv = self.conv
-        z = torch.einsum("ri,ni...->nr...", self.first.to(x.device), x.float())
-        padding = [p for p in reversed(conv.padding) for _ in range(2)]
-        z = F.pad(z, padding)
-        out_shape = y.shape[2:]
-        for n in range(x.shape[0]):
-            count = math.prod(out_shape)
-            chosen = torch.randperm(count, generator=self.generator)[:self.positions].to(x.device)
-            coords = torch.unravel_index(chosen, out_shape)
-            columns = []
-            for offset in itertools.product(*(range(k) for k in conv.kernel_size)):
-                index = [c * s + o * d for c, s, o, d in zip(coords, conv.stride, offset, conv.dilation, strict=True)]
-                columns.append(z[n][(slice(None), *index)].T)  # (S, R_in)
-            f = torch.stack(columns, dim=1).flatten(1).double().cpu()  # (S, K·R_in)
-            t = y[n][(slice(None), *coords)].T.double().cpu()  # (S, C_out)
-            fc, tc = f - f.mean(dim=0), t - t.mean(dim=0)
-            sums = (fc.T @ fc, tc.T @ fc, f.sum(dim=0), t.sum(dim=0))
-            self.sums = sums if self.sums is None else tuple(a + b for a, b in zip(self.sums, sums, strict=True))
-            self.samples += f.shape[0]
-
-    def result(self) -> ResponseStatistics:
-        n = max(self.samples, 1)
-        return ResponseStatistics(*(t / n for t in self.sums), self.samples)
+Targets = dict[str, list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]]
 
 
-def collect_responses(
-    network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, firsts: Mapping[str, torch.Tensor],
-    positions_per_patch: int = 16384, seed: int = 0,
-) -> dict[str, ResponseStatistics]:
-    """For every convolution named in `firsts` (name -> its decomposition's first factor), run the
-    original `network` on `patches` and collect `ResponseStatistics` at up to `positions_per_patch`
-    output positions per patch (drawn with `seed`)."""
+def sample_targets(
+    network: nn.Module, patches: torch.Tensor, names: Sequence[str], positions_per_patch: int = 16384, seed: int = 0,
+) -> tuple[Targets, list[str]]:
+    """One pass of the original `network` over `patches`: for each convolution in `names` and each
+    patch, up to `positions_per_patch` output positions drawn with `seed` and the output there
+    (S, C_out); plus the names in the order the forward pass runs them."""
     device = next(network.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    accumulators = {id(network.get_submodule(name)): (name, _ResponseAccumulator(
-        network.get_submodule(name), first, positions_per_patch, generator)) for name, first in firsts.items()}
+    wanted = {id(network.get_submodule(name)): name for name in names}
+    targets: Targets = {name: [] for name in names}
+    order: list[str] = []
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        accumulators[id(module)][1].add(args[0], output)
+        name = wanted[id(module)]
+        if name not in order:
+            order.append(name)
+        if len(targets[name]) > patch:  # a module run twice in one pass: its first run only
+            return
+        spatial = output.shape[2:]
+        chosen = torch.randperm(math.prod(spatial), generator=generator)[:positions_per_patch]
+        coords = torch.unravel_index(chosen, spatial)
+        index = (0, slice(None), *(c.to(output.device) for c in coords))
+        targets[name].append((coords, output[index].T.double().cpu()))
 
-    handles = [m.register_forward_hook(hook) for m in network.modules() if id(m) in accumulators]
+    handles = [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]
     was_training = network.training
     network.eval()
     try:
         with torch.inference_mode():
-            for batch in _batches(patches, 1):
+            for patch, batch in enumerate(_batches(patches, 1)):
                 network(batch.to(device=device, dtype=torch.float32))
     finally:
         for h in handles:
             h.remove()
         network.train(was_training)
-    return {name: acc.result() for name, acc in accumulators.values() if acc.samples}
+    return targets, order
+
+
+class _Reached(Exception):
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+
+def collect_responses(
+    network: nn.Module, patches: torch.Tensor, name: str, first: torch.Tensor, targets: Targets,
+) -> ResponseStatistics:
+    """`ResponseStatistics` of the convolution `name` of `network` (which may already have the layers
+    before it compressed, so that the refit makes up for their error): for each patch the forward
+    pass runs up to that layer only; its input, mapped by `first` (R_in, C_in), gives the features
+    at the kernel offsets around the positions of `targets[name]`, paired with the original
+    network's outputs there."""
+    conv = network.get_submodule(name)
+    device = next(network.parameters()).device
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise _Reached(args[0])
+
+    handle = conv.register_forward_pre_hook(stop)
+    was_training = network.training
+    network.eval()
+    sums, samples = None, 0
+    first = first.detach().flatten(1).float().to(device)
+    try:
+        with torch.inference_mode():
+            for batch, (coords, t) in zip(_batches(patches, 1), targets[name], strict=False):
+                try:
+                    network(batch.to(device=device, dtype=torch.float32))
+                    continue  # never reached
+                except _Reached as reached:
+                    x = reached.x
+                z = F.pad(torch.einsum("ri,ni...->nr...", first, x.float()),
+                          [p for p in reversed(conv.padding) for _ in range(2)])[0]
+                coords = [c.to(device) for c in coords]
+                columns = []
+                for offset in itertools.product(*(range(k) for k in conv.kernel_size)):
+                    index = [c * s + o * d for c, s, o, d in zip(coords, conv.stride, offset, conv.dilation,
+                                                                  strict=True)]
+                    columns.append(z[(slice(None), *index)].T)  # (S, R_in)
+                f = torch.stack(columns, dim=1).flatten(1).double().cpu()  # (S, K·R_in), offsets major
+                fc, tc = f - f.mean(dim=0), t - t.mean(dim=0)
+                patch_sums = (fc.T @ fc, tc.T @ fc, f.sum(dim=0), t.sum(dim=0))
+                sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
+                samples += f.shape[0]
+    finally:
+        handle.remove()
+        network.train(was_training)
+    if sums is None:
+        raise CalibrationDataError(f"the calibration patches never reach {name}")
+    return ResponseStatistics(*(t / samples for t in sums), samples)
 
 
 def _input_channels(network: nn.Module) -> int | None:

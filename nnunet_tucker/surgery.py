@@ -7,6 +7,7 @@ pointing at one `TuckerConv`, and state-dict conversion writes the decomposed we
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import logging
@@ -41,7 +42,7 @@ from .layers import (
     refittable,
 )
 from .profile import LayerTimer, layer_shapes
-from .statistics import ChannelStatistics, ResponseStatistics
+from .statistics import ChannelStatistics, collect_responses, sample_targets
 
 logger = logging.getLogger(__name__)
 
@@ -270,15 +271,15 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
 def convert_state_dict(
     state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0,
     statistics: dict[str, ChannelStatistics] | None = None,
-    responses: Callable[[dict[str, torch.Tensor]], dict[str, ResponseStatistics]] | None = None,
+    refit_on: Callable[[], tuple[nn.Module, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An original state dict in the compressed layout, plus each decomposed layer's relative error.
 
     Keys of layers left as they are pass through unchanged; each decomposed layer is decomposed
     once and written under all of its aliases. Layers with (usable) `statistics` for these
-    weights get the calibration-aware fit, the others the HOSVD. `responses`, given the first
-    factors of the calibrated layers (by name), returns their `ResponseStatistics` on calibration
-    data (the network must hold these weights); their core and last factor are then refitted.
+    weights get the calibration-aware fit, the others the HOSVD. `refit_on` returns the network
+    (holding these weights) and the calibration patches: the core and last factor of calibrated
+    layers are then refitted on data (`_refit_in_order`).
     """
     statistics = statistics or {}
     plan = [layer for layer in plan if layer.ranks is not None]
@@ -289,16 +290,10 @@ def convert_state_dict(
             state_dict[f"{layer.name}.weight"], state_dict.get(f"{layer.name}.bias"), layer.spec, layer.ranks,
             hooi_iterations, statistics.get(layer.name)
         )
-    refit = {layer.name: layer for layer in plan if layer.refittable and layer.name in statistics
+    refit = {layer.name for layer in plan if layer.refittable and layer.name in statistics
              and statistics[layer.name].usable()}
-    if responses is not None and refit:
-        measured = responses({name: decomposed[name]["first.weight"] for name in refit})
-        for name, layer in refit.items():
-            result = name in measured and refit_conv_weights(
-                decomposed[name], state_dict[f"{name}.weight"], layer.spec, measured[name],
-                statistics[name].output_fisher)
-            if result:
-                decomposed[name], errors[name] = result
+    if refit_on is not None and refit:
+        _refit_in_order(*refit_on(), plan, refit, decomposed, errors, statistics, state_dict)
     converted = dict(state_dict)
     for layer in plan:
         for alias in layer.aliases:
@@ -306,6 +301,32 @@ def convert_state_dict(
             converted.pop(f"{alias}.bias", None)
             converted.update({f"{alias}.{k}": v for k, v in decomposed[layer.name].items()})
     return converted, errors
+
+
+def _refit_in_order(
+    network: nn.Module, patches: torch.Tensor, plan: list[LayerPlan], refit: set[str],
+    decomposed: dict[str, dict[str, torch.Tensor]], errors: dict[str, float],
+    statistics: dict[str, ChannelStatistics], state_dict: dict[str, torch.Tensor],
+) -> None:
+    """Refit, in place, core and last factor of the layers in `refit` on the calibration patches, in
+    the order the forward pass runs them: each on the input that the network, with every layer
+    before it already compressed, gives it, against the original network's output — so that each
+    refit makes up for the error of the layers before it. Costs one forward pass of the original
+    network and, per layer, one of the compressed copy up to that layer."""
+    network = unwrap(network)
+    targets, order = sample_targets(network, patches, [layer.name for layer in plan])
+    compressed = copy.deepcopy(network)
+    by_name = {layer.name: layer for layer in plan}
+    for name in order + [n for n in by_name if n not in order]:
+        layer = by_name[name]
+        if name in refit and name in order:
+            responses = collect_responses(compressed, patches, name, decomposed[name]["first.weight"], targets)
+            result = refit_conv_weights(decomposed[name], state_dict[f"{name}.weight"], layer.spec, responses,
+                                        statistics[name].output_fisher)
+            if result is not None:
+                decomposed[name], errors[name] = result
+        swap_modules(compressed, [layer])
+        compressed.get_submodule(name).load_state_dict(decomposed[name])
 
 
 def converted_shapes(state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan]) -> dict[str, tuple]:

@@ -19,7 +19,7 @@ from nnunet_tucker.decomposition import (
     tucker2,
 )
 from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights
-from nnunet_tucker.statistics import CalibrationDataError, collect_responses, collect_statistics
+from nnunet_tucker.statistics import CalibrationDataError, collect_statistics
 from nnunet_tucker.surgery import convert_state_dict, plan_compression
 
 
@@ -198,8 +198,7 @@ def test_refit_on_responses_lowers_the_output_error_and_keeps_the_mean():
     assert plan[0].refittable and plan[0].ranks == (4, 4)
     held_out = _correlated(2, 16, seed=2) + 0.5
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
-    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats,
-                                     responses=lambda firsts: collect_responses(network, x, firsts))
+    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
 
     def strip(state):
         return {k.removeprefix("0."): v for k, v in state.items()}
@@ -220,13 +219,28 @@ def test_no_refit_without_enough_positions_or_for_transposed_convolutions():
     stats = collect_statistics(network, x)
     plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=2))
     assert [layer.refittable for layer in plan] == [True, False]
-    asked = []
-
-    def responses(firsts):
-        asked.append(sorted(firsts))
-        return collect_responses(network, x, firsts)
-
-    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, responses=responses)
+    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
-    assert asked == [["0"]]
     assert all(torch.equal(refitted[k], fitted[k]) for k in fitted)
+
+
+def test_refit_in_order_makes_up_for_the_layers_before():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv3d(12, 12, 3, padding=1), nn.InstanceNorm3d(12, affine=True), nn.LeakyReLU(),
+                            nn.Conv3d(12, 12, 3, padding=1)).eval()
+    x = _correlated(4, 12, seed=1, size=16)
+    stats = collect_statistics(network, x)
+    plan = plan_compression(network, TuckerConfig(0.34, policy="paper", rank_min=1))
+    held_out = _correlated(2, 12, seed=2, size=16)
+    with torch.no_grad():
+        reference = network(held_out)
+    errors = []
+    for refit_on in (None, lambda: (network, x)):
+        state, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=refit_on)
+        compressed = copy.deepcopy(network)
+        compress_network(compressed, TuckerConfig(0.34, policy="paper", rank_min=1), decomposed=(state, {}),
+                         plan=plan)
+        with torch.no_grad():
+            y = compressed(held_out)
+        errors.append(float((y - reference).norm() / reference.norm()))
+    assert errors[1] < 0.95 * errors[0]

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import __version__
 from ..config import default_cache_dir
-from ..statistics import ChannelStatistics, ResponseStatistics, statistics_digest
+from ..statistics import ChannelStatistics, statistics_digest
 from ..surgery import LayerPlan, convert_state_dict, converted_shapes
 
 logger = logging.getLogger(__name__)
@@ -65,17 +66,17 @@ class DecompositionCache:
     def convert(
         self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
         statistics: dict[str, ChannelStatistics] | None = None,
-        responses: Callable[[dict[str, torch.Tensor]], dict[str, ResponseStatistics]] | None = None,
+        refit_on: Callable[[], tuple[nn.Module, torch.Tensor]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """`convert_state_dict` through the cache (`responses` must be a function of the weights and
-        of the data the statistics were collected on)."""
-        path = self.directory / f"{self.key(state_dict, plan, statistics, responses is not None)}.pt"
+        """`convert_state_dict` through the cache (`refit_on` must give the patches the statistics were
+        collected on)."""
+        path = self.directory / f"{self.key(state_dict, plan, statistics, refit_on is not None)}.pt"
         entry = self._load(path, converted_shapes(state_dict, plan))
         if entry is not None:
             self.hits += 1
             return entry
         self.misses += 1
-        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations, statistics, responses)
+        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations, statistics, refit_on)
         _store(path, {"state_dict": state, "errors": errors})
         return state, errors
 

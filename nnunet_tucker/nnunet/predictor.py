@@ -25,7 +25,7 @@ from torch import nn
 from ..accounting import CompressionReport
 from ..config import TuckerConfig, read_env, read_plans, resolve_config
 from ..profile import LayerTimer
-from ..statistics import collect_responses, collect_statistics
+from ..statistics import collect_statistics
 from ..surgery import compress_network, plan_compression, unwrap
 from .architecture import is_compressed
 from .cache import DecompositionCache
@@ -116,16 +116,16 @@ def compress_folds(
     cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
     start = time.perf_counter()
     statistics: list[dict | None] = [None] * len(folds)
-    responses: list[Callable | None] = [None] * len(folds)
+    refit_on: list[Callable | None] = [None] * len(folds)
     calibration = None
     if config.calibration:
         statistics, calibration, patches = _calibration_statistics(predictor, network, folds, config, cache)
-        responses = [_responses_of(network, state, patches) for state in folds]
+        refit_on = [_network_with(network, state, patches) for state in folds]
     timer = LayerTimer(predictor.device)
     plan = plan_compression(network, config, input_shape, timer, statistics[0])
     try:
         converted = [cache.convert(state, plan, stats, measure)
-                     for state, stats, measure in zip(folds, statistics, responses, strict=True)]
+                     for state, stats, measure in zip(folds, statistics, refit_on, strict=True)]
     finally:
         network.load_state_dict(folds[0])
     report = compress_network(network, config, input_shape, decomposed=converted[0], plan=plan)
@@ -176,14 +176,14 @@ def _calibration_statistics(
     return statistics, info, patches
 
 
-def _responses_of(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor]) -> Callable:
-    """`convert_state_dict`'s `responses` for one fold: the network with that fold's weights on the patches."""
+def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor]) -> Callable:
+    """`convert_state_dict`'s `refit_on` for one fold: the network loaded with that fold's weights, and the patches."""
 
-    def responses(firsts: dict[str, torch.Tensor]) -> dict:
+    def load() -> tuple[nn.Module, torch.Tensor]:
         network.load_state_dict(state)
-        return collect_responses(network, patches(), firsts)
+        return network, patches()
 
-    return responses
+    return load
 
 
 def _write_report(report: CompressionReport) -> None:
