@@ -8,9 +8,10 @@ on the phantoms (e.g. a wider one: ``python -m nnunet_tucker.demo_model --out-di
 64 128 128 --folds 0``), for each MAC budget
 (share of the original multiply-accumulates per patch):
 - ``paper``: the published rule (policy paper) at the largest rank ratio within the budget;
-- ``paper + calibration``: the same ranks, factors fitted on calibration images;
+- ``paper + calibration``: the same ranks, factors fitted on calibration images (whitened fit,
+  then core and last factor refitted in forward order);
 - ``budget``: ranks allocated per layer within the budget (weights only);
-- ``budget + calibration``: ranks and factors from calibration images.
+- ``budget + calibration``: ranks (in units of the estimated loss) and factors from calibration images.
 Every variant predicts the same held-out synthetic cases through nnU-Net's predictor (TTA off);
 the table gives per-class Dice vs the uncompressed segmentation and vs the ground truth.
 Calibration images are other synthetic cases (their labels unused).

@@ -106,7 +106,7 @@ class TuckerConfig:
     hooi_iterations: HOOI refinement steps after the HOSVD start (0 = plain HOSVD).
     exclude: fnmatch patterns of module names to leave as they are.
     calibration: folder of unlabelled images in the model's input format; the factors are then
-        fitted to keep each layer's outputs on them rather than its weights.
+        fitted to keep the network's prediction on them rather than the weights (see README).
     calibration_patches: network-input patches taken from the calibration images.
     """
 

@@ -212,10 +212,15 @@ def decompose_conv_weights(
     return state, t.relative_error
 
 
-def refittable(spec: ConvSpec, padding: object, padding_mode: str) -> bool:
-    """Whether `refit_conv_weights` applies: an ordinary convolution with zero padding (a transposed
-    convolution's offsets never share an input, so its fit from the statistics is already exact)."""
-    return not spec.transposed and spec.groups == 1 and padding_mode == "zeros" and isinstance(padding, tuple)
+def refittable(conv: _ConvNd) -> bool:
+    """Whether `refit_conv_weights` applies: zero padding and no groups; a transposed convolution
+    only when its kernel offsets tile the output (kernel = stride, no padding), as in nnU-Net."""
+    if conv.groups != 1 or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
+        return False
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return (tuple(conv.kernel_size) == tuple(conv.stride) and not any(conv.padding)
+                and not any(conv.output_padding) and all(d == 1 for d in conv.dilation))
+    return True
 
 
 def refit_conv_weights(
@@ -233,12 +238,12 @@ def refit_conv_weights(
                                      spec.kernel_size)
     dtype, ones = weight.dtype, (1,) * len(spec.kernel_size)
     refitted = dict(state)
-    refitted["core.weight"] = core.to(dtype).contiguous()
+    refitted["core.weight"] = (core.transpose(0, 1) if spec.transposed else core).to(dtype).contiguous()
     refitted["last.weight"] = last.reshape(-1, r_out, *ones).to(dtype).contiguous()
     if "last.bias" in state:
         by_offset = core.flatten(2).transpose(1, 2).flatten(1)  # (R_out, K·R_in), offsets major like f
         mean_out = last @ (by_offset @ responses.feature_mean.double())
         refitted["last.bias"] = (responses.output_mean.double() - mean_out).to(dtype)
-    flat = weight.detach().double().flatten(2)
+    flat = (weight.transpose(0, 1) if spec.transposed else weight).detach().double().flatten(2)
     approx = torch.einsum("or,rsk,si->oik", last, core.flatten(2), first)
     return refitted, float((flat - approx).norm() / flat.norm()) if flat.norm() > 0 else 0.0

@@ -232,6 +232,26 @@ def sample_targets(
     return targets, order
 
 
+def _features(conv: _ConvNd, z: torch.Tensor, coords: list[torch.Tensor]) -> torch.Tensor:
+    """What each kernel offset of `conv` sees of `z` (R_in, *spatial) at the output positions `coords`:
+    (S, K·R_in), offsets major. A transposed convolution whose offsets tile the output (kernel =
+    stride) gives each output position one input position and one offset; the other blocks are 0."""
+    offsets = list(itertools.product(*(range(k) for k in conv.kernel_size)))
+    if isinstance(conv, _ConvTransposeNd):
+        source = z[(slice(None), *(c // s for c, s in zip(coords, conv.stride, strict=True)))].T  # (S, R_in)
+        offset = torch.zeros_like(coords[0])
+        for c, k in zip(coords, conv.kernel_size, strict=True):
+            offset = offset * k + c % k
+        features = torch.zeros(source.shape[0], len(offsets), source.shape[1], dtype=source.dtype,
+                               device=source.device)
+        features[torch.arange(source.shape[0], device=source.device), offset] = source
+        return features.flatten(1)
+    z = F.pad(z, [p for p in reversed(conv.padding) for _ in range(2)])
+    columns = [z[(slice(None), *(c * s + o * d for c, s, o, d in zip(coords, conv.stride, offset, conv.dilation,
+                                                                      strict=True)))].T for offset in offsets]
+    return torch.stack(columns, dim=1).flatten(1)
+
+
 class _Reached(Exception):
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x
@@ -264,15 +284,8 @@ def collect_responses(
                     continue  # never reached
                 except _Reached as reached:
                     x = reached.x
-                z = F.pad(torch.einsum("ri,ni...->nr...", first, x.float()),
-                          [p for p in reversed(conv.padding) for _ in range(2)])[0]
-                coords = [c.to(device) for c in coords]
-                columns = []
-                for offset in itertools.product(*(range(k) for k in conv.kernel_size)):
-                    index = [c * s + o * d for c, s, o, d in zip(coords, conv.stride, offset, conv.dilation,
-                                                                  strict=True)]
-                    columns.append(z[(slice(None), *index)].T)  # (S, R_in)
-                f = torch.stack(columns, dim=1).flatten(1).double().cpu()  # (S, K·R_in), offsets major
+                z = torch.einsum("ri,ni...->nr...", first, x.float())[0]
+                f = _features(conv, z, [c.to(device) for c in coords]).double().cpu()  # (S, K·R_in)
                 fc, tc = f - f.mean(dim=0), t - t.mean(dim=0)
                 patch_sums = (fc.T @ fc, tc.T @ fc, f.sum(dim=0), t.sum(dim=0))
                 sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))

@@ -93,7 +93,7 @@ def _plan(network: nn.Module, decide: Callable[[tuple[str, ...], ConvSpec], tupl
             aliases = tuple(names[id(module)])
             spec = conv_spec(module)
             plans.append(LayerPlan(name, aliases, spec, *decide(aliases, spec), module.bias is not None,
-                                   refittable(spec, module.padding, module.padding_mode)))
+                                   refittable(module)))
     return plans
 
 

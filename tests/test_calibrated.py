@@ -212,16 +212,33 @@ def test_refit_on_responses_lowers_the_output_error_and_keeps_the_mean():
         assert torch.allclose(tucker(x).mean(dim=(0, 2, 3, 4)), conv(x).mean(dim=(0, 2, 3, 4)), atol=1e-2)
 
 
-def test_no_refit_without_enough_positions_or_for_transposed_convolutions():
+def test_no_refit_without_enough_positions():
     torch.manual_seed(0)
-    network = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ConvTranspose3d(8, 4, 2, stride=2))
-    x = torch.randn(1, 8, 4, 4, 4)  # 64 positions for 27·2 features
+    network = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ConvTranspose3d(8, 4, 2, stride=2),
+                            nn.ConvTranspose3d(4, 4, 3, stride=2))
+    x = torch.randn(1, 8, 2, 2, 2)  # 8 and 64 output positions for 27·2 and 8·2 features
     stats = collect_statistics(network, x)
     plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=2))
-    assert [layer.refittable for layer in plan] == [True, False]
+    assert [layer.refittable for layer in plan] == [True, True, False]  # overlapping transposed offsets: no
     refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
     assert all(torch.equal(refitted[k], fitted[k]) for k in fitted)
+
+
+def test_refit_of_a_transposed_convolution_maps_offsets_right():
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose3d(12, 8, 2, stride=2)
+    network = nn.Sequential(conv)
+    x = _correlated(4, 12, seed=3, size=8)
+    stats = collect_statistics(network, x)
+    plan = plan_compression(network, TuckerConfig(0.5, policy="paper", rank_min=1))
+    held_out = _correlated(2, 12, seed=4, size=8)
+    errors = []
+    for refit_on in (None, lambda: (network, x)):
+        state, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=refit_on)
+        errors.append(_output_error(conv, {k.removeprefix("0."): v for k, v in state.items()}, plan[0].ranks,
+                                    held_out))
+    assert errors[1] < 1.05 * errors[0]  # a wrong offset layout would be far worse
 
 
 def test_refit_in_order_makes_up_for_the_layers_before():
