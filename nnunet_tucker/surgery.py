@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from torch.nn.modules.conv import _ConvNd
 
 from .accounting import CompressionReport, count_macs, measure
@@ -317,7 +318,8 @@ def _refit_in_order(
     targets, order = sample_targets(network, patches, [layer.name for layer in plan])
     compressed = copy.deepcopy(network)
     by_name = {layer.name: layer for layer in plan}
-    for name in order + [n for n in by_name if n not in order]:
+    for name in tqdm(order + [n for n in by_name if n not in order], desc="refitting on calibration data",
+                     unit="layer", disable=None, leave=False):
         layer = by_name[name]
         if name in refit and name in order:
             responses = collect_responses(compressed, patches, name, decomposed[name]["first.weight"], targets)

@@ -57,7 +57,7 @@ class DecompositionCache:
                 "hooi_iterations": self.hooi_iterations,
                 "statistics": statistics_digest(statistics),
                 "refit": refit,
-                "version": __version__,
+                "version": __version__,  # a release that changes how weights are fitted has a new version
             },
             sort_keys=True,
         )
