@@ -205,13 +205,15 @@ def sample_targets(
     wanted = {id(network.get_submodule(name)): name for name in names}
     targets: Targets = {name: [] for name in names}
     order: list[str] = []
+    ran: set[str] = set()  # in the current pass
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         name = wanted[id(module)]
         if name not in order:
             order.append(name)
-        if len(targets[name]) > patch:  # a module run twice in one pass: its first run only
+        if name in ran:  # a module run twice in one pass: its first run only
             return
+        ran.add(name)
         spatial = output.shape[2:]
         chosen = torch.randperm(math.prod(spatial), generator=generator)[:positions_per_patch]
         coords = torch.unravel_index(chosen, spatial)
@@ -223,7 +225,8 @@ def sample_targets(
     network.eval()
     try:
         with torch.inference_mode():
-            for patch, batch in enumerate(_batches(patches, 1)):
+            for batch in _batches(patches, 1):
+                ran.clear()
                 network(batch.to(device=device, dtype=torch.float32))
     finally:
         for h in handles:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 from torch.nn.modules.conv import _ConvNd
+from tqdm import tqdm
 
 from .accounting import CompressionReport, count_macs, measure
 from .config import TuckerConfig, TuckerConfigError
