@@ -261,3 +261,19 @@ def test_refit_in_order_makes_up_for_the_layers_before():
             y = compressed(held_out)
         errors.append(float((y - reference).norm() / reference.norm()))
     assert errors[1] < 0.95 * errors[0]
+
+
+def test_calibrated_budget_with_refit_on_every_architecture(architecture):
+    network, shape = build(architecture)
+    network.eval()
+    x = torch.randn(2, *shape[1:])
+    stats = collect_statistics(network, x)
+    config = TuckerConfig(mac_budget=0.5, rank_min=2)
+    plan = plan_compression(network, config, shape, statistics=stats)
+    decomposed = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
+    compressed = copy.deepcopy(network)
+    report = compress_network(compressed, config, shape, decomposed=decomposed, plan=plan)
+    assert report.macs_after <= 0.5 * report.macs_before
+    with torch.no_grad():
+        out = compressed(x[:1])
+    assert torch.isfinite(out[0] if isinstance(out, (list, tuple)) else out).all()
