@@ -140,6 +140,11 @@ class Whitening:
         return w if self.spatial_root is None else torch.einsum("pjk,kl->pjl", w, self.spatial_root[0])
 
 
+def _mode_grams(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrices of the input-mode and output-mode unfoldings of a weight (C_out, C_in, K)."""
+    return torch.einsum("oik,ojk->ij", flat, flat), torch.einsum("oik,pik->op", flat, flat)
+
+
 def channel_spectra(weight: torch.Tensor, whitening: Whitening | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Energy per rank direction of the input and output modes of a convolution weight
     (C_out, C_in, *k), descending: the squared singular values of the mode unfoldings, of the
@@ -148,7 +153,7 @@ def channel_spectra(weight: torch.Tensor, whitening: Whitening | None = None) ->
     w = weight.detach().double().cpu().flatten(2)
     if whitening is not None:
         w = whitening.apply(w)
-    gram_in, gram_out = torch.einsum("oik,ojk->ij", w, w), torch.einsum("oik,pik->op", w, w)
+    gram_in, gram_out = _mode_grams(w)
     return eigh_descending(gram_in)[0].clamp_min(0), eigh_descending(gram_out)[0].clamp_min(0)
 
 
@@ -169,8 +174,8 @@ def calibrated_tucker2(
     kernel = w.shape[2:]
     flat = w.flatten(2)
     whitened = whitening.apply(flat)
-    v = eigh_descending(torch.einsum("oik,ojk->ij", whitened, whitened))[1][:, :rank_in]
-    u = eigh_descending(torch.einsum("oik,pik->op", whitened, whitened))[1][:, :rank_out]
+    gram_in, gram_out = _mode_grams(whitened)
+    v, u = eigh_descending(gram_in)[1][:, :rank_in], eigh_descending(gram_out)[1][:, :rank_out]
     core = torch.einsum("or,osk,si->rik", u, whitened, v)
     if whitening.spatial_root is not None:
         core = torch.einsum("rik,kl->ril", core, whitening.spatial_root[1])

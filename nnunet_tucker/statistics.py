@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,16 +67,17 @@ class _Accumulator:
     def __init__(self, conv: _ConvNd) -> None:
         self.transposed = isinstance(conv, _ConvTransposeNd)
         self.kernel, self.dilation = tuple(conv.kernel_size), tuple(conv.dilation)
-        self.input_cov = self.input_sum = self.fisher = 0.0  # tensors after the first `add`
+        self.input_cov = torch.zeros(conv.in_channels, conv.in_channels, dtype=torch.float64)
+        self.input_sum = torch.zeros(conv.in_channels, dtype=torch.float64)
+        self.fisher = torch.zeros(conv.out_channels, conv.out_channels, dtype=torch.float64)
         self.lags = {}  # (axis, lag) -> [sum x·x_shifted, sum x², sum x_shifted²]
         self.voxels = 0
-        self.out_channels = conv.out_channels
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().flatten(2).float()  # (n, C, V)
         centred = flat - flat.mean(dim=2, keepdim=True)
-        self.input_cov = self.input_cov + torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
-        self.input_sum = self.input_sum + flat.sum(dim=(0, 2)).double().cpu()
+        self.input_cov += torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
+        self.input_sum += flat.sum(dim=(0, 2)).double().cpu()
         self.voxels += flat.shape[0] * flat.shape[2]
         if self.transposed:
             return
@@ -90,7 +92,7 @@ class _Accumulator:
 
     def add_gradient(self, g: torch.Tensor) -> None:
         flat = g.detach().flatten(2).float()
-        self.fisher = self.fisher + torch.einsum("ncv,ndv->cd", flat, flat).double().cpu()
+        self.fisher += torch.einsum("ncv,ndv->cd", flat, flat).double().cpu()
 
     def _spatial_corr(self) -> torch.Tensor:
         if self.transposed:
@@ -107,10 +109,21 @@ class _Accumulator:
 
     def result(self, patches: int) -> ChannelStatistics:
         n = max(self.voxels, 1)
-        fisher = self.fisher if isinstance(self.fisher, torch.Tensor) else torch.zeros(
-            self.out_channels, self.out_channels, dtype=torch.float64)
         return ChannelStatistics(self.input_cov / n, self.input_sum / n, self._spatial_corr(),
-                                 fisher / max(patches, 1), self.voxels)
+                                 self.fisher / max(patches, 1), self.voxels)
+
+
+@contextmanager
+def _evaluated_with(network: nn.Module, handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """`network` in eval mode with the hooks of `handles`; afterwards the hooks removed, the mode restored."""
+    was_training = network.training
+    network.eval()
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        network.train(was_training)
 
 
 def _sampled_log_likelihood(logits: torch.Tensor, regions: bool, generator: torch.Generator) -> torch.Tensor:
@@ -147,13 +160,10 @@ def collect_statistics(
         if output.requires_grad:
             output.register_hook(accumulator.add_gradient)
 
-    handles = [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]
-    was_training = network.training
-    network.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     count = 0
-    try:
-        expected = _input_channels(network)
+    expected = _input_channels(network)
+    with _evaluated_with(network, [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]):
         for batch in _batches(patches, batch_size):
             if expected is not None and batch.shape[1] != expected:
                 raise CalibrationDataError(
@@ -167,10 +177,6 @@ def collect_statistics(
                 logits = output[0] if isinstance(output, (list, tuple)) else output
                 torch.autograd.grad(_sampled_log_likelihood(logits, regions, generator), x)
             count += batch.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        network.train(was_training)
     statistics = {name: acc.result(count) for name, acc in accumulators.items() if acc.voxels}
     if not statistics:
         raise CalibrationDataError("no calibration patches were given")
@@ -220,18 +226,11 @@ def sample_targets(
         index = (0, slice(None), *(c.to(output.device) for c in coords))
         targets[name].append((coords, output[index].T.double().cpu()))
 
-    handles = [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]
-    was_training = network.training
-    network.eval()
-    try:
-        with torch.inference_mode():
-            for batch in _batches(patches, 1):
-                ran.clear()
-                network(batch.to(device=device, dtype=torch.float32))
-    finally:
-        for h in handles:
-            h.remove()
-        network.train(was_training)
+    hooks = [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]
+    with _evaluated_with(network, hooks), torch.inference_mode():
+        for batch in _batches(patches, 1):
+            ran.clear()
+            network(batch.to(device=device, dtype=torch.float32))
     return targets, order
 
 
@@ -274,28 +273,21 @@ def collect_responses(
     def stop(module: nn.Module, args: tuple) -> None:
         raise _Reached(args[0])
 
-    handle = conv.register_forward_pre_hook(stop)
-    was_training = network.training
-    network.eval()
     sums, samples = None, 0
     first = first.detach().flatten(1).float().to(device)
-    try:
-        with torch.inference_mode():
-            for batch, (coords, t) in zip(_batches(patches, 1), targets[name], strict=False):
-                try:
-                    network(batch.to(device=device, dtype=torch.float32))
-                    continue  # never reached
-                except _Reached as reached:
-                    x = reached.x
-                z = torch.einsum("ri,ni...->nr...", first, x.float())[0]
-                f = _features(conv, z, [c.to(device) for c in coords]).double().cpu()  # (S, K·R_in)
-                fc, tc = f - f.mean(dim=0), t - t.mean(dim=0)
-                patch_sums = (fc.T @ fc, tc.T @ fc, f.sum(dim=0), t.sum(dim=0))
-                sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
-                samples += f.shape[0]
-    finally:
-        handle.remove()
-        network.train(was_training)
+    with _evaluated_with(network, [conv.register_forward_pre_hook(stop)]), torch.inference_mode():
+        for batch, (coords, t) in zip(_batches(patches, 1), targets[name], strict=False):
+            try:
+                network(batch.to(device=device, dtype=torch.float32))
+                continue  # never reached
+            except _Reached as reached:
+                x = reached.x
+            z = torch.einsum("ri,ni...->nr...", first, x.float())[0]
+            f = _features(conv, z, [c.to(device) for c in coords]).double().cpu()  # (S, K·R_in)
+            fc, tc = f - f.mean(dim=0), t - t.mean(dim=0)
+            patch_sums = (fc.T @ fc, tc.T @ fc, f.sum(dim=0), t.sum(dim=0))
+            sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
+            samples += f.shape[0]
     if sums is None:
         raise CalibrationDataError(f"the calibration patches never reach {name}")
     return ResponseStatistics(*(t / samples for t in sums), samples)

@@ -58,7 +58,6 @@ class LayerPlan:
     ranks: tuple[int, int] | None
     reason: str
     bias: bool
-    refittable: bool = False
 
     def to_dict(self) -> dict:
         return {"name": self.name, "ranks": list(self.ranks) if self.ranks else None}
@@ -93,8 +92,7 @@ def _plan(network: nn.Module, decide: Callable[[tuple[str, ...], ConvSpec], tupl
         if isinstance(module, _ConvNd) and id(module) not in inside_decomposed:
             aliases = tuple(names[id(module)])
             spec = conv_spec(module)
-            plans.append(LayerPlan(name, aliases, spec, *decide(aliases, spec), module.bias is not None,
-                                   refittable(module)))
+            plans.append(LayerPlan(name, aliases, spec, *decide(aliases, spec), module.bias is not None))
     return plans
 
 
@@ -291,8 +289,7 @@ def convert_state_dict(
             state_dict[f"{layer.name}.weight"], state_dict.get(f"{layer.name}.bias"), layer.spec, layer.ranks,
             hooi_iterations, statistics.get(layer.name)
         )
-    refit = {layer.name for layer in plan if layer.refittable and layer.name in statistics
-             and statistics[layer.name].usable()}
+    refit = {layer.name for layer in plan if layer.name in statistics and statistics[layer.name].usable()}
     if refit_on is not None and refit:
         _refit_in_order(*refit_on(), plan, refit, decomposed, errors, statistics, state_dict)
     converted = dict(state_dict)
@@ -309,8 +306,8 @@ def _refit_in_order(
     decomposed: dict[str, dict[str, torch.Tensor]], errors: dict[str, float],
     statistics: dict[str, ChannelStatistics], state_dict: dict[str, torch.Tensor],
 ) -> None:
-    """Refit, in place, core and last factor of the layers in `refit` on the calibration patches, in
-    the order the forward pass runs them: each on the input that the network, with every layer
+    """Refit, in place, core and last factor of the layers in `refit` (those `refittable`) on the
+    calibration patches, in the order the forward pass runs them: each on the input that the network, with every layer
     before it already compressed, gives it, against the original network's output — so that each
     refit makes up for the error of the layers before it. Costs one forward pass of the original
     network and, per layer, one of the compressed copy up to that layer."""
@@ -321,7 +318,7 @@ def _refit_in_order(
     for name in tqdm(order + [n for n in by_name if n not in order], desc="refitting on calibration data",
                      unit="layer", disable=None, leave=False):
         layer = by_name[name]
-        if name in refit and name in order:
+        if name in refit and name in order and refittable(compressed.get_submodule(name)):
             responses = collect_responses(compressed, patches, name, decomposed[name]["first.weight"], targets)
             result = refit_conv_weights(decomposed[name], state_dict[f"{name}.weight"], layer.spec, responses,
                                         statistics[name].output_fisher)

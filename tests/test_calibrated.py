@@ -18,7 +18,7 @@ from nnunet_tucker.decomposition import (
     calibrated_tucker2,
     tucker2,
 )
-from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights
+from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights, refittable
 from nnunet_tucker.statistics import CalibrationDataError, collect_statistics
 from nnunet_tucker.surgery import convert_state_dict, plan_compression
 
@@ -195,7 +195,7 @@ def test_refit_on_responses_lowers_the_output_error_and_keeps_the_mean():
     x = _correlated(4, 16, seed=1) + 0.5
     stats = collect_statistics(network, x)
     plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=1))
-    assert plan[0].refittable and plan[0].ranks == (4, 4)
+    assert refittable(conv) and plan[0].ranks == (4, 4)
     held_out = _correlated(2, 16, seed=2) + 0.5
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
     refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
@@ -219,7 +219,7 @@ def test_no_refit_without_enough_positions():
     x = torch.randn(1, 8, 2, 2, 2)  # 8 and 64 output positions for 27·2 and 8·2 features
     stats = collect_statistics(network, x)
     plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=2))
-    assert [layer.refittable for layer in plan] == [True, True, False]  # overlapping transposed offsets: no
+    assert [refittable(m) for m in network] == [True, True, False]  # overlapping transposed offsets: no
     refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
     assert all(torch.equal(refitted[k], fitted[k]) for k in fitted)
