@@ -6,8 +6,8 @@ needs the covariance of the input channels (centred per sample and channel: a pe
 is what the instance norm after nearly every nnU-Net convolution removes), the correlation of the
 input between kernel offsets, and the Fisher information of the prediction with respect to the
 layer's output: which output directions change the segmentation, and by how much. The Fisher
-information comes from one backward pass per patch with labels drawn from the network's own
-prediction, so no labels are needed. Means are kept for a bias correction.
+information comes from backward passes that probe the network's own prediction with random signs,
+so no labels are needed. Means are kept for a bias correction.
 """
 
 from __future__ import annotations
@@ -126,16 +126,25 @@ def _evaluated_with(network: nn.Module, handles: list[torch.utils.hooks.Removabl
         network.train(was_training)
 
 
-def _sampled_log_likelihood(logits: torch.Tensor, regions: bool, generator: torch.Generator) -> torch.Tensor:
-    """log p(ŷ) summed over positions, with ŷ drawn from the prediction itself (softmax over classes,
-    or independent sigmoids for region-based models): its gradient's second moment is the Fisher
-    information."""
-    noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+def _fisher_probe(logits: torch.Tensor, regions: bool, generator: torch.Generator) -> torch.Tensor:
+    """A scalar whose gradient with respect to `logits` is a random v with E[v vᵀ] = the Fisher
+    information of the prediction at each position (diag(p) − p pᵀ for a softmax over classes,
+    diag(σ(1−σ)) for the independent sigmoids of region-based models): v = B ε with B Bᵀ that
+    Fisher and ε random signs (a Hutchinson probe; lower variance than labels drawn from p).
+    Backpropagated, v gives gradients whose second moment is the Fisher information there."""
+    p = torch.sigmoid(logits.detach()) if regions else torch.softmax(logits.detach(), dim=1)
+    signs = torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
     if regions:
-        target = (noise < torch.sigmoid(logits.detach())).to(logits.dtype)
-        return -F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1 - 1e-7)))
-    return -F.cross_entropy(logits, (logits.detach() + gumbel).argmax(dim=1), reduction="sum")
+        v = (p * (1 - p)).sqrt() * signs
+    else:  # B = (I − p 1ᵀ) diag(√p)
+        v = p.sqrt() * signs
+        v = v - p * v.sum(dim=1, keepdim=True)
+    return (logits * v).sum()
+
+
+def _logits(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution logits of a network's output (the first of several with deep supervision)."""
+    return output[0] if isinstance(output, (list, tuple)) else output
 
 
 def collect_statistics(
@@ -145,8 +154,8 @@ def collect_statistics(
     """Run `network` (eval mode, its own device) forward and backward on `patches` (N, C, *spatial)
     and return the statistics of every convolution module (or of those in `names`), keyed by
     qualified name. The network's output (or the first of several) are class logits, or region
-    logits if `regions`; labels for the Fisher information are drawn from them with `seed`. The
-    network's parameters and their gradients are left untouched."""
+    logits if `regions`; the Fisher information is probed with random signs drawn with `seed`
+    (`_fisher_probe`). The network's parameters and their gradients are left untouched."""
     device = next(network.parameters()).device
     wanted = {}
     for name, module in network.named_modules():
@@ -173,9 +182,7 @@ def collect_statistics(
                 raise CalibrationDataError("calibration patches contain NaN or infinite values")
             x = batch.to(device=device, dtype=torch.float32).requires_grad_(True)
             with torch.enable_grad():
-                output = network(x)
-                logits = output[0] if isinstance(output, (list, tuple)) else output
-                torch.autograd.grad(_sampled_log_likelihood(logits, regions, generator), x)
+                torch.autograd.grad(_fisher_probe(_logits(network(x)), regions, generator), x)
             count += batch.shape[0]
     statistics = {name: acc.result(count) for name, acc in accumulators.items() if acc.voxels}
     if not statistics:
@@ -187,8 +194,9 @@ def collect_statistics(
 class ResponseStatistics:
     """What refitting a decomposed layer's core needs, on calibration data: f, its first factor's
     outputs at the K kernel offsets around an output position (K·R_in, offsets major), and y, the
-    original layer's output there. feature_cov and cross_cov = Cov(y, f) are centred per sample;
-    feature_mean (K·R_in,) and output_mean (C_out,) are plain means; samples: positions used."""
+    original layer's output there. feature_cov and cross_cov = Cov(y, f) are centred per sample
+    and weighted by how much each position matters (`SampledOutputs.weights`); feature_mean
+    (K·R_in,) and output_mean (C_out,) are plain means; samples: positions used."""
 
     feature_cov: torch.Tensor
     cross_cov: torch.Tensor
@@ -197,19 +205,41 @@ class ResponseStatistics:
     samples: int
 
 
-Targets = dict[str, list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]]
+@dataclass(frozen=True)
+class SampledOutputs:
+    """The original output of one convolution at positions drawn from one patch: `coords` (one index
+    tensor per spatial axis), `outputs` (S, C_out) and `weights` (S,) how much an error there costs."""
+
+    coords: tuple[torch.Tensor, ...]
+    outputs: torch.Tensor
+    weights: torch.Tensor
+
+
+Targets = dict[str, list[SampledOutputs]]
+
+FISHER_PROBES = 2  # backward passes per patch that estimate the Fisher information at each sampled position
+POSITION_WEIGHT_SHARE = 0.5  # weights: this share from the position's own Fisher information, the rest uniform
 
 
 def sample_targets(
     network: nn.Module, patches: torch.Tensor, names: Sequence[str], positions_per_patch: int = 16384, seed: int = 0,
+    regions: bool = False,
 ) -> tuple[Targets, list[str]]:
     """One pass of the original `network` over `patches`: for each convolution in `names` and each
-    patch, up to `positions_per_patch` output positions drawn with `seed` and the output there
-    (S, C_out); plus the names in the order the forward pass runs them."""
+    patch, up to `positions_per_patch` output positions drawn with `seed`, the output there and a
+    weight per position; plus the names in the order the forward pass runs them.
+
+    An output error e at position p costs about eᵀ F_p e (F_p: the Fisher information of the
+    prediction with respect to the output there, `_fisher_probe`; `regions` as in
+    `collect_statistics`). The refit uses the mean F over positions as the metric; the weights say
+    how much more or less than average position p matters: a mix of uniform and trace(F_p) / mean
+    trace (the trace is probed `FISHER_PROBES` times, and alone would give a few positions nearly
+    all the weight)."""
     device = next(network.parameters()).device
     generator = torch.Generator().manual_seed(seed)
+    probes = torch.Generator(device=device).manual_seed(seed)
     wanted = {id(network.get_submodule(name)): name for name in names}
-    targets: Targets = {name: [] for name in names}
+    sampled: dict[str, list[tuple]] = {name: [] for name in names}
     order: list[str] = []
     ran: set[str] = set()  # in the current pass
 
@@ -224,13 +254,32 @@ def sample_targets(
         chosen = torch.randperm(math.prod(spatial), generator=generator)[:positions_per_patch]
         coords = torch.unravel_index(chosen, spatial)
         index = (0, slice(None), *(c.to(output.device) for c in coords))
-        targets[name].append((coords, output[index].T.double().cpu()))
+        fisher = torch.zeros(len(chosen), dtype=torch.float64)
+        sampled[name].append((coords, output[index].T.detach().double().cpu(), fisher))
+
+        def add_gradient(g: torch.Tensor) -> None:
+            fisher.add_(g[index].square().sum(dim=0).double().cpu())
+
+        if output.requires_grad:
+            output.register_hook(add_gradient)
 
     hooks = [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]
-    with _evaluated_with(network, hooks), torch.inference_mode():
+    with _evaluated_with(network, hooks):
         for batch in _batches(patches, 1):
             ran.clear()
-            network(batch.to(device=device, dtype=torch.float32))
+            x = batch.to(device=device, dtype=torch.float32).requires_grad_(True)
+            with torch.enable_grad():
+                logits = _logits(network(x))
+                for i in range(FISHER_PROBES):
+                    torch.autograd.grad(_fisher_probe(logits, regions, probes), x, retain_graph=i + 1 < FISHER_PROBES)
+    targets: Targets = {}
+    for name, per_patch in sampled.items():
+        mean = float(torch.cat([fisher for *_, fisher in per_patch]).mean()) if per_patch else 0.0
+        targets[name] = [
+            SampledOutputs(coords, outputs, (1 - POSITION_WEIGHT_SHARE)
+                           + POSITION_WEIGHT_SHARE * (fisher / mean if mean > 0 else torch.ones_like(fisher)))
+            for coords, outputs, fisher in per_patch
+        ]
     return targets, order
 
 
@@ -276,21 +325,23 @@ def collect_responses(
     sums, samples = None, 0
     first = first.detach().flatten(1).float().to(device)
     with _evaluated_with(network, [conv.register_forward_pre_hook(stop)]), torch.inference_mode():
-        for batch, (coords, t) in zip(_batches(patches, 1), targets[name], strict=False):
+        for batch, target in zip(_batches(patches, 1), targets[name], strict=False):
             try:
                 network(batch.to(device=device, dtype=torch.float32))
                 continue  # never reached
             except _Reached as reached:
                 x = reached.x
             z = torch.einsum("ri,ni...->nr...", first, x.float())[0]
-            f = _features(conv, z, [c.to(device) for c in coords]).double().cpu()  # (S, K·R_in)
-            fc, tc = f - f.mean(dim=0), t - t.mean(dim=0)
-            patch_sums = (fc.T @ fc, tc.T @ fc, f.sum(dim=0), t.sum(dim=0))
+            f = _features(conv, z, [c.to(device) for c in target.coords]).double().cpu()  # (S, K·R_in)
+            t, w = target.outputs, target.weights[:, None]
+            fc, tc = f - (w * f).sum(dim=0) / w.sum(), t - (w * t).sum(dim=0) / w.sum()
+            patch_sums = ((w * fc).T @ fc, (w * tc).T @ fc, f.sum(dim=0), t.sum(dim=0), w.sum())
             sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
             samples += f.shape[0]
     if sums is None:
         raise CalibrationDataError(f"the calibration patches never reach {name}")
-    return ResponseStatistics(*(t / samples for t in sums), samples)
+    *weighted, feature_sum, output_sum, weight = sums
+    return ResponseStatistics(*(t / weight for t in weighted), feature_sum / samples, output_sum / samples, samples)
 
 
 def _input_channels(network: nn.Module) -> int | None:

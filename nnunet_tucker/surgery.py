@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -267,18 +268,27 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
                 module._modules[child_name] = replacements[id(child)]
 
 
+class RefitData(NamedTuple):
+    """What refitting on calibration data needs: the network holding the weights being converted,
+    the calibration patches (N, C, *spatial), and whether its outputs are region (sigmoid) logits."""
+
+    network: nn.Module
+    patches: torch.Tensor
+    regions: bool = False
+
+
 def convert_state_dict(
     state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0,
     statistics: dict[str, ChannelStatistics] | None = None,
-    refit_on: Callable[[], tuple[nn.Module, torch.Tensor]] | None = None,
+    refit_on: Callable[[], RefitData | tuple] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An original state dict in the compressed layout, plus each decomposed layer's relative error.
 
     Keys of layers left as they are pass through unchanged; each decomposed layer is decomposed
     once and written under all of its aliases. Layers with (usable) `statistics` for these
-    weights get the calibration-aware fit, the others the HOSVD. `refit_on` returns the network
-    (holding these weights) and the calibration patches: the core and last factor of calibrated
-    layers are then refitted on data (`_refit_in_order`).
+    weights get the calibration-aware fit, the others the HOSVD. `refit_on` returns the
+    `RefitData` (or the tuple of its fields): the core and last factor of calibrated layers are
+    then refitted on data (`_refit_in_order`).
     """
     statistics = statistics or {}
     plan = [layer for layer in plan if layer.ranks is not None]
@@ -291,7 +301,7 @@ def convert_state_dict(
         )
     refit = {layer.name for layer in plan if layer.name in statistics and statistics[layer.name].usable()}
     if refit_on is not None and refit:
-        _refit_in_order(*refit_on(), plan, refit, decomposed, errors, statistics, state_dict)
+        _refit_in_order(RefitData(*refit_on()), plan, refit, decomposed, errors, statistics, state_dict)
     converted = dict(state_dict)
     for layer in plan:
         for alias in layer.aliases:
@@ -302,7 +312,7 @@ def convert_state_dict(
 
 
 def _refit_in_order(
-    network: nn.Module, patches: torch.Tensor, plan: list[LayerPlan], refit: set[str],
+    data: RefitData, plan: list[LayerPlan], refit: set[str],
     decomposed: dict[str, dict[str, torch.Tensor]], errors: dict[str, float],
     statistics: dict[str, ChannelStatistics], state_dict: dict[str, torch.Tensor],
 ) -> None:
@@ -311,8 +321,8 @@ def _refit_in_order(
     before it already compressed, gives it, against the original network's output — so that each
     refit makes up for the error of the layers before it. Costs one forward pass of the original
     network and, per layer, one of the compressed copy up to that layer."""
-    network = unwrap(network)
-    targets, order = sample_targets(network, patches, [layer.name for layer in plan])
+    network, patches = unwrap(data.network), data.patches
+    targets, order = sample_targets(network, patches, [layer.name for layer in plan], regions=data.regions)
     compressed = copy.deepcopy(network)
     by_name = {layer.name: layer for layer in plan}
     for name in tqdm(order + [n for n in by_name if n not in order], desc="refitting on calibration data",

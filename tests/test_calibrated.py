@@ -19,7 +19,13 @@ from nnunet_tucker.decomposition import (
     tucker2,
 )
 from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights, refittable
-from nnunet_tucker.statistics import CalibrationDataError, collect_statistics
+from nnunet_tucker.statistics import (
+    POSITION_WEIGHT_SHARE,
+    CalibrationDataError,
+    _fisher_probe,
+    collect_statistics,
+    sample_targets,
+)
 from nnunet_tucker.surgery import convert_state_dict, plan_compression
 
 
@@ -112,6 +118,45 @@ def test_statistics_hold_spatial_correlation_and_fisher_and_leave_the_network_al
     assert all(p.grad is None for p in network.parameters())
     regions = collect_statistics(network, smooth, regions=True)["3"]
     assert regions.output_fisher.trace() > 0 and not torch.allclose(regions.output_fisher, transposed.output_fisher)
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_fisher_probe_has_the_fisher_information_as_second_moment(regions):
+    n = 20000
+    base = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(1))
+    logits = base.expand(n, -1, -1).clone().requires_grad_(True)
+    (v,) = torch.autograd.grad(_fisher_probe(logits, regions, torch.Generator().manual_seed(0)), logits)
+    moment = torch.einsum("ncp,ndp->pcd", v, v) / n
+    if regions:
+        s = torch.sigmoid(base[0]).T
+        expected = torch.diag_embed(s * (1 - s))
+    else:
+        p = torch.softmax(base[0], dim=0).T  # (positions, classes)
+        expected = torch.diag_embed(p) - torch.einsum("pc,pd->pcd", p, p)
+    assert torch.allclose(moment, expected, atol=0.01)
+
+
+def test_refit_targets_hold_the_outputs_and_weigh_uncertain_positions_up():
+    conv = nn.Conv3d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1, 1))
+        conv.bias.zero_()
+    network = nn.Sequential(conv)  # its output are the logits: ±x
+    x = torch.zeros(2, 1, 4, 8, 8)
+    x[:, :, :, 4:] = 10.0  # half the volume certain (softmax ≈ 1), half undecided (0.5)
+    targets, order = sample_targets(network, x, ["0"], positions_per_patch=100)
+    assert order == ["0"] and len(targets["0"]) == 2
+    for target, patch in zip(targets["0"], x, strict=True):
+        assert target.outputs.shape == (100, 2)
+        with torch.no_grad():
+            expected = conv(patch[None])[(0, slice(None), *target.coords)].T.double()
+        assert torch.allclose(target.outputs, expected)
+    weights = torch.cat([t.weights for t in targets["0"]])
+    certain = torch.cat([t.coords[1] >= 4 for t in targets["0"]])
+    assert weights.mean() == pytest.approx(1.0)
+    assert torch.allclose(weights[certain], torch.full_like(weights[certain], 1 - POSITION_WEIGHT_SHARE), atol=1e-3)
+    assert weights[~certain].mean() > 1.4
+    assert all(p.grad is None for p in network.parameters())
 
 
 @pytest.mark.parametrize("patches, message", [

@@ -19,12 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import __version__
 from ..config import default_cache_dir
 from ..statistics import ChannelStatistics, statistics_digest
-from ..surgery import LayerPlan, convert_state_dict, converted_shapes
+from ..surgery import LayerPlan, RefitData, convert_state_dict, converted_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class DecompositionCache:
     def convert(
         self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
         statistics: dict[str, ChannelStatistics] | None = None,
-        refit_on: Callable[[], tuple[nn.Module, torch.Tensor]] | None = None,
+        refit_on: Callable[[], RefitData] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """`convert_state_dict` through the cache (`refit_on` must give the patches the statistics were
         collected on)."""

@@ -26,7 +26,7 @@ from ..accounting import CompressionReport
 from ..config import TuckerConfig, read_env, read_plans, resolve_config
 from ..profile import LayerTimer
 from ..statistics import collect_statistics
-from ..surgery import compress_network, plan_compression, unwrap
+from ..surgery import RefitData, compress_network, plan_compression, unwrap
 from .architecture import is_compressed
 from .cache import DecompositionCache
 
@@ -120,7 +120,8 @@ def compress_folds(
     calibration = None
     if config.calibration:
         statistics, calibration, patches = _calibration_statistics(predictor, network, folds, config, cache)
-        refit_on = [_network_with(network, state, patches) for state in folds]
+        regions = predictor.label_manager.has_regions
+        refit_on = [_network_with(network, state, patches, regions) for state in folds]
     timer = LayerTimer(predictor.device)
     plan = plan_compression(network, config, input_shape, timer, statistics[0])
     try:
@@ -176,12 +177,12 @@ def _calibration_statistics(
     return statistics, info, patches
 
 
-def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor]) -> Callable:
+def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor], regions: bool) -> Callable:
     """`convert_state_dict`'s `refit_on` for one fold: the network loaded with that fold's weights, and the patches."""
 
-    def load() -> tuple[nn.Module, torch.Tensor]:
+    def load() -> RefitData:
         network.load_state_dict(state)
-        return network, patches()
+        return RefitData(network, patches(), regions)
 
     return load
 
