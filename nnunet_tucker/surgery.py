@@ -319,8 +319,10 @@ def _refit_in_order(
     """Refit, in place, core and last factor of the layers in `refit` (those `refittable`) on the
     calibration patches, in the order the forward pass runs them: each on the input that the network, with every layer
     before it already compressed, gives it, against the original network's output — so that each
-    refit makes up for the error of the layers before it. Costs one forward pass of the original
-    network and, per layer, one of the compressed copy up to that layer."""
+    refit makes up for the error of the layers before it; positions weighted by how much the
+    prediction depends on them (`sample_targets`). Costs one forward and a few backward
+    passes of the original network and, per layer, a forward pass of the compressed copy up to
+    that layer."""
     network, patches = unwrap(data.network), data.patches
     targets, order = sample_targets(network, patches, [layer.name for layer in plan], regions=data.regions)
     compressed = copy.deepcopy(network)

@@ -156,6 +156,8 @@ def test_refit_targets_hold_the_outputs_and_weigh_uncertain_positions_up():
     assert weights.mean() == pytest.approx(1.0)
     assert torch.allclose(weights[certain], torch.full_like(weights[certain], 1 - POSITION_WEIGHT_SHARE), atol=1e-3)
     assert weights[~certain].mean() > 1.4
+    regions, _ = sample_targets(network, x, ["0"], positions_per_patch=100, regions=True)
+    assert not torch.allclose(torch.cat([t.weights for t in regions["0"]]), weights)
     assert all(p.grad is None for p in network.parameters())
 
 
