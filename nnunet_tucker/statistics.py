@@ -126,19 +126,29 @@ def _evaluated_with(network: nn.Module, handles: list[torch.utils.hooks.Removabl
         network.train(was_training)
 
 
+CLASS_SHARE_FLOOR = 1e-3  # classes predicted in less of a patch than this count as this small
+
+
 def _fisher_probe(logits: torch.Tensor, regions: bool, generator: torch.Generator) -> torch.Tensor:
-    """A scalar whose gradient with respect to `logits` is a random v with E[v vᵀ] = the Fisher
-    information of the prediction at each position (diag(p) − p pᵀ for a softmax over classes,
-    diag(σ(1−σ)) for the independent sigmoids of region-based models): v = B ε with B Bᵀ that
-    Fisher and ε random signs (a Hutchinson probe; lower variance than labels drawn from p).
-    Backpropagated, v gives gradients whose second moment is the Fisher information there."""
+    """A scalar whose gradient with respect to `logits` (n, C, *spatial) is a random v with
+    E[v vᵀ] = the class-balanced Fisher information of the prediction at each position.
+
+    The Fisher information S = diag(p) − p pᵀ of a softmax (diag(σ(1−σ)) for the independent
+    sigmoids of region-based models) weighs every voxel's change of the prediction alike, so a
+    small class counts for little; per-class Dice, what users check, weighs a class's errors by
+    the inverse of its size. So the change of each class probability is weighted by w_c = 1 /
+    (C · its predicted share of the patch): the metric is S diag(w/p) S (diag(w σ(1−σ)) for
+    regions), equal to S for classes of equal size. v = S diag(√(w/p)) ε with random signs ε (a
+    Hutchinson probe: lower variance than labels drawn from p)."""
     p = torch.sigmoid(logits.detach()) if regions else torch.softmax(logits.detach(), dim=1)
+    share = p.mean(dim=tuple(range(2, p.ndim)), keepdim=True).clamp_min(CLASS_SHARE_FLOOR)
+    weights = 1 / (p.shape[1] * share)
     signs = torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
     if regions:
-        v = (p * (1 - p)).sqrt() * signs
-    else:  # B = (I − p 1ᵀ) diag(√p)
-        v = p.sqrt() * signs
-        v = v - p * v.sum(dim=1, keepdim=True)
+        v = (weights * p * (1 - p)).sqrt() * signs
+    else:
+        u = (weights * p).sqrt() * signs
+        v = u - p * u.sum(dim=1, keepdim=True)
     return (logits * v).sum()
 
 

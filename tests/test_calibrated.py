@@ -121,19 +121,20 @@ def test_statistics_hold_spatial_correlation_and_fisher_and_leave_the_network_al
 
 
 @pytest.mark.parametrize("regions", [False, True])
-def test_fisher_probe_has_the_fisher_information_as_second_moment(regions):
+def test_fisher_probe_has_the_class_balanced_fisher_information_as_second_moment(regions):
     n = 20000
     base = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(1))
     logits = base.expand(n, -1, -1).clone().requires_grad_(True)
     (v,) = torch.autograd.grad(_fisher_probe(logits, regions, torch.Generator().manual_seed(0)), logits)
     moment = torch.einsum("ncp,ndp->pcd", v, v) / n
+    p = (torch.sigmoid(base[0]) if regions else torch.softmax(base[0], dim=0)).T  # (positions, classes)
+    w = 1 / (4 * p.mean(dim=0))  # a class's weight: the inverse of its share of the patch
     if regions:
-        s = torch.sigmoid(base[0]).T
-        expected = torch.diag_embed(s * (1 - s))
+        expected = torch.diag_embed(w * p * (1 - p))
     else:
-        p = torch.softmax(base[0], dim=0).T  # (positions, classes)
-        expected = torch.diag_embed(p) - torch.einsum("pc,pd->pcd", p, p)
-    assert torch.allclose(moment, expected, atol=0.01)
+        fisher = torch.diag_embed(p) - torch.einsum("pc,pd->pcd", p, p)
+        expected = fisher @ torch.diag_embed(w / p) @ fisher
+    assert torch.allclose(moment, expected, atol=0.01 * float(expected.abs().max()) + 1e-3)
 
 
 def test_refit_targets_hold_the_outputs_and_weigh_uncertain_positions_up():
