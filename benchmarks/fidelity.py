@@ -4,8 +4,9 @@
                                   [--calibration-cases 4] [--out DIR]
 
 On the shipped demo model (nnU-Net trained on synthetic CT, folds 0 and 1) or another model trained
-on the phantoms (e.g. a wider one: ``python -m nnunet_tucker.demo_model --out-dir wide --features 16 32
-64 128 128 --folds 0``), for each MAC budget
+on the phantoms (e.g. one with nnU-Net's own widths for this dataset: ``python -m nnunet_tucker.demo_model
+--out-dir full --features 32 64 128 256 320 --folds 0``, about 75 min on 2 cores; or a half-width one,
+``--features 16 32 64 128 128``, 12 min), for each MAC budget
 (share of the original multiply-accumulates per patch):
 - ``paper``: the published rule (policy paper) at the largest rank ratio within the budget;
 - ``paper + calibration``: the same ranks, factors fitted on calibration images (whitened fit,
