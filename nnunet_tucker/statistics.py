@@ -152,9 +152,19 @@ def _fisher_probe(logits: torch.Tensor, regions: bool, generator: torch.Generato
     return (logits * v).sum()
 
 
-def _logits(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """The full-resolution logits of a network's output (the first of several with deep supervision)."""
-    return output[0] if isinstance(output, (list, tuple)) else output
+def _probed_pass(network: nn.Module, batch: torch.Tensor, regions: bool, generator: torch.Generator,
+                 probes: int = 1) -> None:
+    """Run `network` forward on `batch` with gradients for the input only, then backward `probes`
+    times from `_fisher_probe` of its full-resolution logits (the first output with deep
+    supervision): hooks on intermediate outputs see gradients whose second moment is the Fisher
+    information there. Parameters and their `.grad` are left untouched."""
+    device = next(network.parameters()).device
+    x = batch.to(device=device, dtype=torch.float32).requires_grad_(True)
+    with torch.enable_grad():
+        output = network(x)
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        for i in range(probes):
+            torch.autograd.grad(_fisher_probe(logits, regions, generator), x, retain_graph=i + 1 < probes)
 
 
 def collect_statistics(
@@ -190,9 +200,7 @@ def collect_statistics(
                 )
             if not torch.isfinite(batch).all():
                 raise CalibrationDataError("calibration patches contain NaN or infinite values")
-            x = batch.to(device=device, dtype=torch.float32).requires_grad_(True)
-            with torch.enable_grad():
-                torch.autograd.grad(_fisher_probe(_logits(network(x)), regions, generator), x)
+            _probed_pass(network, batch, regions, generator)
             count += batch.shape[0]
     statistics = {name: acc.result(count) for name, acc in accumulators.items() if acc.voxels}
     if not statistics:
@@ -277,11 +285,7 @@ def sample_targets(
     with _evaluated_with(network, hooks):
         for batch in _batches(patches, 1):
             ran.clear()
-            x = batch.to(device=device, dtype=torch.float32).requires_grad_(True)
-            with torch.enable_grad():
-                logits = _logits(network(x))
-                for i in range(FISHER_PROBES):
-                    torch.autograd.grad(_fisher_probe(logits, regions, probes), x, retain_graph=i + 1 < FISHER_PROBES)
+            _probed_pass(network, batch, regions, probes, FISHER_PROBES)
     targets: Targets = {}
     for name, per_patch in sampled.items():
         mean = float(torch.cat([fisher for *_, fisher in per_patch]).mean()) if per_patch else 0.0

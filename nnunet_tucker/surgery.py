@@ -280,15 +280,15 @@ class RefitData(NamedTuple):
 def convert_state_dict(
     state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0,
     statistics: dict[str, ChannelStatistics] | None = None,
-    refit_on: Callable[[], RefitData | tuple] | None = None,
+    refit_on: Callable[[], RefitData] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An original state dict in the compressed layout, plus each decomposed layer's relative error.
 
     Keys of layers left as they are pass through unchanged; each decomposed layer is decomposed
     once and written under all of its aliases. Layers with (usable) `statistics` for these
     weights get the calibration-aware fit, the others the HOSVD. `refit_on` returns the
-    `RefitData` (or the tuple of its fields): the core and last factor of calibrated layers are
-    then refitted on data (`_refit_in_order`).
+    `RefitData`: the core and last factor of calibrated layers are then refitted on data
+    (`_refit_in_order`).
     """
     statistics = statistics or {}
     plan = [layer for layer in plan if layer.ranks is not None]
@@ -301,7 +301,7 @@ def convert_state_dict(
         )
     refit = {layer.name for layer in plan if layer.name in statistics and statistics[layer.name].usable()}
     if refit_on is not None and refit:
-        _refit_in_order(RefitData(*refit_on()), plan, refit, decomposed, errors, statistics, state_dict)
+        _refit_in_order(refit_on(), plan, refit, decomposed, errors, statistics, state_dict)
     converted = dict(state_dict)
     for layer in plan:
         for alias in layer.aliases:
@@ -317,12 +317,12 @@ def _refit_in_order(
     statistics: dict[str, ChannelStatistics], state_dict: dict[str, torch.Tensor],
 ) -> None:
     """Refit, in place, core and last factor of the layers in `refit` (those `refittable`) on the
-    calibration patches, in the order the forward pass runs them: each on the input that the network, with every layer
-    before it already compressed, gives it, against the original network's output — so that each
-    refit makes up for the error of the layers before it; positions weighted by how much the
-    prediction depends on them (`sample_targets`). Costs one forward and a few backward
-    passes of the original network and, per layer, a forward pass of the compressed copy up to
-    that layer."""
+    calibration patches, in the order the forward pass runs them: each on the input that the
+    network, with every layer before it already compressed, gives it, against the original
+    network's output — so that each refit makes up for the error of the layers before it;
+    positions weighted by how much the prediction depends on them (`sample_targets`). Costs one
+    forward and a few backward passes of the original network and, per layer, a forward pass of
+    the compressed copy up to that layer."""
     network, patches = unwrap(data.network), data.patches
     targets, order = sample_targets(network, patches, [layer.name for layer in plan], regions=data.regions)
     compressed = copy.deepcopy(network)

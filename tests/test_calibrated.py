@@ -26,7 +26,7 @@ from nnunet_tucker.statistics import (
     collect_statistics,
     sample_targets,
 )
-from nnunet_tucker.surgery import convert_state_dict, plan_compression
+from nnunet_tucker.surgery import RefitData, convert_state_dict, plan_compression
 
 
 def _correlated(n: int, channels: int, seed: int, size: int = 12) -> torch.Tensor:
@@ -246,7 +246,8 @@ def test_refit_on_responses_lowers_the_output_error_and_keeps_the_mean():
     assert refittable(conv) and plan[0].ranks == (4, 4)
     held_out = _correlated(2, 16, seed=2) + 0.5
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
-    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
+    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats,
+                                     refit_on=lambda: RefitData(network, x))
 
     def strip(state):
         return {k.removeprefix("0."): v for k, v in state.items()}
@@ -268,7 +269,8 @@ def test_no_refit_without_enough_positions():
     stats = collect_statistics(network, x)
     plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=2))
     assert [refittable(m) for m in network] == [True, True, False]  # overlapping transposed offsets: no
-    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
+    refitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats,
+                                     refit_on=lambda: RefitData(network, x))
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
     assert all(torch.equal(refitted[k], fitted[k]) for k in fitted)
 
@@ -282,7 +284,7 @@ def test_refit_of_a_transposed_convolution_maps_offsets_right():
     plan = plan_compression(network, TuckerConfig(0.5, policy="paper", rank_min=1))
     held_out = _correlated(2, 12, seed=4, size=8)
     errors = []
-    for refit_on in (None, lambda: (network, x)):
+    for refit_on in (None, lambda: RefitData(network, x)):
         state, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=refit_on)
         errors.append(_output_error(conv, {k.removeprefix("0."): v for k, v in state.items()}, plan[0].ranks,
                                     held_out))
@@ -300,7 +302,7 @@ def test_refit_in_order_makes_up_for_the_layers_before():
     with torch.no_grad():
         reference = network(held_out)
     errors = []
-    for refit_on in (None, lambda: (network, x)):
+    for refit_on in (None, lambda: RefitData(network, x)):
         state, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=refit_on)
         compressed = copy.deepcopy(network)
         compress_network(compressed, TuckerConfig(0.34, policy="paper", rank_min=1), decomposed=(state, {}),
@@ -318,7 +320,8 @@ def test_calibrated_budget_with_refit_on_every_architecture(architecture):
     stats = collect_statistics(network, x)
     config = TuckerConfig(mac_budget=0.5, rank_min=2)
     plan = plan_compression(network, config, shape, statistics=stats)
-    decomposed = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=lambda: (network, x))
+    decomposed = convert_state_dict(network.state_dict(), plan, statistics=stats,
+                                    refit_on=lambda: RefitData(network, x))
     compressed = copy.deepcopy(network)
     report = compress_network(compressed, config, shape, decomposed=decomposed, plan=plan)
     assert report.macs_after <= 0.5 * report.macs_before
