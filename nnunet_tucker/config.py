@@ -212,6 +212,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "nnunet_tucker"
 
 
+def creation_problem(path: Path) -> str | None:
+    """Why a file or folder cannot be created at `path` (a file in the way, no write permission), or None."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    parent = path.parent if path.parent.exists() else existing
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def report_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file ``$TUCKER_REPORT`` names, checked to be writable, or None when the variable is not set."""
+    text = (os.environ if environ is None else environ).get("TUCKER_REPORT", "").strip()
+    if not text:
+        return None
+    path = Path(text).expanduser().absolute()
+    problem = f"{path} is a folder" if path.is_dir() else creation_problem(path)
+    if problem:
+        raise TuckerConfigError(f"TUCKER_REPORT={text!r} is not allowed: {problem}; it must name a JSON file to write")
+    return path
+
+
 def env_variables() -> dict[str, str]:
     """Config field name -> environment variable that sets it (for documentation and CLIs)."""
     return {name: spec.env for name, spec in _FIELDS.items()}

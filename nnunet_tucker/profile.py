@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -78,6 +79,7 @@ class LayerTimer:
         self.consulted = False  # whether a plan asked this timer anything
         self.measured = 0
         self.seconds_spent = 0.0
+        self.saved = False  # whether the timings were written to `path`
 
     def _read(self) -> dict[str, float]:
         try:
@@ -90,27 +92,32 @@ class LayerTimer:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the profile's lock file (where the OS has one), reading what others stored first:
-        processes that load a model together (``-num_parts``) time once and decide alike."""
+        """Hold the profile's lock file (where the OS and the disk allow one), reading what others
+        stored first, and save on leaving: processes that load a model together (``-num_parts``)
+        time once and decide alike."""
+        lock = self._lock()
+        try:
+            if lock is not None:
+                self.timings = {**self.timings, **self._read()}
+            yield
+        finally:
+            self.save()
+            if lock is not None:
+                lock.close()  # releases the lock
+
+    def _lock(self) -> IO | None:
+        """The profile's lock file, held; None where there are no advisory locks or no writable cache."""
         try:
             import fcntl
         except ImportError:  # no advisory locks here: each process may time on its own
-            yield
-            return
+            return None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(self.path.with_suffix(".lock"), "w")  # noqa: SIM115 (held across the yield)
+            lock = open(self.path.with_suffix(".lock"), "w")  # noqa: SIM115 (held until closed)
         except OSError:
-            yield
-            return
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.timings = {**self.timings, **self._read()}
-            try:
-                yield
-            finally:
-                self.save()
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            return None
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return lock
 
     def save(self) -> None:
         """Write the timings (merged with what other processes wrote meanwhile), atomically."""
@@ -123,6 +130,7 @@ class LayerTimer:
             with os.fdopen(fd, "w") as f:
                 json.dump({"device": self.description, "timings": merged}, f, indent=0, sort_keys=True)
             os.replace(tmp, self.path)
+            self.saved = True
         except OSError as e:
             logger.warning("could not write the device profile %s (%s)", self.path, e)
 

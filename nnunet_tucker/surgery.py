@@ -83,6 +83,21 @@ def _module_names(network: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _own_names(network: nn.Module) -> set[str]:
+    """The qualified names reached through each module's owners only, not through a reference to a
+    module registered earlier elsewhere: ``decoder.encoder.stages...`` is not the decoder's."""
+    first: dict[int, str] = {}
+    owned_paths = {""}  # names of modules seen here first, whose children are then their own
+    own = set()
+    for name, module in network.named_modules(remove_duplicate=False):
+        first.setdefault(id(module), name)
+        if name and name.rpartition(".")[0] in owned_paths:
+            own.add(name)
+            if first[id(module)] == name:
+                owned_paths.add(name)
+    return own
+
+
 def _plan(network: nn.Module, decide: Callable[[tuple[str, ...], ConvSpec], tuple]) -> list[LayerPlan]:
     """One `LayerPlan` per distinct convolution not yet decomposed, ranks from `decide(aliases, spec)`."""
     network = unwrap(network)
@@ -120,8 +135,13 @@ def plan_compression(
     largest ranks (accuracy for free).
     """
 
+    own_names = _own_names(unwrap(network))
+    unmatched = set(config.exclude)
+
     def decide(aliases: tuple[str, ...], spec: ConvSpec) -> tuple:
-        if any(fnmatch.fnmatchcase(a, p) for a in aliases for p in config.exclude):
+        matched = {p for p in config.exclude for a in aliases if a in own_names and fnmatch.fnmatchcase(a, p)}
+        if matched:
+            unmatched.difference_update(matched)
             return None, "excluded by pattern"
         if config.mac_budget is not None:
             reason = kept_by_shape(spec, config.policy)
@@ -131,6 +151,11 @@ def plan_compression(
     profiled = config.policy == "profiled" and input_shape is not None
     policy = "auto" if config.policy == "profiled" and not profiled else config.policy
     plan = _plan(network, decide)
+    if unmatched:
+        raise TuckerConfigError(
+            f"exclude pattern(s) {sorted(unmatched)} match no convolution of this network; names look like "
+            f"{plan[0].name!r} (see `nnunet-tucker report` for all)"
+        )
     if config.mac_budget is not None:
         if input_shape is None:
             raise ValueError("a MAC budget needs the network's input shape to count multiply-accumulates")
@@ -189,7 +214,12 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
     shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
     norms = _instance_norms_after(network)
     with timer.exclusive():
-        return _fastest_forms(network, plan, shapes, norms, timer)
+        refined = _fastest_forms(network, plan, shapes, norms, timer)
+    if timer.measured:
+        stored = f"cached in {timer.path}" if timer.saved else f"not cached: {timer.path} could not be written"
+        logger.info("profiled %d layer forms on %s in %.1f s (%s)", timer.measured, timer.device,
+                    timer.seconds_spent, stored)
+    return refined
 
 
 def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norms: dict,
@@ -211,9 +241,6 @@ def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norm
                         key=lambda c: (c[0] * c[1], c))
             reason = f"decomposed, {original / seconds[ranks]:.2f}x faster here"
         refined.append(dataclasses.replace(layer, ranks=ranks, reason=reason))
-    if timer.measured:
-        logger.info("profiled %d layer forms on %s in %.1f s (cached in %s)", timer.measured,
-                    timer.device, timer.seconds_spent, timer.path)
     return refined
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from ..config import TuckerConfig
 from ..metrics import compare_segmentations
-from .model_folder import ModelFolderError
+from .model_folder import MANIFEST_NAME, ModelFolderError, sha256_of
 from .predictor import TuckerPredictor
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,40 @@ class Evaluation:
         (folder / "evaluation.md").write_text(self.to_markdown())
         return [folder / "evaluation.json", folder / "evaluation.md", *self._plots(folder)]
 
+    def plot_dice(self, ax: Any) -> None:
+        """Per-class mean Dice as grouped bars on a matplotlib `ax`: compressed vs original, and (with
+        reference labels) original and compressed vs the reference. The gate's thresholds are drawn
+        over the bars they apply to only: 1 - tolerance over each compressed-vs-original bar, and the
+        original's Dice vs reference minus tolerance over each compressed-vs-reference bar; the
+        original-vs-reference bars are the baseline, not gated."""
+        summary = self.to_dict()["summary"]
+        names = list(self.classes)
+        x = np.arange(len(names))
+        bars = [("compressed vs original", summary["compressed_vs_original"]["dice"], "#1f77b4")]
+        if "original_vs_reference" in summary:
+            bars += [("original vs reference", summary["original_vs_reference"]["dice"], "#aaaaaa"),
+                     ("compressed vs reference", summary["compressed_vs_reference"]["dice"], "#ff7f0e")]
+        width = 0.8 / len(bars)
+        centres = {label: x + i * width - 0.4 + width / 2 for i, (label, _, _) in enumerate(bars)}
+        for label, values, colour in bars:
+            ax.bar(centres[label], [values[n] for n in names], width, label=label, color=colour)
+        lows = [min(values.values()) for _, values, _ in bars]
+        if self.tolerance is not None:
+            gated = centres["compressed vs original"]
+            ax.hlines([1 - self.tolerance] * len(names), gated - width / 2, gated + width / 2, colors="red",
+                      linestyles="--", linewidth=1.5, label=f"gate: compressed vs original ≥ {1 - self.tolerance:g}")
+            lows.append(1 - self.tolerance)
+            if "original_vs_reference" in summary:
+                gated = centres["compressed vs reference"]
+                floor = [summary["original_vs_reference"]["dice"][n] - self.tolerance for n in names]
+                ax.hlines(floor, gated - width / 2, gated + width / 2, colors="darkred", linestyles=":",
+                          linewidth=1.5, label=f"gate: compressed vs ref ≥ original vs ref − {self.tolerance:g}")
+                lows += floor
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+        ax.set_ylabel("Dice")
+        ax.legend(fontsize=7, loc="lower left")
+
     def _plots(self, folder: Path) -> list[Path]:
         import matplotlib
 
@@ -146,22 +181,8 @@ class Evaluation:
         import matplotlib.pyplot as plt
 
         summary = self.to_dict()["summary"]
-        names = list(self.classes)
-        x = np.arange(len(names))
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.5))
-        bars = [("compressed vs original", summary["compressed_vs_original"]["dice"])]
-        if "original_vs_reference" in summary:
-            bars += [("original vs reference", summary["original_vs_reference"]["dice"]),
-                     ("compressed vs reference", summary["compressed_vs_reference"]["dice"])]
-        width = 0.8 / len(bars)
-        for i, (label, values) in enumerate(bars):
-            ax.bar(x + i * width - 0.4 + width / 2, [values[n] for n in names], width, label=label)
-        if self.tolerance is not None:
-            ax.axhline(1 - self.tolerance, color="red", linestyle="--", linewidth=1, label="gate")
-        ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.set_ylim(max(0.0, min(min(v.values()) for _, v in bars) - 0.05), 1.0)
-        ax.set_ylabel("Dice")
-        ax.legend(fontsize=8, loc="lower left")
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(self.classes)), 3.5))
+        self.plot_dice(ax)
         ax.set_title("Per-class Dice")
         fig.tight_layout()
         dice_png = folder / "dice_per_class.png"
@@ -198,41 +219,60 @@ def evaluate(
     use_mirroring: bool = True,
     tolerance: float | None = None,
     nsd_tolerance_mm: float = 2.0,
+    overwrite: bool = False,
+    force: bool = False,
 ) -> Evaluation:
     """Predict `images` with the original model and with the compressed one (a compressed model
-    folder, or `config` applied on the fly) and compare them per class; see `Evaluation`."""
+    folder, or `config` applied on the fly) and compare them per class; see `Evaluation`.
+
+    Everything that can be checked is checked before predicting (ModelFolderError): the output
+    folder is new or empty unless `overwrite` (then its predictions are replaced, so only this run's
+    cases are compared); every case has a reference label map of its image's size when `labels` is
+    given; a compressed folder was compressed from `original` (its manifest's checkpoint hashes)
+    unless `force`.
+    """
     if (compressed is None) == (config is None):
         raise ValueError("give either a compressed model folder or a compression config, not both or neither")
-    images, output = Path(images), Path(output)
-    if not images.is_dir() or not list(images.glob("*_0000.*")):
-        raise ModelFolderError(f"{images} holds no nnU-Net input images (CASE_0000.nii.gz, ...)")
+    images, output, original = Path(images), Path(output), Path(original)
+    ending = json.loads((original / "dataset.json").read_text())["file_ending"] if (
+        original / "dataset.json").is_file() else ".nii.gz"
+    inputs = {p.name[: -len("_0000" + ending)]: p for p in sorted(images.glob(f"*_0000{ending}"))}
+    if not images.is_dir() or not inputs:
+        raise ModelFolderError(f"{images} holds no nnU-Net input images (CASE_0000{ending}, ...)")
+    if labels is not None:
+        _check_labels(Path(labels), inputs, ending)
+    if compressed is not None and not force:
+        _check_source(Path(compressed), original)
+    _prepare_output(output, overwrite)
+
     dev = torch.device(device)
     runs = [
-        predict_folder(Path(original), images, output / "original", False, folds, checkpoint_name, dev,
+        predict_folder(original, images, output / "original", False, folds, checkpoint_name, dev,
                        use_mirroring, "original"),
         predict_folder(Path(compressed or original), images, output / "compressed",
                        False if compressed is not None else config, folds, checkpoint_name, dev,
                        use_mirroring, "compressed"),
     ]
-    if compressed is not None:
-        manifest = Path(compressed) / "tucker_manifest.json"
-        runs[1].report = json.loads(manifest.read_text()) if manifest.is_file() else None
+    manifest = Path(compressed or "") / MANIFEST_NAME
+    if compressed is not None and manifest.is_file():
+        runs[1].report = json.loads(manifest.read_text())
 
-    dataset = json.loads((Path(original) / "dataset.json").read_text())
+    dataset = json.loads((original / "dataset.json").read_text())
     classes = {k: int(v) for k, v in dataset["labels"].items() if isinstance(v, int) and int(v) > 0}
     cases: dict[str, dict[str, Any]] = {}
-    for path in tqdm(sorted((output / "original").glob("*.nii.gz")), desc="comparing", unit="case"):
-        seg_original, spacing = _read(path)
-        seg_compressed, _ = _read(output / "compressed" / path.name)
-        case = {"compressed_vs_original": compare_segmentations(
+    for case in tqdm(inputs, desc="comparing", unit="case"):
+        name = case + ending
+        seg_original, spacing = _read(output / "original" / name)
+        seg_compressed, _ = _read(output / "compressed" / name)
+        result = {"compressed_vs_original": compare_segmentations(
             seg_compressed, seg_original, classes, spacing, nsd_tolerance_mm)}
-        if labels is not None and (Path(labels) / path.name).is_file():
-            reference, _ = _read(Path(labels) / path.name)
-            case["original_vs_reference"] = compare_segmentations(
+        if labels is not None:
+            reference, _ = _read(Path(labels) / name)
+            result["original_vs_reference"] = compare_segmentations(
                 seg_original, reference, classes, spacing, nsd_tolerance_mm)
-            case["compressed_vs_reference"] = compare_segmentations(
+            result["compressed_vs_reference"] = compare_segmentations(
                 seg_compressed, reference, classes, spacing, nsd_tolerance_mm)
-        cases[path.name] = case
+        cases[name] = result
 
     evaluation = Evaluation(classes, runs, cases, tolerance)
     if tolerance is not None:
@@ -241,6 +281,58 @@ def evaluate(
         if labels is not None:
             before = evaluation.mean("original_vs_reference", "dice")
             after = evaluation.mean("compressed_vs_reference", "dice")
-            failing |= {n for n in before if before[n] - after.get(n, 0.0) > tolerance}
+            failing |= {n for n in before if before[n] - after[n] > tolerance}
         evaluation.failing = sorted(failing, key=list(classes).index)
     return evaluation
+
+
+def _size(path: Path) -> tuple[int, ...]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return tuple(reader.GetSize())
+
+
+def _check_labels(labels: Path, inputs: dict[str, Path], ending: str) -> None:
+    """Every case has its reference `labels/CASE<ending>`, of its image's size."""
+    if not labels.is_dir():
+        raise ModelFolderError(f"the reference labels folder {labels} does not exist")
+    missing = [case + ending for case in inputs if not (labels / (case + ending)).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelFolderError(f"{labels} has no reference label map for {len(missing)} of {len(inputs)} case(s): "
+                               f"{shown}; give labels for every case in the input folder, or no -r")
+    for case, image in inputs.items():
+        label_size, image_size = _size(labels / (case + ending)), _size(image)
+        if label_size != image_size:
+            raise ModelFolderError(f"{labels / (case + ending)} has size {label_size} but its image {image.name} has "
+                                   f"size {image_size}: the reference must be a label map of that image")
+
+
+def _check_source(compressed: Path, original: Path) -> None:
+    """`compressed` was written by nnunet-tucker from the checkpoints in `original` (by content)."""
+    manifest_path = compressed / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ModelFolderError(f"{compressed} is not a model folder written by nnunet-tucker compress (it has no "
+                               f"{MANIFEST_NAME})")
+    manifest = json.loads(manifest_path.read_text())
+    for relative, digest in manifest["source_checkpoints"].items():
+        path = original / relative
+        if not path.is_file() or sha256_of(path) != digest:
+            raise ModelFolderError(
+                f"{compressed} was compressed from {manifest['source']}, whose {relative} is not the one in "
+                f"{original}: comparing them would gate the wrong model; give the model it came from as -m, "
+                "or pass --force to compare anyway")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    """An output folder for this run only: new or empty, or with `overwrite` cleared of earlier predictions."""
+    if output.is_file():
+        raise ModelFolderError(f"the output {output} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise ModelFolderError(f"{output} is not empty; pass --overwrite to replace its predictions and "
+                                   "evaluation, or choose a new folder")
+        for sub in ("original", "compressed"):
+            shutil.rmtree(output / sub, ignore_errors=True)
+    output.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import glob
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ..accounting import CompressionReport
-from ..config import TuckerConfig
+from ..config import TuckerConfig, creation_problem
 from .architecture import COMPRESSED_KEY, compressed_architecture, is_compressed
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,14 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def _is_fold(name: str) -> bool:
+    return name.isdigit() or name == "all"
+
+
 def _available_folds(folder: Path, checkpoint_name: str) -> list[str]:
-    return sorted(p.parent.name[len("fold_"):] for p in folder.glob(f"fold_*/{checkpoint_name}"))
+    """The folds nnU-Net would use: ``fold_<n>/`` and ``fold_all/`` (a ``fold_0_backup/`` is none)."""
+    folds = [p.parent.name[len("fold_"):] for p in folder.glob(f"fold_*/{checkpoint_name}")]
+    return sorted(filter(_is_fold, folds), key=lambda f: (f == "all", int(f) if f != "all" else 0))
 
 
 def load_trained_model(
@@ -87,6 +94,9 @@ def load_trained_model(
         if not (folder / name).is_file():
             raise ModelFolderError(f"{folder} is not an nnU-Net model folder: it has no {name}")
     folds = [str(f) for f in folds] if folds else _available_folds(folder, checkpoint_name)
+    wrong = [f for f in folds if not _is_fold(f)]
+    if wrong:
+        raise ModelFolderError(f"fold(s) {wrong} are not folds: give fold numbers such as 0 1 2, or all")
     if not folds:
         raise ModelFolderError(f"{folder} has no fold_*/{checkpoint_name}")
     checkpoints = [
@@ -106,7 +116,8 @@ def load_trained_model(
     )
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -138,17 +149,16 @@ def compress_model_folder(
 ) -> CompressionReport:
     """Write a compressed copy of the model folder `source` to `target`; return the report.
 
-    Refuses an existing `target` unless `overwrite`, a `target` inside `source`, and a source that
-    is already compressed. Nothing is left behind at `target` when anything fails.
+    Refuses a source that is already compressed and every `target` that would put a model at risk
+    (see `_check_target`); with `overwrite`, only a folder this package wrote is replaced. Nothing is
+    left behind at `target` when anything fails, and staging folders of interrupted runs are removed.
     """
     source, target = Path(source).resolve(), Path(target).resolve()
-    if target == source or source in target.parents:
-        raise ModelFolderError(f"the output {target} must lie outside the source model folder {source}")
-    if target.exists() and not overwrite:
-        raise ModelFolderError(f"{target} exists; pass --overwrite to replace it")
+    _check_target(source, target, overwrite)
     plans_path = source / "plans.json"
     if plans_path.is_file() and is_compressed(json.loads(plans_path.read_text())):
         raise ModelFolderError(f"{source} is already compressed by nnunet-tucker (see its {MANIFEST_NAME})")
+    _clean_leftovers(target)
 
     from .predictor import compress_folds
 
@@ -170,7 +180,7 @@ def compress_model_folder(
     manifest = {
         "source": str(source),
         "source_checkpoints": {
-            f"fold_{f}/{checkpoint_name}": _sha256(source / f"fold_{f}" / checkpoint_name) for f in model.folds
+            f"fold_{f}/{checkpoint_name}": sha256_of(source / f"fold_{f}" / checkpoint_name) for f in model.folds
         },
         "configuration": model.configuration,
         "config": config.to_dict(),
@@ -188,7 +198,7 @@ def compress_model_folder(
     }
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target, "tmp")))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should look like any other
@@ -209,7 +219,7 @@ def compress_model_folder(
                 staging / f"fold_{fold}" / checkpoint_name,
             )
         if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix(target, "old")))
             os.replace(target, old / "previous")
             os.replace(staging, target)
             shutil.rmtree(old)
@@ -220,6 +230,70 @@ def compress_model_folder(
         raise
     logger.info("wrote %s: %s", target, report.summary())
     return report
+
+
+def _protected_folders() -> list[Path]:
+    """Folders whose every ancestor must stay: nnU-Net's and TotalSegmentator's data and model folders."""
+    names = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "TOTALSEG_HOME_DIR", "TOTALSEG_WEIGHTS_PATH")
+    return [Path(os.environ[n]).expanduser().resolve() for n in names if os.environ.get(n)]
+
+
+def _check_target(source: Path, target: Path, overwrite: bool) -> None:
+    """Refuse (ModelFolderError) an output folder that could cost the user data: one inside the source
+    or holding it (any depth, symlinks resolved), one that holds an nnU-Net or TotalSegmentator data
+    folder in use, an existing folder without `overwrite`, and with it anything but a folder this
+    package wrote; also an output that cannot be created, before any long work."""
+    if target == source or source in target.parents:
+        raise ModelFolderError(f"the output {target} lies inside the source model folder {source}; "
+                               "choose an output folder outside it")
+    if target in source.parents:
+        raise ModelFolderError(f"the output {target} holds the source model folder {source}; writing it would "
+                               "replace the source: choose a new folder, e.g. a sibling of the source")
+    for folder in _protected_folders():
+        if target == folder or target in folder.parents:
+            raise ModelFolderError(f"the output {target} holds {folder}, a data or model folder in use; choose a "
+                                   "new folder for the compressed model, e.g. a sibling of the source")
+    if target.is_file():
+        raise ModelFolderError(f"the output {target} is a file; give a new folder")
+    if target.exists():
+        if not overwrite:
+            raise ModelFolderError(f"{target} exists; pass --overwrite to replace it")
+        if not (target / MANIFEST_NAME).is_file():
+            raise ModelFolderError(f"{target} exists and is not a model folder written by nnunet-tucker (it has no "
+                                   f"{MANIFEST_NAME}); --overwrite only replaces such a folder: choose a new one")
+    problem = creation_problem(target)
+    if problem:
+        raise ModelFolderError(f"cannot create the output {target}: {problem}")
+
+
+def _staging_prefix(target: Path, kind: str) -> str:
+    """Name prefix of a hidden staging folder next to `target`; it names the writing process."""
+    return f".{target.name}.{kind}-{os.getpid()}-"
+
+
+def _clean_leftovers(target: Path) -> None:
+    """Remove the staging folders next to `target` left by runs that were killed (their process is gone);
+    a previous output caught mid-swap is put back first."""
+    for leftover in sorted(target.parent.glob(f".{glob.escape(target.name)}.*-*-*")):
+        kind, _, rest = leftover.name[len(target.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _running(int(pid)):
+            continue
+        if kind == "old" and (leftover / "previous").is_dir() and not target.exists():
+            os.replace(leftover / "previous", target)
+            logger.warning("restored %s from an interrupted run", target)
+        shutil.rmtree(leftover, ignore_errors=True)
+        logger.info("removed %s, left by an interrupted run", leftover)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _resolved_architecture(model: TrainedModel) -> dict[str, Any]:

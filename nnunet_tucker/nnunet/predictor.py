@@ -23,7 +23,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from torch import nn
 
 from ..accounting import CompressionReport
-from ..config import TuckerConfig, read_env, read_plans, resolve_config
+from ..config import TuckerConfig, read_env, read_plans, report_path, resolve_config
 from ..profile import LayerTimer
 from ..statistics import collect_statistics
 from ..surgery import RefitData, compress_network, plan_compression, unwrap
@@ -85,6 +85,7 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     if getattr(predictor, "_tucker_compressed_folds", None) is folds:
         return None
     _ensure_visible_logging()
+    report_file = report_path()  # a bad path is an error now, not after the work
 
     report, converted = compress_folds(predictor, config, source)
     predictor.list_of_parameters = [state for state, _ in converted]
@@ -96,7 +97,8 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
         else f"decomposed {len(converted)} fold(s) in {report.decomposition_seconds:.1f} s"
     )
     logger.info("%s; %s%s", report.summary(), timing, f" [{source}]" if source else "")
-    _write_report(report)
+    if report_file is not None:
+        _write_report(report, report_file)
     return report
 
 
@@ -187,17 +189,19 @@ def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.T
     return load
 
 
-def _write_report(report: CompressionReport) -> None:
-    """Write the report as JSON to ``$TUCKER_REPORT`` (atomically) when that variable is set."""
-    target = os.environ.get("TUCKER_REPORT")
-    if not target:
-        return
-    path = Path(target).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(report.to_json())
-    os.replace(tmp, path)
+def _write_report(report: CompressionReport, path: Path) -> None:
+    """Write the report as JSON to `path` atomically; a failure only warns (the prediction goes on)."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(report.to_json())
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("could not write the report to %s (%s)", path, e)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 class TuckerPredictor(nnUNetPredictor):
