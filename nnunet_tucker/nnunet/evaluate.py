@@ -161,18 +161,21 @@ class Evaluation:
         if self.tolerance is not None:
             gated = centres["compressed vs original"]
             ax.hlines([1 - self.tolerance] * len(names), gated - width / 2, gated + width / 2, colors="red",
-                      linestyles="--", linewidth=1.5, label=f"gate: compressed vs original ≥ {1 - self.tolerance:g}")
+                      linestyles="--", linewidth=1.5, label=f"gate on compressed vs original: ≥ {1 - self.tolerance:g}")
             lows.append(1 - self.tolerance)
             if "original_vs_reference" in summary:
                 gated = centres["compressed vs reference"]
                 floor = [summary["original_vs_reference"]["dice"][n] - self.tolerance for n in names]
-                ax.hlines(floor, gated - width / 2, gated + width / 2, colors="darkred", linestyles=":",
-                          linewidth=1.5, label=f"gate: compressed vs ref ≥ original vs ref − {self.tolerance:g}")
+                ax.hlines(floor, gated - width / 2, gated + width / 2, colors="darkred", linestyles=":", linewidth=1.5,
+                          label=f"gate on compressed vs reference: ≥ original vs reference − {self.tolerance:g}")
                 lows += floor
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
         ax.set_ylabel("Dice")
-        ax.legend(fontsize=7, loc="lower left")
+        handles, labels = ax.get_legend_handles_labels()  # bars in the first column, gates in the second
+        order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("gate"))
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
 
     def _plots(self, folder: Path) -> list[Path]:
         import matplotlib
@@ -181,7 +184,7 @@ class Evaluation:
         import matplotlib.pyplot as plt
 
         summary = self.to_dict()["summary"]
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(self.classes)), 3.5))
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(self.classes)), 4.2))
         self.plot_dice(ax)
         ax.set_title("Per-class Dice")
         fig.tight_layout()
