@@ -72,15 +72,13 @@ def run_demo(output: Path, rank_ratio: float = 0.5, overwrite: bool = False, n_c
             model, images, output / "evaluation", compressed=compressed, labels=output / "cases" / "labels",
             folds=["0"], use_mirroring=False, tolerance=TOLERANCE,
         )
-    with progress.step(f"timing the TotalSegmentator 3 mm architecture's forward pass, original and compressed "
-                       f"({speed_rounds} interleaved rounds)"):
+    with progress.step("timing the TotalSegmentator 3 mm forward pass, original and compressed side by side"):
         speed, meta = time_speed_preset(rank_ratio, rounds=speed_rounds)
     written = [*write_figure(evaluation, speed, meta, output / "demo.png")]
     written += _write_speed_json(speed, meta, output / "speed.json")
     written += evaluation.write(output / "evaluation")
     print(summary(evaluation, speed, meta))
-    print(f"written: {output / 'demo.png'} (quality and speed), {output / 'speed.json'}, "
-          f"{output / 'evaluation'}/ (report, figures, predictions)")
+    print(f"written in {output}: demo.png (quality and speed side by side), speed.json, evaluation/")
     return {"evaluation": evaluation, "speed": speed, "written": written}
 
 
@@ -175,8 +173,8 @@ def summary(evaluation, speed: Sequence, meta: dict[str, Any]) -> str:
     with_ref = "original_vs_reference" in s
     lines = [
         "",
-        f"nnunet-tucker demo, rank ratio {config['rank_ratio']}, {config['policy']} policy: "
-        "quality on a small trained model, speed on the real architecture",
+        f"Quality on a small trained model, speed on the real architecture; rank ratio {config['rank_ratio']}, "
+        f"{config['policy']} policy:",
         "",
         f"Quality: the shipped demo model ({len(d['cases'])} synthetic CT cases, calibrated on "
         f"{len(report['calibration']['cases'])} unlabelled ones)",
@@ -184,29 +182,29 @@ def summary(evaluation, speed: Sequence, meta: dict[str, Any]) -> str:
         f"MACs {report['macs_before'] / 1e9:.2f} G → {report['macs_after'] / 1e9:.2f} G per patch "
         f"({100 * report['macs_after'] / report['macs_before']:.0f} %)",
         f"  {'Dice':<10} {'compressed vs original':>23}"
-        + (f" {'original vs labels':>19} {'compressed vs labels':>21}" if with_ref else ""),
+        + (f" {'original vs reference':>22} {'compressed vs reference':>24}" if with_ref else ""),
     ]
     for name in evaluation.classes:
         row = f"  {name:<10} {s['compressed_vs_original']['dice'][name]:>23.3f}"
         if with_ref:
-            row += (f" {s['original_vs_reference']['dice'][name]:>19.3f}"
-                    f" {s['compressed_vs_reference']['dice'][name]:>21.3f}")
+            row += (f" {s['original_vs_reference']['dice'][name]:>22.3f}"
+                    f" {s['compressed_vs_reference']['dice'][name]:>24.3f}")
         lines.append(row)
     tolerance = d["tolerance"]
     rule = f"every class ≥ {1 - tolerance:g} vs the original" + (
-        f", within {tolerance:g} of the original's Dice vs labels" if with_ref else "")
+        f" and within {tolerance:g} of the original vs reference" if with_ref else "")
     verdict = ("passed" if d["passed"] else "FAILED for " + ", ".join(d["failing_classes"])
                + ": do not deploy this setting; try a milder --rank-ratio (e.g. 0.9)")
     lines.append(f"  gate ({rule}): {verdict}")
     shape = "×".join(str(n) for n in meta["input_shape"][2:])
     lines += [
         "",
-        f"Speed: TotalSegmentator 3 mm architecture (random weights), forward pass of one {shape} patch, "
-        f"{meta['device']}, {meta['threads']} threads",
-        f"  {'':<11} {'parameters':>11} {'MACs':>9} {'median time':>12}",
+        f"Speed: TotalSegmentator 3 mm architecture (random weights), one {shape} patch, {meta['device']}, "
+        f"{meta['threads']} threads",
+        f"  {'forward pass':<12} {'parameters':>11} {'MACs':>9} {'median time':>12}",
     ]
     for label, t in (("original", original), ("compressed", compressed)):
-        lines.append(f"  {label:<11} {t.params / 1e6:>9.2f} M {t.macs / 1e9:>7.1f} G {t.median:>10.2f} s")
+        lines.append(f"  {label:<12} {t.params / 1e6:>9.2f} M {t.macs / 1e9:>7.1f} G {t.median:>10.2f} s")
     lines.append(f"  {_fmt_ratio(compressed.mac_reduction)} fewer MACs, {compressed.speedup:.2f}× faster "
                  f"(median of {len(compressed.seconds)} interleaved rounds)")
     return "\n".join(lines)
@@ -223,25 +221,26 @@ def write_figure(evaluation, speed: Sequence, meta: dict[str, Any], path: Path) 
 
     d = evaluation.to_dict()
     config = next(r["compression"] for r in d["runs"] if r["compression"])["config"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
     evaluation.plot_dice(left)
-    left.set_title(f"Quality: small trained demo model, {len(d['cases'])} synthetic CT cases", fontsize=10)
+    left.set_title(f"Quality: small trained demo model, {len(d['cases'])} synthetic CT cases\n"
+                   "per-class Dice (mean over cases)", fontsize=10)
 
     original, compressed = speed[0], speed[1]
-    labels = ["original", "compressed"]
-    medians = [original.median, compressed.median]
-    bars = right.bar(labels, medians, color=["#888888", "#1f77b4"], width=0.6)
-    for bar, t in zip(bars, (original, compressed), strict=True):
-        right.errorbar(bar.get_x() + bar.get_width() / 2, t.median,
-                       yerr=[[t.median - min(t.seconds)], [max(t.seconds) - t.median]], color="black", capsize=4)
-        right.annotate(f"{t.median:.2f} s\n{t.macs / 1e9:.0f} GMACs", (bar.get_x() + bar.get_width() / 2, t.median),
-                       textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
-    right.set_ylim(0, 1.3 * max(max(t.seconds) for t in (original, compressed)))
-    right.set_ylabel(f"seconds per forward pass (median of {len(original.seconds)}, min–max)")
+    top = max(max(t.seconds) for t in (original, compressed))
+    for x, (t, colour) in enumerate(((original, "#aaaaaa"), (compressed, "#1f77b4"))):
+        right.bar(x, t.median, width=0.6, color=colour)
+        right.errorbar(x, t.median, yerr=[[t.median - min(t.seconds)], [max(t.seconds) - t.median]], color="black",
+                       capsize=4)
+        right.text(x, max(t.seconds) + 0.03 * top, f"{t.median:.2f} s\n{t.params / 1e6:.1f} M params\n"
+                   f"{t.macs / 1e9:.0f} GMACs", ha="center", va="bottom", fontsize=8)
+    right.set_xticks([0, 1], ["original", "compressed"])
+    right.set_ylim(0, 1.45 * top)
+    right.set_ylabel(f"s per forward pass (median of {len(original.seconds)}, min–max)")
     shape = "×".join(str(n) for n in meta["input_shape"][2:])
-    right.set_title(f"Speed: TotalSegmentator 3 mm, one {shape} patch\n{compressed.speedup:.2f}× faster, "
-                    f"{_fmt_ratio(compressed.mac_reduction)} fewer MACs ({meta['device']}, {meta['threads']} threads)",
-                    fontsize=10)
+    right.set_title(f"Speed: TotalSegmentator 3 mm architecture\n{compressed.speedup:.2f}× faster, "
+                    f"{_fmt_ratio(compressed.mac_reduction)} fewer MACs", fontsize=10)
+    right.set_xlabel(f"one {shape} patch, {meta['device']}, {meta['threads']} threads, random weights", fontsize=8)
     fig.suptitle(f"nnunet-tucker, rank ratio {config['rank_ratio']}, {config['policy']} policy, no retraining",
                  fontsize=11)
     fig.tight_layout()
