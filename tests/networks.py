@@ -56,6 +56,13 @@ ARCHITECTURES = {
 }
 
 
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest deviation of `actual` from `expected`, relative to the largest magnitude of `expected`.
+    Float rounding is relative to the values' scale, and its size depends on the CPU, the BLAS and the
+    thread count: a tolerance on this holds on every machine where an absolute one on raw outputs may not."""
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
 def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     """A network of the named kind with random weights (random affine norms too), in eval mode."""
     spec = ARCHITECTURES[name]
