@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from networks import build
+from networks import build, scaled_error
 from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
@@ -74,9 +74,9 @@ def test_gemm_forms_match_plain_convolutions(memory_format):
     x = torch.randn(2, 12, 6, 8, 10).to(memory_format=memory_format)
     with torch.no_grad():
         plain = tucker.last(tucker.core(tucker.first(x)))
-        assert torch.allclose(tucker(x), plain, atol=1e-5) and tucker(x).is_contiguous()
+        assert scaled_error(tucker(x), plain) < 1e-5 and tucker(x).is_contiguous()
         head = nn.Conv3d(12, 3, 1)
-        assert torch.allclose(PointwiseConv(head)(x), head(x), atol=1e-5)
+        assert scaled_error(PointwiseConv(head)(x), head(x)) < 1e-5
 
 
 def test_instance_norm_fused_into_the_last_gemm_gives_the_same_outputs():
@@ -93,7 +93,7 @@ def test_instance_norm_fused_into_the_last_gemm_gives_the_same_outputs():
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
         slow = compressed(x)
-    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
+    assert scaled_error(fast, slow) < 1e-4  # float32 rounding of two ways to normalise: ~1e-6
 
 
 def test_real_timings_of_a_2d_network_with_instance_norms(tmp_path):
