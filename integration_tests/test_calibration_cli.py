@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import dice_per_class, load_segmentations, predict, record, run
+from helpers import dice_per_class, load_segmentations, logged, predict, record, run
 
 from nnunet_tucker.synthetic import make_test_cases
 
@@ -54,5 +54,6 @@ def test_bad_calibration_folder_is_a_clear_error(model_folder, nnunet_env, tmp_p
     make(folder)
     result = run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(tmp_path / "out"),
                   "--mac-budget", "0.7", "--calibration", str(folder)], nnunet_env, check=False)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and logged(result.stderr, "error:", message), result.stderr
+    assert not any(line.startswith("Traceback") for line in result.stderr.splitlines()), result.stderr
     assert not (tmp_path / "out").exists()
