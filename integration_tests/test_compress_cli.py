@@ -71,7 +71,7 @@ def test_refusals_and_overwrite(compressed, model_folder, nnunet_env, tmp_path):
     assert twice.returncode == 2 and logged(twice.stderr, "error:", "already compressed"), twice.stderr
     assert not (tmp_path / "x").exists()
     target = tmp_path / "over"
-    target.mkdir()
+    shutil.copytree(compressed, target)  # an earlier output of this package: what --overwrite may replace
     (target / "old.txt").write_text("old")
     run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(target), "--rank-ratio", "0.3",
          "--policy", "auto", "-f", "0", "--overwrite"], nnunet_env)
