@@ -35,7 +35,7 @@ def _evaluation(tmp_path: Path, spleen_vs_original: float = 0.97, labels: bool =
 
 def _speed() -> tuple[list[VariantTiming], dict]:
     original = VariantTiming("original", None, None, 16_600_000, 367_800_000_000, [5.6, 5.5, 5.8])
-    compressed = VariantTiming("profiled 0.5", 0.5, "profiled", 4_970_000, 116_100_000_000, [2.4, 2.5, 2.45],
+    compressed = VariantTiming("auto 0.5", 0.5, "auto", 4_970_000, 116_100_000_000, [2.4, 2.5, 2.45],
                                speedup=5.6 / 2.45, mac_reduction=367.8 / 116.1)
     meta = {"input_shape": [1, 1, 112, 112, 128], "device": "cpu", "threads": 2}
     return [original, compressed], meta
@@ -49,6 +49,7 @@ def test_summary_says_which_proof_is_which_and_fits_a_screen(tmp_path):
     assert "gate (" in text and "passed" in text
     assert "TotalSegmentator 3 mm" in text and "112×112×128" in text
     assert "× faster" in text and "fewer MACs" in text
+    assert "profiled policy" in text and "auto policy" in text  # each part names its policy
     assert len(text.splitlines()) <= 20  # + progress lines and the "written" line: ≤ 25 in all
 
 
