@@ -184,7 +184,7 @@ class Evaluation:
         import matplotlib.pyplot as plt
 
         summary = self.to_dict()["summary"]
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(self.classes)), 4.2))
+        fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(self.classes)), 4.4))  # room for the legend below
         self.plot_dice(ax)
         ax.set_title("Per-class Dice")
         fig.tight_layout()
