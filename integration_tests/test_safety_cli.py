@@ -1,0 +1,181 @@
+"""Nothing lost, nothing stale, through the real console scripts: refusals end in one line
+(``nnunet-tucker: error: ...``), exit code 2 for this package's commands, and touch nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from helpers import folder_digest, predict, run
+
+pytestmark = pytest.mark.integration
+
+ERROR = "nnunet-tucker: error: "
+
+
+def last_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_one_line_error(result, expected: str, code: int | None = 2) -> None:
+    assert result.returncode == code if code is not None else result.returncode != 0, result.stderr
+    assert not any(line.startswith("Traceback ") for line in result.stderr.splitlines()), result.stderr
+    line = last_line(result.stderr)
+    assert line.startswith(ERROR) and expected in line, result.stderr
+
+
+def compress(env, source, target, *flags, check=False):
+    return run(["nnunet-tucker", "compress", "-i", str(source), "-o", str(target), "--rank-ratio", "0.5",
+                "--policy", "auto", *flags], env, check=check)
+
+
+def test_compress_into_the_folder_that_holds_the_source_is_refused(model_folder, nnunet_env, workspace):
+    before = folder_digest(workspace / "results")
+    for target in (model_folder.parent, model_folder.parent.parent):
+        result = compress(nnunet_env, model_folder, target, "--overwrite")
+        assert_one_line_error(result, "holds the source model folder")
+    assert folder_digest(workspace / "results") == before
+
+
+@pytest.mark.parametrize("case", ["user folder", "file in the way", "stray fold", "unknown pattern"])
+def test_compress_bad_input_is_one_line_and_leaves_things_as_they_were(model_folder, nnunet_env, tmp_path, case):
+    source, target, flags = model_folder, tmp_path / "out", ["-f", "0"]
+    if case == "user folder":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+        flags.append("--overwrite")
+        expected = "is not a model folder written by nnunet-tucker"
+    elif case == "file in the way":
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "out"
+        expected = "is a file, not a folder"
+    elif case == "stray fold":
+        source = tmp_path / "model"
+        shutil.copytree(model_folder, source)
+        shutil.copytree(source / "fold_0", source / "fold_0_backup")
+        flags = ["-f", "0_backup"]
+        expected = "['0_backup'] are not folds"
+    else:
+        flags += ["--exclude", "decoder.seg_layer.*"]
+        expected = "['decoder.seg_layer.*'] match no convolution"
+    before = folder_digest(tmp_path)
+    assert_one_line_error(compress(nnunet_env, source, target, *flags), expected)
+    assert folder_digest(tmp_path) == before
+
+
+def test_compress_ignores_a_stray_fold_folder(model_folder, nnunet_env, tmp_path):
+    source = tmp_path / "model"
+    shutil.copytree(model_folder, source)
+    shutil.copytree(source / "fold_0", source / "fold_0_backup")
+    compress(nnunet_env, source, tmp_path / "out", check=True)
+    assert sorted(p.name for p in (tmp_path / "out").glob("fold_*")) == ["fold_0", "fold_1"]
+
+
+@pytest.fixture(scope="module")
+def one_case(cases, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one_case")
+    first = sorted(cases.glob("*_0000.nii.gz"))[0]
+    shutil.copy(first, folder / first.name)
+    return folder
+
+
+def evaluate(env, model, images, out, *flags, check=False):
+    return run(["nnunet-tucker", "evaluate", "-m", str(model), "-i", str(images), "-o", str(out), "-f", "0",
+                "--disable_tta", *flags], env, check=check)
+
+
+def test_evaluate_compares_only_the_cases_of_this_run(model_folder, nnunet_env, cases, one_case, tmp_path):
+    out = tmp_path / "ev"
+    for sub in ("original", "compressed"):  # what an earlier run on other cases left
+        (out / sub).mkdir(parents=True)
+        shutil.copy(cases.parent / "labels" / sorted(p.name for p in (cases.parent / "labels").iterdir())[-1],
+                    out / sub / "earlier_case.nii.gz")
+    (out / "evaluation.json").write_text('{"cases": ["earlier_case.nii.gz"]}')
+    before = folder_digest(out)
+
+    mild = ["--rank-ratio", "0.9", "--policy", "auto"]
+    assert_one_line_error(evaluate(nnunet_env, model_folder, one_case, out, *mild), "is not empty; pass --overwrite")
+    assert folder_digest(out) == before
+
+    evaluate(nnunet_env, model_folder, one_case, out, *mild, "--overwrite", check=True)
+    data = json.loads((out / "evaluation.json").read_text())
+    assert sorted(data["cases"]) == [p.name.replace("_0000", "") for p in one_case.iterdir()]
+    for sub in ("original", "compressed"):
+        assert sorted(p.name for p in (out / sub).glob("*.nii.gz")) == sorted(data["cases"])
+
+
+@pytest.mark.parametrize("problem", ["other cases", "some cases", "wrong shape", "no folder"])
+def test_evaluate_reference_labels_must_match_the_cases(model_folder, nnunet_env, cases, tmp_path, problem):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    names = sorted(p.name.replace("_0000", "") for p in cases.glob("*_0000.nii.gz"))
+    source = cases.parent / "labels"
+    if problem == "other cases":
+        for name in names:
+            shutil.copy(source / name, labels / ("other_" + name))
+        expected = f"has no reference label map for {len(names)} of {len(names)} case(s)"
+    elif problem == "some cases":
+        shutil.copy(source / names[0], labels / names[0])
+        expected = f"has no reference label map for {len(names) - 1} of {len(names)} case(s): {names[1]}"
+    elif problem == "wrong shape":
+        for name in names:
+            shutil.copy(source / name, labels / name)
+        small = sitk.GetImageFromArray(np.zeros((4, 5, 6), dtype=np.uint8))
+        sitk.WriteImage(small, str(labels / names[0]))
+        expected = "has size (6, 5, 4) but its image"
+    else:
+        labels = tmp_path / "missing"
+        expected = "does not exist"
+    out = tmp_path / "ev"
+    result = evaluate(nnunet_env, model_folder, cases, out, "-r", str(labels), "--rank-ratio", "0.5")
+    assert_one_line_error(result, expected)
+    assert not (out / "original").exists()
+
+
+def test_evaluate_refuses_a_compressed_folder_of_another_model(model_folder, nnunet_env, one_case, tmp_path):
+    compressed = tmp_path / "compressed"
+    compress(nnunet_env, model_folder, compressed, "-f", "0", check=True)
+    other = tmp_path / "other_model"
+    shutil.copytree(model_folder, other)
+    checkpoint = torch.load(other / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    for value in checkpoint["network_weights"].values():
+        value.mul_(1.01)
+    torch.save(checkpoint, other / "fold_0" / "checkpoint_final.pth")
+
+    result = evaluate(nnunet_env, other, one_case, tmp_path / "ev", "-c", str(compressed))
+    assert_one_line_error(result, "was compressed from")
+    assert not (tmp_path / "ev" / "original").exists()
+    forced = evaluate(nnunet_env, other, one_case, tmp_path / "ev", "-c", str(compressed), "--force")
+    assert forced.returncode == 0, forced.stderr
+    evaluate(nnunet_env, model_folder, one_case, tmp_path / "ev_same", "-c", str(compressed), check=True)
+
+
+@pytest.mark.parametrize("variable", [{"TUCKER_RANK_RATIO": "abc"}, {"TUCKER_RANK_RATIO": "0.5",
+                                                                      "TUCKER_EXCLUDE": "nothing.*"}])
+def test_bad_request_through_unchanged_nnunet_ends_in_one_line(nnunet_env, cases, tmp_path, variable):
+    out = tmp_path / "out"
+    result = predict(nnunet_env, cases, out, "-f", "0", check=False, **variable)
+    expected = "TUCKER_RANK_RATIO='abc' is not allowed" if variable["TUCKER_RANK_RATIO"] == "abc" else "['nothing.*']"
+    assert_one_line_error(result, expected, code=None)
+    assert not list(out.glob("*.nii.gz"))
+
+
+def test_unwritable_report_path_stops_before_any_work(nnunet_env, cases, tmp_path):
+    report = tmp_path / "reports"
+    report.mkdir()
+    out = tmp_path / "out"
+    result = predict(nnunet_env, cases, out, "-f", "0", check=False, TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
+    assert_one_line_error(result, f"TUCKER_REPORT='{report}' is not allowed: {report} is a folder", code=None)
+    assert not list(out.glob("*.nii.gz")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_one_flag_overrides_an_exported_budget(nnunet_env, cases, tmp_path):
+    result = predict(nnunet_env, cases, tmp_path / "out", "-f", "0", "--disable_tta", "-tucker_rank_ratio", "0.5",
+                     "-tucker_policy", "auto", script="nnUNetv2_predict_tucker", TUCKER_MAC_BUDGET="0.3")
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nnunet-tucker: rank_ratio=0.5 ")]
+    assert len(lines) == 1, result.stderr
