@@ -1,18 +1,21 @@
-"""Fidelity without fine-tuning at equal MACs: published rule vs budgeted ranks vs budgeted + calibration.
+"""Fidelity without fine-tuning: weights only vs self-calibrated vs calibrated on a folder, and at equal
+MACs the published rule vs budgeted ranks.
 
-    python benchmarks/fidelity.py [--model FOLDER] [--folds 0 1] [--budgets 0.2 0.3] [--cases 6]
-                                  [--calibration-cases 4] [--out DIR]
+    python benchmarks/fidelity.py [--model FOLDER] [--folds 0 1] [--ratios 0.3] [--budgets 0.2 0.3]
+                                  [--cases 6] [--calibration-cases 4] [--out DIR]
 
 On the shipped demo model (nnU-Net trained on synthetic CT, folds 0 and 1) or another model trained
 on the phantoms (e.g. one with nnU-Net's own widths for this dataset: ``python -m nnunet_tucker.demo_model
 --out-dir full --features 32 64 128 256 320 --folds 0``, about 75 min on 2 cores; or a half-width one,
-``--features 16 32 64 128 128``, 12 min), for each MAC budget
-(share of the original multiply-accumulates per patch):
-- ``paper``: the published rule (policy paper) at the largest rank ratio within the budget;
-- ``paper + calibration``: the same ranks, factors fitted on calibration images (whitened fit,
-  then core and last factor refitted in forward order);
-- ``budget``: ranks allocated per layer within the budget (weights only);
-- ``budget + calibration``: ranks (in units of the estimated loss) and factors from calibration images.
+``--features 16 32 64 128 128``, 12 min):
+- for each rank ratio with the default policy (what ``TUCKER_RANK_RATIO`` alone asks for): the factors
+  fitted to the weights alone (``calibration none``), self-calibrated (the default: on the first case a
+  run segments, here one other unlabelled case, then from the cache), and calibrated on a folder of cases;
+- for each MAC budget (share of the original multiply-accumulates per patch): ``paper``, the published
+  rule at the largest rank ratio within the budget, weights only, and ``paper + calibration`` (the same
+  ranks, factors fitted on the calibration folder); ``budget``: ranks allocated per layer within the
+  budget, weights only; ``budget + self-calibration`` and ``budget + calibration``: ranks (in units of
+  the estimated loss) and factors from one self-calibration case or from the calibration folder.
 Every variant predicts the same held-out synthetic cases through nnU-Net's predictor (TTA off);
 the table gives per-class Dice vs the uncompressed segmentation and vs the ground truth.
 Calibration images are other synthetic cases (their labels unused).
@@ -23,6 +26,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -75,6 +80,8 @@ def per_class_dice(segs: dict[str, np.ndarray], references: dict[str, np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.3])
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.3],
+                        help="rank ratios with the default policy (what TUCKER_RANK_RATIO alone asks for)")
     parser.add_argument("--cases", type=int, default=6, help="held-out evaluation cases")
     parser.add_argument("--calibration-cases", type=int, default=4)
     parser.add_argument("--calibration-patches", type=int, default=4)
@@ -87,39 +94,59 @@ def main() -> None:
     model = args.model
     work = args.out or Path(tempfile.mkdtemp(prefix="tucker_fidelity_"))
     work.mkdir(parents=True, exist_ok=True)
+    os.environ["TUCKER_CACHE_DIR"] = str(work / "cache")  # self-calibrations of this run only
     images, calibration = work / "cases" / "images", work / "calibration" / "images"
     make_test_cases(images, args.cases, seed=EVAL_SEED)
     make_test_cases(calibration, args.calibration_cases, seed=CALIBRATION_SEED)
+    first_case = work / "first_case"  # what a self-calibrating run segments first: one other, unlabelled case
+    first_case.mkdir(exist_ok=True)
+    shutil.copy(sorted(calibration.glob("*_0000.nii.gz"))[0], first_case)
     truth = read_segmentations(images.parent / "labels")
 
     def run(label: str, config: TuckerConfig | bool) -> dict:
+        if config is not False and config.calibration is None:  # self-calibrated on `first_case`, then cached
+            predict_folder(model, first_case, work / "predictions" / f"{label}-first", config, args.folds,
+                           "checkpoint_final.pth", torch.device("cpu"), False, label)
         result = predict_folder(model, images, work / "predictions" / label, config, args.folds,
                                 "checkpoint_final.pth", torch.device("cpu"), False, label)
+        if config is not False and config.calibration is None:
+            assert result.report["extra"]["calibration"]["from_cache"], "the self-calibration was not reused"
         return {"segs": read_segmentations(result.output_folder), "report": result.report, "seconds": result.seconds}
 
     original = run("original", False)
     loaded = load_trained_model(model, folds=args.folds[:1])
-    rows = [{"variant": "original", "budget": 1.0, "macs": 1.0,
+    rows = [{"variant": "original", "target": "100%", "macs": 1.0,
              "dice_vs_original": {n: 1.0 for n, label in LABELS.items() if label > 0},
              "dice_vs_truth": per_class_dice(original["segs"], truth)}]
     cal = {"calibration": str(calibration), "calibration_patches": args.calibration_patches}
+    none, self_cal = {"calibration": "none"}, {"calibration_patches": args.calibration_patches}
+    low = {"rank_min": args.rank_min}
+    targets: list[tuple[str, dict[str, TuckerConfig]]] = []
+    for ratio in args.ratios:
+        targets.append((f"ratio {ratio:g}", {
+            "weights only": TuckerConfig(ratio, **low, **none),
+            "self-calibrated": TuckerConfig(ratio, **low, **self_cal),
+            f"calibrated on {args.calibration_cases} cases": TuckerConfig(ratio, **low, **cal),
+        }))
     for budget in args.budgets:
         ratio, _ = paper_ratio_within(loaded.network, loaded.input_shape, budget, args.rank_min)
-        low = {"rank_min": args.rank_min}
-        variants = {
-            f"paper (ratio {ratio:.3f})": TuckerConfig(ratio, policy="paper", **low),
+        targets.append((f"{budget:.0%} MACs", {
+            f"paper (ratio {ratio:.3f})": TuckerConfig(ratio, policy="paper", **low, **none),
             "paper + calibration": TuckerConfig(ratio, policy="paper", **low, **cal),
-            "budget": TuckerConfig(mac_budget=budget, **low),
+            "budget": TuckerConfig(mac_budget=budget, **low, **none),
+            "budget + self-calibration": TuckerConfig(mac_budget=budget, **low, **self_cal),
             "budget + calibration": TuckerConfig(mac_budget=budget, **low, **cal),
-        }
+        }))
+    for target, variants in targets:
         for name, config in variants.items():
-            out = run(f"{budget}-{name.split(' (')[0].replace(' + ', '+')}", config)
+            label = f"{target}-{name.split(' (')[0]}".replace(" ", "_").replace("%", "pct").replace("+", "and")
+            out = run(label, config)
             report = out["report"]
             rows.append({
-                "variant": name, "budget": budget, "macs": report["macs_after"] / report["macs_before"],
+                "variant": name, "target": target, "macs": report["macs_after"] / report["macs_before"],
                 "dice_vs_original": per_class_dice(out["segs"], original["segs"]),
                 "dice_vs_truth": per_class_dice(out["segs"], truth),
-                "config": config.to_dict(),
+                "config": config.to_dict(), "calibration": report["extra"].get("calibration"),
             })
             print_row(rows[-1])
 
@@ -130,18 +157,18 @@ def main() -> None:
 
 def print_row(row: dict) -> None:
     worst = min(row["dice_vs_original"].values())
-    print(f"{row['budget']:.0%} {row['variant']:<24} MACs {row['macs']:.1%} worst class Dice vs original {worst:.3f}",
+    print(f"{row['target']} {row['variant']:<26} MACs {row['macs']:.1%} worst class Dice vs original {worst:.3f}",
           flush=True)
 
 
 def table(rows: list[dict]) -> str:
     names = [n for n, label in LABELS.items() if label > 0]
-    head = ("| budget | variant | MACs kept | " + " | ".join(f"{n} vs orig" for n in names) + " | worst vs orig | "
+    head = ("| target | variant | MACs kept | " + " | ".join(f"{n} vs orig" for n in names) + " | worst vs orig | "
             + " | ".join(f"{n} vs truth" for n in names) + " |")
     lines = [head, "|" + "---|" * (4 + 2 * len(names))]
     for r in rows:
         lines.append(
-            f"| {r['budget']:.0%} | {r['variant']} | {r['macs']:.1%} | "
+            f"| {r['target']} | {r['variant']} | {r['macs']:.1%} | "
             + " | ".join(f"{r['dice_vs_original'][n]:.3f}" for n in names)
             + f" | **{min(r['dice_vs_original'].values()):.3f}** | "
             + " | ".join(f"{r['dice_vs_truth'][n]:.3f}" for n in names) + " |"

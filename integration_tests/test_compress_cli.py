@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def compressed(model_folder, nnunet_env, workspace):
     out = workspace / "compressed_0.5"
-    run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(out), "--rank-ratio", "0.5",
+    run(["nnunet-tucker", "compress", "--calibration", "none",
+         "-i", str(model_folder), "-o", str(out), "--rank-ratio", "0.5",
          "--policy", "auto"], nnunet_env)
     return out
 
@@ -61,11 +62,13 @@ def test_compressed_folder_ignores_a_second_request(compressed, nnunet_env, case
 
 
 def test_refusals_and_overwrite(compressed, model_folder, nnunet_env, tmp_path):
-    again = run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(compressed), "--rank-ratio", "0.3",
+    again = run(["nnunet-tucker", "compress", "--calibration", "none",
+                 "-i", str(model_folder), "-o", str(compressed), "--rank-ratio", "0.3",
                  "--policy", "auto"],
                 nnunet_env, check=False)
     assert again.returncode == 2 and logged(again.stderr, "error:", "exists; pass --overwrite"), again.stderr
-    twice = run(["nnunet-tucker", "compress", "-i", str(compressed), "-o", str(tmp_path / "x"), "--rank-ratio", "0.3",
+    twice = run(["nnunet-tucker", "compress", "--calibration", "none",
+                 "-i", str(compressed), "-o", str(tmp_path / "x"), "--rank-ratio", "0.3",
                  "--policy", "auto"],
                 nnunet_env, check=False)
     assert twice.returncode == 2 and logged(twice.stderr, "error:", "already compressed"), twice.stderr
@@ -73,7 +76,8 @@ def test_refusals_and_overwrite(compressed, model_folder, nnunet_env, tmp_path):
     target = tmp_path / "over"
     shutil.copytree(compressed, target)  # an earlier output of this package: what --overwrite may replace
     (target / "old.txt").write_text("old")
-    run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(target), "--rank-ratio", "0.3",
+    run(["nnunet-tucker", "compress", "--calibration", "none",
+         "-i", str(model_folder), "-o", str(target), "--rank-ratio", "0.3",
          "--policy", "auto", "-f", "0", "--overwrite"], nnunet_env)
     assert not (target / "old.txt").exists() and (target / "fold_0" / "checkpoint_final.pth").is_file()
     assert not list(tmp_path.glob(".over.*"))
@@ -88,7 +92,8 @@ def test_bad_checkpoint_gives_clear_error_and_no_output(model_folder, nnunet_env
         checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
     else:
         torch.save({"state_dict": {}}, checkpoint)
-    result = run(["nnunet-tucker", "compress", "-i", str(broken), "-o", str(tmp_path / "out"), "--rank-ratio", "0.5",
+    result = run(["nnunet-tucker", "compress", "--calibration", "none",
+                  "-i", str(broken), "-o", str(tmp_path / "out"), "--rank-ratio", "0.5",
                   "--policy", "auto"],
                  nnunet_env, check=False)
     assert result.returncode == 2

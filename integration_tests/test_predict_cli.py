@@ -65,8 +65,8 @@ def test_ratio_one_paper_policy_gives_the_same_segmentation(nnunet_env, cases, w
     """The segmentation is the original's except at near ties: voxels whose top two original probabilities
     are within `NEAR_TIE` (argmax flips there with rounding); the probabilities agree within `MOVED`."""
     out = workspace / "pred_env_1.0"
-    result = predict(nnunet_env, cases, out, "-f", "0", "--save_probabilities",
-                     TUCKER_RANK_RATIO="1.0", TUCKER_POLICY="paper", TUCKER_RANK_MIN="1")
+    result = predict(nnunet_env, cases, out, "-f", "0", "--save_probabilities",  # the decomposition alone
+                     TUCKER_RANK_RATIO="1.0", TUCKER_POLICY="paper", TUCKER_RANK_MIN="1", TUCKER_CALIBRATION="none")
     assert logged(result.stderr, "rank_ratio=1.0 policy=paper"), result.stderr
     original, compressed = load_probabilities(baseline_folder), load_probabilities(out)
     segs, baseline = load_segmentations(out), load_segmentations(baseline_folder)
@@ -100,6 +100,30 @@ def test_environment_variable_compresses_and_reports(compressed_half, baseline):
     scores = dice_per_class(segs, baseline)
     record("ratio 0.5 (auto) vs uncompressed", scores)
     assert min(scores.values()) > 0.5, scores  # zero-shot at 0.5: a broken decomposition gives ~0
+
+
+def test_a_variable_alone_calibrates_on_the_first_case_then_the_cache_serves_other_images(
+        nnunet_env, cases, workspace, baseline):
+    """TUCKER_RANK_RATIO alone (default policy and calibration): the first run calibrates on its first case; a
+    later run on another image is compressed at load from the cache and segments it as the first run did."""
+    first = predict(nnunet_env, cases, workspace / "pred_self_0.3", "-f", "0", TUCKER_RANK_RATIO="0.3")
+    lines = [line for line in log_lines(first.stderr) if line.startswith("nnunet-tucker: rank_ratio=0.3 ")]
+    assert len(lines) == 2 and lines[0].startswith("nnunet-tucker: rank_ratio=0.3 policy=profiled: calibrating on "
+                                                   "the first case this run segments"), first.stderr
+    assert "; self-calibrated on case_000, 4 patch(es); decomposed 1 fold(s) in " in lines[1], first.stderr
+
+    held_out = workspace / "held_out"
+    held_out.mkdir()
+    shutil.copy(cases / "case_001_0000.nii.gz", held_out)
+    second = predict(nnunet_env, held_out, workspace / "pred_self_0.3_again", "-f", "0", TUCKER_RANK_RATIO="0.3")
+    lines = [line for line in log_lines(second.stderr) if line.startswith("nnunet-tucker: rank_ratio=0.3 ")]
+    assert len(lines) == 1 and "; self-calibrated on case_000, 4 patch(es), at " in lines[0], second.stderr
+    assert ", from the cache; cache hit" in lines[0], second.stderr
+    again = load_segmentations(workspace / "pred_self_0.3_again")
+    assert np.array_equal(again["case_001.nii.gz"], load_segmentations(workspace / "pred_self_0.3")["case_001.nii.gz"])
+    scores = dice_per_class(again, {"case_001.nii.gz": baseline["case_001.nii.gz"]})
+    record("ratio 0.3 (profiled), self-calibrated on case_000, case_001 vs uncompressed", scores)
+    assert min(scores.values()) > 0.5, scores
 
 
 def test_one_flag_command_matches_the_environment_variable(nnunet_env, cases, workspace, compressed_half):
@@ -139,9 +163,15 @@ def test_num_parts_processes_share_one_cache_entry(nnunet_env, cases, workspace,
              for i in range(2)]
     errors = [p.communicate(timeout=900)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
-    assert all(logged(e, "rank_ratio=0.4") for e in errors), errors
     assert len(load_segmentations(out)) == 2
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    # each segments another case first, but they calibrate once, under a lock: one record, one set of statistics,
+    # one decomposition, and whichever process waited says it took the other's from the cache
+    cache = tmp_path / "cache"
+    calibrated = [line for e in errors for line in log_lines(e) if line.startswith("nnunet-tucker: rank_ratio=0.4 ")]
+    assert len(calibrated) == 2 and sum(", from the cache; " in line for line in calibrated) == 1, errors
+    assert len(list(cache.glob("self-calibration-*.json"))) == 1 and len(list(cache.glob("statistics-*.pt"))) == 1
+    assert len([p for p in cache.glob("*.pt") if not p.name.startswith("statistics-")]) == 1
+    assert not list(cache.glob("*.tmp"))
 
 
 def test_plans_field_asks_for_compression(nnunet_env, cases, workspace, model_folder, compressed_half):

@@ -44,6 +44,7 @@ def _check_report(path, stderr):
     assert TASK_FOLDER in report["extra"]["model"]
     assert report["config"]["rank_ratio"] == 0.5 and report["decomposed_layers"] > 0
     assert report["params_after"] < report["params_before"]
+    assert report["extra"]["calibration"]["on"] == "first case"  # by this run or an earlier one (then cached)
     assert any(line.startswith("nnunet-tucker: rank_ratio=0.5") for line in log_lines(stderr)), stderr
 
 
@@ -77,7 +78,8 @@ def test_totalsegmentator_loads_a_compressed_model_folder(totalseg_env, ct, tmp_
     shutil.copytree(totalseg_env["TOTALSEG_HOME_DIR"], home)
     model = home / "nnunet" / "results" / TASK_FOLDER / f"{TRAINER}__nnUNetPlans__3d_fullres"
     compressed = tmp_path / "compressed"
-    run(["nnunet-tucker", "compress", "-i", str(model), "-o", str(compressed), "--rank-ratio", "0.5",
+    run(["nnunet-tucker", "compress", "--calibration", "none",
+         "-i", str(model), "-o", str(compressed), "--rank-ratio", "0.5",
          "--policy", "auto", "-f", "0"], totalseg_env)
     shutil.rmtree(model)
     shutil.move(compressed, model)

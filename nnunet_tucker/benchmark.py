@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from unittest import mock
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .accounting import count_macs, count_params
-from .config import TuckerConfig
+from .config import NO_CALIBRATION, TuckerConfig
 from .surgery import compress_network, unwrap
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,9 @@ def time_prediction(
     go through a fresh temporary cache unless `cache_dir` is given, so `load_seconds` includes them.
     `seconds` are whole-folder predictions (preprocessing, sliding window with step 0.5, export,
     nnU-Net's worker start-up), interleaved round by round; `speedup` compares those. `compile`
-    sets ``nnUNet_compile``; on CUDA nnU-Net's predictor runs in fp16 autocast by itself.
+    sets ``nnUNet_compile``; on CUDA nnU-Net's predictor runs in fp16 autocast by itself. A config
+    without a calibration folder is fitted to the weights alone (the same ranks, hence the same speed,
+    except under a MAC budget), so that no timed run self-calibrates.
     """
     from .nnunet.predictor import TuckerPredictor, input_shape_of
 
@@ -188,6 +190,8 @@ def time_prediction(
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # nnU-Net prints a lot
         for config in [None, *configs]:
             name = "original" if config is None else variant_name(config)
+            if config is not None and config.calibration is None:  # compressed at load, not in the first timed run
+                config = replace(config, calibration=NO_CALIBRATION)
             predictor = TuckerPredictor(
                 tile_step_size=0.5, use_mirroring=use_mirroring, perform_everything_on_device=True, device=dev,
                 allow_tqdm=False, tucker_config=False if config is None else config,

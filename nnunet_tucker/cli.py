@@ -9,7 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import POLICIES, TuckerConfigError, check_field, env_variables, read_env, read_plans, resolve_config
+from .config import (
+    NO_CALIBRATION,
+    POLICIES,
+    TuckerConfigError,
+    check_field,
+    env_variables,
+    read_env,
+    read_plans,
+    resolve_config,
+)
 
 logger = logging.getLogger("nnunet_tucker")
 
@@ -22,8 +31,9 @@ _HELP = {
     "rank_multiple": "round ranks up to a multiple of this, e.g. 8 for tensor cores (default 1)",
     "hooi_iterations": "HOOI refinement iterations after the HOSVD start (default 0)",
     "exclude": "fnmatch patterns of module names to leave as they are",
-    "calibration": "folder of unlabelled images (CASE_0000.nii.gz, ...) to fit the factors to the model's data",
-    "calibration_patches": "patches taken from the calibration images (default 4)",
+    "calibration": "folder of unlabelled images (CASE_0000.nii.gz, ...) to fit the factors to the model's data, "
+                   "or 'none' for the weights alone (default when predicting: the first case segmented)",
+    "calibration_patches": "network-input patches taken from the calibration images (default 4)",
 }
 _TYPES = {"rank_ratio": float, "mac_budget": float, "policy": str, "rank_min": int, "rank_multiple": int,
           "hooi_iterations": int, "calibration": str, "calibration_patches": int}
@@ -301,8 +311,9 @@ def predict_entry_point(argv: list[str] | None = None) -> None:
         read_env()  # a bad TUCKER_* variable is named now, not inside nnU-Net
         if "rank_ratio" in fields and "mac_budget" in fields:
             raise TuckerConfigError("give one of -tucker_rank_ratio and -tucker_mac_budget, not both")
-        if "calibration" in fields and not Path(fields["calibration"]).is_dir():
-            raise TuckerConfigError(f"-tucker_calibration {fields['calibration']!r} is not a folder of images")
+        if fields.get("calibration", NO_CALIBRATION) != NO_CALIBRATION and not Path(fields["calibration"]).is_dir():
+            raise TuckerConfigError(f"-tucker_calibration {fields['calibration']!r} is not a folder of images "
+                                    f"(nor {NO_CALIBRATION!r}, the weights alone)")
     except TuckerConfigError as e:
         parser.exit(2, f"nnUNetv2_predict_tucker: error: {e}\n")
     env = env_variables()

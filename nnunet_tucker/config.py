@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 POLICIES = ("profiled", "auto", "paper")
+NO_CALIBRATION = "none"  # the `calibration` value that asks for the fit to the weights alone
 
 
 class TuckerConfigError(ValueError):
@@ -67,7 +69,7 @@ _FIELDS: dict[str, _Field] = {
     ),
     "calibration": _Field(
         "TUCKER_CALIBRATION", str, lambda v: isinstance(v, str) and v.strip() != "",
-        "a folder of images in the model's input format (CASE_0000.nii.gz, ...)",
+        f"a folder of images in the model's input format (CASE_0000.nii.gz, ...) or {NO_CALIBRATION!r}",
     ),
     "calibration_patches": _Field(
         "TUCKER_CALIBRATION_PATCHES", int, lambda v: _is_int(v) and v >= 1, "an integer >= 1"
@@ -105,8 +107,10 @@ class TuckerConfig:
     rank_multiple: ranks are rounded up to a multiple of this (hardware alignment, e.g. 8).
     hooi_iterations: HOOI refinement steps after the HOSVD start (0 = plain HOSVD).
     exclude: fnmatch patterns of module names to leave as they are.
-    calibration: folder of unlabelled images in the model's input format; the factors are then
-        fitted to keep the network's prediction on them rather than the weights (see README).
+    calibration: what the factors are fitted to keep, the network's prediction on data rather than
+        the weights (see README): None (default) calibrates on the first image a prediction run
+        segments; a folder of unlabelled images in the model's input format calibrates on those;
+        ``"none"`` fits the weights alone (quality unverified).
     calibration_patches: network-input patches taken from the calibration images.
     """
 
@@ -133,7 +137,12 @@ class TuckerConfig:
     def describe(self) -> str:
         """A short summary such as ``rank_ratio=0.5 policy=auto`` or ``mac_budget=0.2 calibrated``."""
         target = f"rank_ratio={self.rank_ratio}" if self.rank_ratio is not None else f"mac_budget={self.mac_budget}"
-        return f"{target} policy={self.policy}" + (" calibrated" if self.calibration else "")
+        return f"{target} policy={self.policy}"
+
+    @property
+    def weights_only(self) -> bool:
+        """Whether the factors are fitted to the weights alone (``calibration="none"``)."""
+        return self.calibration == NO_CALIBRATION
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (``TuckerConfig(**d)`` rebuilds it)."""
@@ -210,6 +219,29 @@ def default_cache_dir() -> Path:
         return Path(os.environ["TUCKER_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "nnunet_tucker"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[bool]:
+    """Hold an advisory lock on the file `path` (created if need be) while inside; yields whether one
+    is held: False where the OS has no advisory locks or the folder is not writable, and then each
+    process goes on alone. Processes that start together (``-num_parts``) so do shared work once."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "w")  # noqa: SIM115 (held until closed)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield True
+    finally:
+        lock.close()  # releases the lock
 
 
 def creation_problem(path: Path) -> str | None:

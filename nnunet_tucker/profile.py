@@ -21,13 +21,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import IO
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .config import default_cache_dir
+from .config import default_cache_dir, file_lock
 from .layers import FusedInstanceNorm, TuckerConv, conv_spec
 
 logger = logging.getLogger(__name__)
@@ -95,29 +94,13 @@ class LayerTimer:
         """Hold the profile's lock file (where the OS and the disk allow one), reading what others
         stored first, and save on leaving: processes that load a model together (``-num_parts``)
         time once and decide alike."""
-        lock = self._lock()
-        try:
-            if lock is not None:
-                self.timings = {**self.timings, **self._read()}
-            yield
-        finally:
-            self.save()
-            if lock is not None:
-                lock.close()  # releases the lock
-
-    def _lock(self) -> IO | None:
-        """The profile's lock file, held; None where there are no advisory locks or no writable cache."""
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks here: each process may time on its own
-            return None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(self.path.with_suffix(".lock"), "w")  # noqa: SIM115 (held until closed)
-        except OSError:
-            return None
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return lock
+        with file_lock(self.path.with_suffix(".lock")) as locked:
+            try:
+                if locked:
+                    self.timings = {**self.timings, **self._read()}
+                yield
+            finally:
+                self.save()
 
     def save(self) -> None:
         """Write the timings (merged with what other processes wrote meanwhile), atomically."""

@@ -26,7 +26,7 @@ from nnunet_tucker.nnunet.presets import build_preset
 from nnunet_tucker.profile import LayerTimer
 from nnunet_tucker.surgery import plan_compression
 
-CONFIG = TuckerConfig(0.5, policy="auto")
+CONFIG = TuckerConfig(0.5, policy="auto", calibration="none")
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -76,7 +76,8 @@ def test_overwrite_replaces_only_a_folder_this_package_wrote(results, tmp_path):
     compress_model_folder(results, out, CONFIG, folds=["0"])
     with pytest.raises(ModelFolderError, match="exists; pass --overwrite"):
         compress_model_folder(results, out, CONFIG, folds=["0"])
-    compress_model_folder(results, out, TuckerConfig(0.3, policy="auto"), folds=["0"], overwrite=True)
+    compress_model_folder(results, out, TuckerConfig(0.3, policy="auto", calibration="none"), folds=["0"],
+                          overwrite=True)
     assert '"rank_ratio": 0.3' in (out / MANIFEST_NAME).read_text()
 
 

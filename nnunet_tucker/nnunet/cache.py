@@ -17,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -116,14 +117,24 @@ class DecompositionCache:
 
 
 def _store(path: Path, entry: dict) -> None:
-    """torch.save `entry` to `path` through a temporary file and a rename; a failure only warns."""
+    """torch.save `entry` to `path` atomically; a failure only warns."""
+    _write_atomically(path, lambda f: torch.save(entry, f))
+
+
+def store_json(path: Path, data: Any) -> None:
+    """Write `data` as JSON to `path` atomically; a failure only warns."""
+    _write_atomically(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """`write` to a temporary file beside `path`, then rename it into place; a failure only warns."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
         tmp = Path(name)
         with os.fdopen(fd, "wb") as f:
-            torch.save(entry, f)
+            write(f)
         os.replace(tmp, path)
     except OSError as e:  # a read-only or full disk must not stop a prediction
         logger.warning("could not write the cache entry %s (%s)", path, e)

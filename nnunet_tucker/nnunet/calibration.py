@@ -1,4 +1,5 @@
-"""Calibration patches for data-aware compression, cut from a folder of the user's own images.
+"""Calibration patches for data-aware compression: cut from a folder of the user's own images, or from
+the first case a prediction run segments, as nnU-Net preprocessed it (`first_case_patches`).
 
 The folder holds a few unlabelled cases in the model's nnU-Net input format (``CASE_0000<ending>``,
 ``CASE_0001<ending>``, ... one file per input channel, ``<ending>`` being dataset.json's
@@ -227,24 +228,62 @@ def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: in
                                "the previous stage's segmentation")
     cases = calibration_cases(folder, predictor.dataset_json)
     used = list(cases.items())[:max_patches]  # round-robin gives every case >= 1 tile, so later ones get none
-    patch_size = [int(p) for p in configuration.patch_size]
     preprocessor = configuration.preprocessor_class(verbose=predictor.verbose_preprocessing)
+    images = [_preprocess(case, files, preprocessor, predictor) for case, files in used]
+    batch = cut_patches(images, configuration.patch_size, max_patches)
+    logger.info("Calibration: %d patch(es) of %s from %d of %d case(s) in %s", len(batch),
+                "x".join(map(str, configuration.patch_size)), len(used), len(cases), folder)
+    return batch
 
+
+def cut_patches(
+    images: Sequence[np.ndarray | torch.Tensor], patch_size: Sequence[int], max_patches: int
+) -> torch.Tensor:
+    """Up to ``max_patches`` network-input patches (N, C, *patch_size), float32 on the CPU, from
+    preprocessed images (C, *spatial): each padded to at least the patch size as the sliding window
+    pads it, the tiles taken round-robin over the images, evenly spaced within each."""
+    _check_max_patches(max_patches)
+    patch_size = [int(p) for p in patch_size]
     padded, tiles = [], []
-    for case, files in used:
-        data = _preprocess(case, files, preprocessor, predictor)
-        data = pad_nd_image(data, patch_size, "constant", {"value": 0})
-        padded.append(data)
-        tiles.append(_tiles(data, patch_size))
-
+    for image in images:
+        image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        image = pad_nd_image(image.astype(np.float32, copy=False), patch_size, "constant", {"constant_values": 0})
+        padded.append(image)
+        tiles.append(_tiles(image, patch_size))
     taken = _round_robin([len(t) for t in tiles], max_patches)
     chosen = [[tiles[i][j] for j in _evenly_spaced(len(tiles[i]), k)] for i, k in enumerate(taken)]
     patches = [np.ascontiguousarray(padded[i][chosen[i][r]])
-               for r in range(max(taken)) for i in range(len(used)) if r < taken[i]]
-    batch = torch.from_numpy(np.stack(patches)).to(torch.float32)
-    logger.info("Calibration: %d patch(es) of %s from %d of %d case(s) in %s", len(patches),
-                "x".join(map(str, patch_size)), len(used), len(cases), folder)
-    return batch
+               for r in range(max(taken)) for i in range(len(images)) if r < taken[i]]
+    return torch.from_numpy(np.stack(patches))
+
+
+def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patches: int, case: str) -> torch.Tensor:
+    """Calibration patches from the first case of a prediction run, as nnU-Net preprocessed it
+    (`data`, (C, *spatial)); a clear error where it cannot calibrate anything."""
+    configuration = predictor.configuration_manager
+    if configuration.previous_stage_name is not None:
+        raise CalibrationError(f"calibration on {case} needs a single-stage model: this configuration is a cascade "
+                               f"stage after {configuration.previous_stage_name!r}; set TUCKER_CALIBRATION to "
+                               "'none' (weights only)")
+    data = torch.as_tensor(data)
+    if not torch.isfinite(data).all():
+        raise CalibrationError(f"cannot calibrate on {case}: it has {int((~torch.isfinite(data)).sum())} NaN or "
+                               "infinite voxel(s) after nnU-Net's preprocessing. Set TUCKER_CALIBRATION to a folder "
+                               "of images of your own, or to 'none' (weights only)")
+    flat = data.flatten(1)
+    if bool((flat.amax(dim=1) == flat.amin(dim=1)).all()):
+        raise CalibrationError(f"cannot calibrate on {case}: every input channel is constant, which says nothing "
+                               "of the data the model sees. Set TUCKER_CALIBRATION to a folder of images of your "
+                               "own, or to 'none' (weights only)")
+    return cut_patches([data], configuration.patch_size, max_patches)
+
+
+def patches_digest(patches: torch.Tensor) -> str:
+    """Content hash of calibration patches (for cache keys)."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{_DIGEST_VERSION}|{tuple(patches.shape)}|".encode())
+    digest.update(patches.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def calibration_digest(folder: Path | str, dataset_json: Mapping[str, Any], max_patches: int) -> str:

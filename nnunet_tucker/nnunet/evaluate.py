@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..config import TuckerConfig
 from ..metrics import compare_segmentations
 from .model_folder import MANIFEST_NAME, ModelFolderError, sha256_of
-from .predictor import TuckerPredictor
+from .predictor import TuckerPredictor, calibration_phrase
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,10 @@ class Evaluation:
             c = compressed
             lines += ["", f"Parameters {c['params_before'] / 1e6:.3f}M → {c['params_after'] / 1e6:.3f}M, "
                       f"MACs {c['macs_before'] / 1e9:.2f}G → {c['macs_after'] / 1e9:.2f}G per patch."]
+            calibration = c.get("calibration", c.get("extra", {}).get("calibration"))
+            lines += ["", calibration_phrase(calibration).capitalize() + (
+                " (a case evaluated here too: for a held-out check, calibrate on other images with --calibration)"
+                if calibration and calibration["on"] == "first case" else "") + "."]
         if self.tolerance is not None:
             verdict = "PASSED" if not self.failing else f"FAILED: {', '.join(self.failing)}"
             lines += ["", f"Gate (tolerance {self.tolerance}): {verdict}"]

@@ -153,6 +153,11 @@ def compress_model_folder(
     (see `_check_target`); with `overwrite`, only a folder this package wrote is replaced. Nothing is
     left behind at `target` when anything fails, and staging folders of interrupted runs are removed.
     """
+    if config.calibration is None:
+        raise ModelFolderError(
+            "compress predicts no images, so it has none to calibrate on by itself: pass --calibration DIR "
+            "(a few unlabelled images in the model's input format, CASE_0000.nii.gz, ...; the fit keeps the "
+            "prediction on them) or --calibration none (the weights alone: quality unverified)")
     source, target = Path(source).resolve(), Path(target).resolve()
     _check_target(source, target, overwrite)
     plans_path = source / "plans.json"
@@ -160,10 +165,11 @@ def compress_model_folder(
         raise ModelFolderError(f"{source} is already compressed by nnunet-tucker (see its {MANIFEST_NAME})")
     _clean_leftovers(target)
 
-    from .predictor import compress_folds
+    from .predictor import compress_folds, folder_calibration
 
     model = load_trained_model(source, folds, checkpoint_name)
-    report, converted = compress_folds(model.predictor, config, str(source))
+    calibration = None if config.weights_only else folder_calibration(model.predictor, config)
+    report, converted = compress_folds(model.predictor, config, str(source), calibration)
 
     plans = copy.deepcopy(model.plans)
     configuration = plans["configurations"][model.configuration]

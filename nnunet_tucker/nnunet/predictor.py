@@ -8,12 +8,16 @@ CPU/CUDA, ``nnUNet_compile``).
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,21 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import nn
 
+from .. import __version__
 from ..accounting import CompressionReport
-from ..config import TuckerConfig, read_env, read_plans, report_path, resolve_config
+from ..config import TuckerConfig, default_cache_dir, file_lock, read_env, read_plans, report_path, resolve_config
 from ..profile import LayerTimer
 from ..statistics import collect_statistics
 from ..surgery import RefitData, compress_network, plan_compression, unwrap
 from .architecture import is_compressed
-from .cache import DecompositionCache
+from .cache import DecompositionCache, state_dict_digest, store_json
+from .calibration import (
+    calibration_cases,
+    calibration_digest,
+    first_case_patches,
+    load_calibration_patches,
+    patches_digest,
+)
 
 logger = logging.getLogger("nnunet_tucker")
 
@@ -63,12 +75,28 @@ def requested_config(predictor: nnUNetPredictor) -> TuckerConfig | None:
     return resolve_config(read_plans(plans), read_env(), explicit or {})
 
 
+class _NeedsFirstCase(Exception):
+    """Raised where self-calibration needs the patches of the first case, which is not at hand yet."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The data a compression is calibrated on: `key` names their content (statistics are cached under it),
+    `patches()` gives them (N, C, *patch) when first needed, `info` describes them for the log and report."""
+
+    key: str
+    patches: Callable[[], torch.Tensor]
+    info: dict[str, Any]
+
+
 def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) -> CompressionReport | None:
     """Compress an initialised predictor's network and fold weights if compression is asked for.
 
     Does nothing (returns None) when no config applies, when the predictor carries no fold
     weights (nnU-Net's trainer validates its live training network that way), or when this
-    load was already compressed.
+    load was already compressed. A config without a calibration folder is calibrated on the first
+    case the predictor segments: from the cache when this model was so calibrated before, else
+    the compression waits for that case (`finish_compression`).
     """
     config = requested_config(predictor)
     if config is None:
@@ -82,78 +110,128 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     if not folds:
         logger.debug("no fold weights to compress (training-time validation); left as is")
         return None
-    if getattr(predictor, "_tucker_compressed_folds", None) is folds:
+    if getattr(predictor, "_tucker_compressed_folds", None) is folds or getattr(predictor, "_tucker_pending", None):
         return None
     _ensure_visible_logging()
     report_file = report_path()  # a bad path is an error now, not after the work
 
-    report, converted = compress_folds(predictor, config, source)
+    if config.weights_only:
+        logger.warning("TUCKER_CALIBRATION=none: the factors are fitted to the weights alone, and the quality of "
+                       "the compressed model is unverified; check it with nnunet-tucker evaluate")
+        calibration = None
+    elif config.calibration is not None:
+        calibration = folder_calibration(predictor, config)
+    else:
+        calibration = _stored_self_calibration(_self_calibration_record(predictor, config))
+    try:
+        if config.calibration is None and calibration is None:
+            raise _NeedsFirstCase
+        report, converted = compress_folds(predictor, config, source, calibration)
+    except _NeedsFirstCase:
+        predictor._tucker_pending = (config, source, report_file)
+        logger.info("%s: calibrating on the first case this run segments (once per model; set TUCKER_CALIBRATION "
+                    "to a folder of images to choose others, or to 'none' for the weights alone)", config.describe())
+        return None
+    return _apply(predictor, report, converted, source, report_file)
+
+
+def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> CompressionReport | None:
+    """Finish a compression that waits for the first case (`compress_predictor`): calibrate on `data`,
+    that case as nnU-Net preprocessed it (C, *spatial), unless another process calibrated this model
+    meanwhile; processes that start together calibrate under one lock, once. No-op otherwise."""
+    pending = getattr(predictor, "_tucker_pending", None)
+    if not pending:
+        return None
+    config, source, report_file = pending
+    record = _self_calibration_record(predictor, config)
+    case = _case_name(data)
+    with file_lock(record.with_suffix(".lock")), torch.inference_mode(False), torch.enable_grad():
+        network = predictor.network
+        network.to(predictor.device)  # where nnU-Net will run it: calibrate there
+        try:
+            calibration = _stored_self_calibration(record)  # another process may have calibrated meanwhile
+            if calibration is None:
+                raise _NeedsFirstCase
+            report, converted = compress_folds(predictor, config, source, calibration)
+        except _NeedsFirstCase:
+            patches = first_case_patches(data, predictor, config.calibration_patches, case)
+            info = {"on": "first case", "case": case, "patches": len(patches),
+                    "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            calibration = Calibration(patches_digest(patches), lambda: patches, info)
+            report, converted = compress_folds(predictor, config, source, calibration)
+            store_json(record, {"key": calibration.key, "info": info})
+    predictor._tucker_pending = None
+    return _apply(predictor, report, converted, source, report_file)
+
+
+def _apply(predictor: nnUNetPredictor, report: CompressionReport, converted: list, source: str | None,
+           report_file: Path | None) -> CompressionReport:
+    """Hand the compressed fold weights to `predictor`, log its one line and write the report."""
     predictor.list_of_parameters = [state for state, _ in converted]
     predictor._tucker_compressed_folds = predictor.list_of_parameters
     predictor.tucker_report = report
-
     timing = (
         "cache hit" if report.extra["cache_misses"] == 0
         else f"decomposed {len(converted)} fold(s) in {report.decomposition_seconds:.1f} s"
     )
-    logger.info("%s; %s%s", report.summary(), timing, f" [{source}]" if source else "")
+    logger.info("%s; %s; %s%s", report.summary(), calibration_phrase(report.extra.get("calibration")), timing,
+                f" [{source}]" if source else "")
     if report_file is not None:
         _write_report(report, report_file)
     return report
 
 
-def compress_folds(
-    predictor: nnUNetPredictor, config: TuckerConfig, source: str | None = None
-) -> tuple[CompressionReport, list[tuple[dict[str, torch.Tensor], dict[str, float]]]]:
-    """Compress an initialised predictor's network as `config` says, and convert every fold's weights.
+def calibration_phrase(info: dict[str, Any] | None) -> str:
+    """What a compression was fitted to, in a few words, from its report's calibration record."""
+    if info is None:
+        return "fitted to the weights alone (unverified)"
+    if info["on"] == "folder":
+        return f"calibrated on {info['patches']} patch(es) of {len(info['cases'])} case(s) in {info['folder']}"
+    text = f"self-calibrated on {info['case']}, {info['patches']} patch(es)"
+    return text + (f", at {info['utc']}, from the cache" if info.get("from_cache") else "")
 
-    Calibration statistics (if asked for) are collected per fold on the original network; the
-    plan (ranks) is made once, from fold 0, so that every fold gets the same structure. Statistics
-    and decomposed weights go through the disk cache. Returns the report and, per fold, the
-    converted state dict and the per-layer relative errors. The predictor's fold list is not touched.
-    """
-    network = unwrap(predictor.network)
-    folds = predictor.list_of_parameters
-    input_shape = input_shape_of(predictor)
-    cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
-    start = time.perf_counter()
-    statistics: list[dict | None] = [None] * len(folds)
-    refit_on: list[Callable | None] = [None] * len(folds)
-    calibration = None
-    if config.calibration:
-        statistics, calibration, patches = _calibration_statistics(predictor, network, folds, config, cache)
-        regions = predictor.label_manager.has_regions
-        refit_on = [_network_with(network, state, patches, regions) for state in folds]
-    timer = LayerTimer(predictor.device)
-    plan = plan_compression(network, config, input_shape, timer, statistics[0])
+
+def _case_name(data: Any) -> str:
+    """The case `data` belongs to, as the prediction loop calling nnU-Net's predictor names its output
+    (``ofile`` in nnU-Net's and TotalSegmentator's loops), else its shape."""
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            break
+        ofile = frame.f_locals.get("ofile")
+        if isinstance(ofile, str) and ofile:
+            return Path(ofile).name
+        frame = frame.f_back
+    return f"the first image ({'×'.join(map(str, tuple(data.shape)))})"
+
+
+def _self_calibration_record(predictor: nnUNetPredictor, config: TuckerConfig) -> Path:
+    """Where the self-calibration of this model (all its folds) under `config` is recorded."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{__version__}|{json.dumps(config.to_dict(), sort_keys=True)}".encode())
+    for state in predictor.list_of_parameters:
+        digest.update(state_dict_digest(state).encode())
+    return default_cache_dir() / f"self-calibration-{digest.hexdigest()}.json"
+
+
+def _stored_self_calibration(record: Path) -> Calibration | None:
+    """The self-calibration `record` names, whose patches are gone (statistics and fitted weights are
+    cached under its key); None when there is none or it cannot be read."""
     try:
-        converted = [cache.convert(state, plan, stats, measure)
-                     for state, stats, measure in zip(folds, statistics, refit_on, strict=True)]
-    finally:
-        network.load_state_dict(folds[0])
-    report = compress_network(network, config, input_shape, decomposed=converted[0], plan=plan)
-    report.decomposition_seconds = time.perf_counter() - start
-    report.extra.update(
-        {"model": source, "folds": len(folds), "cache_hits": cache.hits, "cache_misses": cache.misses,
-         "cache_dir": str(cache.directory)}
-    )
-    if timer.consulted:
-        report.extra["profile"] = {"device": timer.description, "layer_forms_timed": timer.measured,
-                                   "seconds": round(timer.seconds_spent, 2), "file": str(timer.path)}
-    if calibration is not None:
-        report.extra["calibration"] = calibration
-    return report, converted
+        data = json.loads(record.read_text())
+        key, info = str(data["key"]), dict(data["info"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+    def patches() -> torch.Tensor:
+        raise _NeedsFirstCase
+
+    return Calibration(key, patches, {**info, "from_cache": True})
 
 
-def _calibration_statistics(
-    predictor: nnUNetPredictor, network: nn.Module, folds: list[dict], config: TuckerConfig, cache: DecompositionCache
-) -> tuple[list[dict], dict, Callable[[], torch.Tensor]]:
-    """Per fold, the channel statistics of the original network on the calibration images; a record of
-    the calibration for the report; and the calibration patches (loaded once, when first needed)."""
-    from .calibration import calibration_cases, calibration_digest, load_calibration_patches
-
+def folder_calibration(predictor: nnUNetPredictor, config: TuckerConfig) -> Calibration:
+    """Calibration on the images in the folder `config.calibration`, loaded when first needed."""
     folder = config.calibration
-    digest = calibration_digest(folder, predictor.dataset_json, config.calibration_patches)
     loaded: list[torch.Tensor] = []
 
     def patches() -> torch.Tensor:
@@ -161,22 +239,73 @@ def _calibration_statistics(
             loaded.append(load_calibration_patches(folder, predictor, config.calibration_patches))
         return loaded[0]
 
-    def collect(state: dict) -> dict:
-        network.load_state_dict(state)
-        return collect_statistics(network, patches(), regions=predictor.label_manager.has_regions)
+    info = {"on": "folder", "folder": str(Path(folder).resolve()),
+            "cases": sorted(calibration_cases(folder, predictor.dataset_json)), "patches": config.calibration_patches}
+    return Calibration(calibration_digest(folder, predictor.dataset_json, config.calibration_patches), patches, info)
 
+
+def compress_folds(
+    predictor: nnUNetPredictor, config: TuckerConfig, source: str | None = None, calibration: Calibration | None = None,
+) -> tuple[CompressionReport, list[tuple[dict[str, torch.Tensor], dict[str, float]]]]:
+    """Compress an initialised predictor's network as `config` says, and convert every fold's weights.
+
+    With `calibration`, statistics are collected per fold on the original network; the plan (ranks)
+    is made once, from fold 0, so that every fold gets the same structure. Statistics and decomposed
+    weights go through the disk cache. Returns the report and, per fold, the converted state dict and
+    the per-layer relative errors. The predictor's fold list is not touched.
+    """
+    network = unwrap(predictor.network)
+    folds = predictor.list_of_parameters
+    input_shape = input_shape_of(predictor)
+    cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
     start = time.perf_counter()
+    seconds = {}
+    statistics: list[dict | None] = [None] * len(folds)
+    refit_on: list[Callable | None] = [None] * len(folds)
+    if calibration is not None:
+        statistics = _calibration_statistics(predictor, network, folds, calibration, cache)
+        seconds["statistics"] = time.perf_counter() - start
+        regions = predictor.label_manager.has_regions
+        refit_on = [_network_with(network, state, calibration.patches, regions) for state in folds]
+    timer = LayerTimer(predictor.device)
+    planned = time.perf_counter()
+    plan = plan_compression(network, config, input_shape, timer, statistics[0])
+    seconds["planning"] = time.perf_counter() - planned
+    fitted = time.perf_counter()
     try:
-        statistics = [cache.statistics(state, digest, lambda state=state: collect(state)) for state in folds]
+        converted = [cache.convert(state, plan, stats, measure)
+                     for state, stats, measure in zip(folds, statistics, refit_on, strict=True)]
     finally:
         network.load_state_dict(folds[0])
-    voxels = next(iter(statistics[0].values())).voxels
-    info = {"folder": str(Path(folder).resolve()), "cases": sorted(calibration_cases(folder, predictor.dataset_json)),
-            "patches": config.calibration_patches, "voxels_at_input": voxels, "digest": digest,
-            "seconds": round(time.perf_counter() - start, 2)}
-    logger.info("calibration statistics from %s: %d case(s), %d voxels per layer input, %.1f s",
-                folder, len(info["cases"]), voxels, info["seconds"])
-    return statistics, info, patches
+    seconds["fitting"] = time.perf_counter() - fitted
+    report = compress_network(network, config, input_shape, decomposed=converted[0], plan=plan)
+    report.decomposition_seconds = time.perf_counter() - start
+    report.extra.update(
+        {"model": source, "folds": len(folds), "cache_hits": cache.hits, "cache_misses": cache.misses,
+         "cache_dir": str(cache.directory), "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    )
+    if timer.consulted:
+        report.extra["profile"] = {"device": timer.description, "layer_forms_timed": timer.measured,
+                                   "seconds": round(timer.seconds_spent, 2), "file": str(timer.path)}
+    if calibration is not None:
+        report.extra["calibration"] = {**calibration.info, "key": calibration.key}
+    return report, converted
+
+
+def _calibration_statistics(
+    predictor: nnUNetPredictor, network: nn.Module, folds: list[dict], calibration: Calibration,
+    cache: DecompositionCache,
+) -> list[dict]:
+    """Per fold, the channel statistics of the original network on the calibration patches."""
+
+    def collect(state: dict) -> dict:
+        network.load_state_dict(state)
+        return collect_statistics(network, calibration.patches(), regions=predictor.label_manager.has_regions)
+
+    try:
+        return [cache.statistics(state, calibration.key, lambda state=state: collect(state)) for state in folds]
+    finally:
+        network.load_state_dict(folds[0])
 
 
 def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor], regions: bool) -> Callable:
@@ -205,7 +334,8 @@ def _write_report(report: CompressionReport, path: Path) -> None:
 
 
 class TuckerPredictor(nnUNetPredictor):
-    """`nnUNetPredictor` that compresses the model it loads.
+    """`nnUNetPredictor` that compresses the model it loads (without a calibration folder: calibrated on
+    the first case it segments, or from the cache).
 
     `tucker_config` is a `TuckerConfig` (used as is) or a mapping of config fields that take
     precedence over ``TUCKER_*`` variables and the plans' ``"tucker"`` field; with None, those
@@ -227,3 +357,7 @@ class TuckerPredictor(nnUNetPredictor):
     def manual_initialization(self, *args: Any, **kwargs: Any):
         super().manual_initialization(*args, **kwargs)
         compress_predictor(self)
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        finish_compression(self, data)
+        return super().predict_logits_from_preprocessed_data(data)

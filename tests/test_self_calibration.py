@@ -1,0 +1,143 @@
+"""Self-calibration: without a calibration folder, a predictor calibrates on the first case it segments,
+once per model and config (cached), and a case that cannot calibrate is a clear error before anything
+is written."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_tucker.config import TuckerConfig
+from nnunet_tucker.demo_model import demo_model_folder
+from nnunet_tucker.nnunet import predictor as predictor_module
+from nnunet_tucker.nnunet.calibration import CalibrationError, first_case_patches
+from nnunet_tucker.nnunet.model_folder import ModelFolderError, compress_model_folder
+from nnunet_tucker.nnunet.predictor import TuckerPredictor
+from nnunet_tucker.synthetic import DEFAULT_SPACING, make_phantom
+
+CONFIG = TuckerConfig(0.5, policy="auto", calibration_patches=2)
+SHAPE = (40, 80, 64)  # 2 x 2 x 1 sliding-window tiles of the demo model's 32 x 64 x 64 patch
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUCKER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _predictor(config=CONFIG) -> TuckerPredictor:
+    predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=config, use_mirroring=False)
+    predictor.initialize_from_trained_model_folder(str(demo_model_folder()), (0,), "checkpoint_final.pth")
+    return predictor
+
+
+def _image(seed: int = 3) -> np.ndarray:
+    image, _, _ = make_phantom(seed, shape=SHAPE)
+    return image[None].astype(np.float32)
+
+
+def _predict(predictor: TuckerPredictor, image: np.ndarray) -> np.ndarray:
+    properties = {"spacing": list(DEFAULT_SPACING)}
+    return predictor.predict_single_npy_array(image, properties, None, None, False)
+
+
+def _lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("nnunet_tucker")]
+
+
+def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, cache):
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        first = _predictor()
+        original = [dict(state) for state in first.list_of_parameters]
+        assert first.tucker_report is None and first._tucker_pending  # waits for the first case
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(original, first.list_of_parameters, strict=True) for k in a)
+        segmentation = _predict(first, _image())
+    report = first.tucker_report.to_dict()
+    info = report["extra"]["calibration"]
+    assert info["on"] == "first case" and info["patches"] == 2 and not info.get("from_cache")
+    assert info["case"].startswith("the first image (1×")  # predict_single_npy_array names no case
+    assert set(report["extra"]["seconds"]) == {"statistics", "planning", "fitting"}
+    assert any(m.startswith("rank_ratio=0.5 policy=auto: calibrating on the first case") for m in _lines(caplog))
+    assert any("self-calibrated on the first image" in m for m in _lines(caplog))
+    assert segmentation.shape == SHAPE and set(np.unique(segmentation)) <= {0, 1, 2, 3, 4}
+    assert len(list(cache.glob("self-calibration-*.json"))) == 1
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        second = _predictor()  # another run of the same model and config: compressed at load, from the cache
+    assert not getattr(second, "_tucker_pending", None) and second.tucker_report is not None
+    extra = second.tucker_report.extra
+    assert extra["cache_misses"] == 0 and extra["calibration"]["from_cache"]
+    assert extra["calibration"]["key"] == info["key"]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first.list_of_parameters, second.list_of_parameters, strict=True)
+               for k in a)
+    assert any(", from the cache; cache hit" in m for m in _lines(caplog))
+
+    third = _predictor(TuckerConfig(0.3, policy="auto", calibration_patches=2))  # another config: its own
+    assert third._tucker_pending
+
+
+def test_weights_only_is_asked_for_and_warned_about(caplog, cache):
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        predictor = _predictor(TuckerConfig(0.5, policy="auto", calibration="none"))
+    assert predictor.tucker_report is not None and "calibration" not in predictor.tucker_report.extra
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("TUCKER_CALIBRATION=none: the factors are fitted to")
+    assert not list(cache.glob("self-calibration-*"))
+
+
+@pytest.mark.parametrize("problem", ["constant", "not finite"])
+def test_a_first_case_that_cannot_calibrate_is_named_before_anything_is_written(problem, cache):
+    predictor = _predictor()
+    image = np.full((1, *SHAPE), 7.0, dtype=np.float32)
+    if problem == "not finite":
+        image = _image()
+        image[0, 3, 4, 5] = np.nan
+        with pytest.raises(CalibrationError, match="1 NaN or infinite voxel"):
+            first_case_patches(torch.from_numpy(image), predictor, 2, "case_x")
+        return
+    with pytest.raises(CalibrationError, match="every input channel is constant.*TUCKER_CALIBRATION"):
+        _predict(predictor, image)
+    assert not list(cache.glob("self-calibration-*.json"))
+
+
+def test_a_crash_during_calibration_leaves_no_record_and_the_next_run_calibrates(cache, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predictor_module, "collect_statistics", crash)
+        with pytest.raises(KeyboardInterrupt):
+            _predict(_predictor(), _image())
+    assert not list(cache.glob("self-calibration-*.json"))
+    predictor = _predictor()
+    assert predictor._tucker_pending
+    _predict(predictor, _image())
+    assert predictor.tucker_report.extra["calibration"]["on"] == "first case"
+
+
+def test_patches_are_the_first_case_s_sliding_window_tiles():
+    predictor = _predictor()
+    image = torch.arange(np.prod(SHAPE), dtype=torch.float32).reshape(1, *SHAPE)
+    patches = first_case_patches(image, predictor, 4, "case_x")
+    assert patches.shape == (4, 1, 32, 64, 64)
+    # the tiles start at 0 and 8 along the first axis, 0 and 16 along the second: every corner once
+    corners = sorted(patches[:, 0, 0, 0, 0].tolist())
+    starts = sorted(float(image[0, z, y, 0]) for z in (0, 8) for y in (0, 16))
+    assert corners == starts
+    small = first_case_patches(image[:, :10, :20, :30], predictor, 4, "case_x")  # padded as the window pads
+    assert small.shape == (1, 1, 32, 64, 64) and float(small[0, 0, 31, 63, 63]) == 0.0
+
+
+def test_compress_asks_for_a_calibration_folder_or_none(tmp_path):
+    with pytest.raises(ModelFolderError, match="--calibration DIR .* or --calibration none"):
+        compress_model_folder(demo_model_folder(), tmp_path / "out", TuckerConfig(0.5))
+    assert not (tmp_path / "out").exists()
+    report = compress_model_folder(demo_model_folder(), tmp_path / "out", TuckerConfig(0.5, calibration="none"),
+                                   folds=["0"])
+    manifest = json.loads((tmp_path / "out" / "tucker_manifest.json").read_text())
+    assert "calibration" not in manifest and report.decomposed_layers > 0
