@@ -152,8 +152,7 @@ def test_evaluate_refuses_a_compressed_folder_of_another_model(model_folder, nnu
     assert_one_line_error(result, "was compressed from")
     assert not (tmp_path / "ev" / "original").exists()
     forced = evaluate(nnunet_env, other, one_case, tmp_path / "ev", "-c", str(compressed), "--force")
-    assert forced.returncode == 0, forced.stderr
-    evaluate(nnunet_env, model_folder, one_case, tmp_path / "ev_same", "-c", str(compressed), check=True)
+    assert forced.returncode == 0, forced.stderr  # (the source it came from is accepted: tests/test_safety.py)
 
 
 @pytest.mark.parametrize("variable", [{"TUCKER_RANK_RATIO": "abc"}, {"TUCKER_RANK_RATIO": "0.5",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from networks import build
 
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError, report_path
 from nnunet_tucker.demo_model import demo_model_folder
+from nnunet_tucker.nnunet.evaluate import _check_source
 from nnunet_tucker.nnunet.model_folder import (
     MANIFEST_NAME,
     ModelFolderError,
@@ -79,6 +81,21 @@ def test_overwrite_replaces_only_a_folder_this_package_wrote(results, tmp_path):
     compress_model_folder(results, out, TuckerConfig(0.3, policy="auto", calibration="none"), folds=["0"],
                           overwrite=True)
     assert '"rank_ratio": 0.3' in (out / MANIFEST_NAME).read_text()
+
+
+def test_evaluate_accepts_only_the_model_a_compressed_folder_came_from(results, tmp_path):
+    out = tmp_path / "compressed"
+    compress_model_folder(results, out, CONFIG, folds=["0"])
+    _check_source(out, results)  # the same checkpoints (by content), wherever they lie
+    copy = tmp_path / "copy"
+    shutil.copytree(results, copy)
+    _check_source(out, copy)
+    (copy / "fold_0" / "checkpoint_final.pth").write_bytes(b"other weights")
+    with pytest.raises(ModelFolderError, match=f"was compressed from {re.escape(str(results))}, whose "
+                                               "fold_0/checkpoint_final.pth is not the one in"):
+        _check_source(out, copy)
+    with pytest.raises(ModelFolderError, match=f"has no {MANIFEST_NAME}"):
+        _check_source(results, results)
 
 
 @pytest.mark.parametrize("blocker", ["file as parent", "file as output"])
