@@ -317,43 +317,26 @@ def _features(conv: _ConvNd, z: torch.Tensor, coords: list[torch.Tensor]) -> tor
     return torch.stack(columns, dim=1).flatten(1)
 
 
-class _Reached(Exception):
-    def __init__(self, x: torch.Tensor) -> None:
-        self.x = x
-
-
-def collect_responses(
-    network: nn.Module, patches: torch.Tensor, name: str, first: torch.Tensor, targets: Targets,
+def responses(
+    conv: _ConvNd, x: torch.Tensor, first: torch.Tensor, targets: Sequence[SampledOutputs],
 ) -> ResponseStatistics:
-    """`ResponseStatistics` of the convolution `name` of `network` (which may already have the layers
-    before it compressed, so that the refit makes up for their error): for each patch the forward
-    pass runs up to that layer only; its input, mapped by `first` (R_in, C_in), gives the features
-    at the kernel offsets around the positions of `targets[name]`, paired with the original
-    network's outputs there."""
-    conv = network.get_submodule(name)
-    device = next(network.parameters()).device
-
-    def stop(module: nn.Module, args: tuple) -> None:
-        raise _Reached(args[0])
-
+    """`ResponseStatistics` of the convolution `conv` from its input `x` (N, C_in, *spatial) on the
+    calibration patches (in a network that may already have the layers before it compressed, so
+    that the refit makes up for their error): each patch's input, mapped by `first` (R_in, C_in),
+    gives the features at the kernel offsets around the positions of its `targets` entry (one per
+    patch, in order), paired with the original network's outputs there."""
     sums, samples = None, 0
-    first = first.detach().flatten(1).float().to(device)
-    with _evaluated_with(network, [conv.register_forward_pre_hook(stop)]), torch.inference_mode():
-        for batch, target in zip(_batches(patches, 1), targets[name], strict=False):
-            try:
-                network(batch.to(device=device, dtype=torch.float32))
-                continue  # never reached
-            except _Reached as reached:
-                x = reached.x
-            z = torch.einsum("ri,ni...->nr...", first, x.float())[0]
-            f = _features(conv, z, [c.to(device) for c in target.coords]).double().cpu()  # (S, K·R_in)
-            t, w = target.outputs, target.weights[:, None]
-            fc, tc = f - (w * f).sum(dim=0) / w.sum(), t - (w * t).sum(dim=0) / w.sum()
-            patch_sums = ((w * fc).T @ fc, (w * tc).T @ fc, f.sum(dim=0), t.sum(dim=0), w.sum())
-            sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
-            samples += f.shape[0]
+    first = first.detach().flatten(1).float().to(x.device)
+    for patch, target in zip(x, targets, strict=True):
+        z = torch.einsum("ri,i...->r...", first, patch.float())
+        f = _features(conv, z, [c.to(x.device) for c in target.coords]).double().cpu()  # (S, K·R_in)
+        t, w = target.outputs, target.weights[:, None]
+        fc, tc = f - (w * f).sum(dim=0) / w.sum(), t - (w * t).sum(dim=0) / w.sum()
+        patch_sums = ((w * fc).T @ fc, (w * tc).T @ fc, f.sum(dim=0), t.sum(dim=0), w.sum())
+        sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
+        samples += f.shape[0]
     if sums is None:
-        raise CalibrationDataError(f"the calibration patches never reach {name}")
+        raise CalibrationDataError("no calibration patches reach this layer")
     *weighted, feature_sum, output_sum, weight = sums
     return ResponseStatistics(*(t / weight for t in weighted), feature_sum / samples, output_sum / samples, samples)
 

@@ -44,7 +44,7 @@ from .layers import (
     refittable,
 )
 from .profile import LayerTimer, layer_shapes
-from .statistics import ChannelStatistics, collect_responses, sample_targets
+from .statistics import ChannelStatistics, responses, sample_targets
 
 logger = logging.getLogger(__name__)
 
@@ -345,26 +345,42 @@ def _refit_in_order(
 ) -> None:
     """Refit, in place, core and last factor of the layers in `refit` (those `refittable`) on the
     calibration patches, in the order the forward pass runs them: each on the input that the
-    network, with every layer before it already compressed, gives it, against the original
-    network's output — so that each refit makes up for the error of the layers before it;
+    network, with every layer before it already compressed and refitted, gives it, against the
+    original network's output — so that each refit makes up for the error of the layers before it;
     positions weighted by how much the prediction depends on them (`sample_targets`). Costs one
-    forward and a few backward passes of the original network and, per layer, a forward pass of
-    the compressed copy up to that layer."""
+    forward and a few backward passes of the original network per patch, and one forward pass of a
+    compressed copy over all patches at once: a pre-hook refits each layer on the input the pass
+    gives it and loads the result before the layer runs (a module run twice: on its first run)."""
     network, patches = unwrap(data.network), data.patches
     targets, order = sample_targets(network, patches, [layer.name for layer in plan], regions=data.regions)
-    compressed = copy.deepcopy(network)
+    compressed = copy.deepcopy(network).eval()
+    swap_modules(compressed, plan)
+    for layer in plan:
+        compressed.get_submodule(layer.name).load_state_dict(decomposed[layer.name])
     by_name = {layer.name: layer for layer in plan}
-    for name in tqdm(order + [n for n in by_name if n not in order], desc="refitting on calibration data",
-                     unit="layer", disable=None, leave=False):
-        layer = by_name[name]
-        if name in refit and name in order and refittable(compressed.get_submodule(name)):
-            responses = collect_responses(compressed, patches, name, decomposed[name]["first.weight"], targets)
-            result = refit_conv_weights(decomposed[name], state_dict[f"{name}.weight"], layer.spec, responses,
-                                        statistics[name].output_fisher)
-            if result is not None:
-                decomposed[name], errors[name] = result
-        swap_modules(compressed, [layer])
-        compressed.get_submodule(name).load_state_dict(decomposed[name])
+    pending: dict[int, str] = {}  # id(module) -> name, of the layers not refitted yet
+
+    def refit_here(module: nn.Module, args: tuple) -> None:
+        name = pending.pop(id(module), None)
+        if name is None:  # a module run twice: refitted on its first run
+            return
+        found = responses(network.get_submodule(name), args[0], decomposed[name]["first.weight"], targets[name])
+        result = refit_conv_weights(decomposed[name], state_dict[f"{name}.weight"], by_name[name].spec, found,
+                                    statistics[name].output_fisher)
+        if result is not None:
+            decomposed[name], errors[name] = result
+            module.load_state_dict(decomposed[name])
+        progress.update()
+
+    for name in order:
+        if name in refit and refittable(network.get_submodule(name)):
+            module = compressed.get_submodule(name)
+            pending[id(module)] = name
+            module.register_forward_pre_hook(refit_here)
+    progress = tqdm(total=len(pending), desc="refitting on calibration data", unit="layer", disable=None, leave=False)
+    device = next(network.parameters()).device
+    with progress, torch.inference_mode():
+        compressed(patches.to(device=device, dtype=torch.float32))
 
 
 def converted_shapes(state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan]) -> dict[str, tuple]:
