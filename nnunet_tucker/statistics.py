@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from tqdm import tqdm
 
 from .decomposition import Whitening
 
@@ -107,10 +108,11 @@ class _Accumulator:
             corr = torch.kron(corr, torch.tensor(rho, dtype=torch.float64)[(offsets[:, None] - offsets).abs()])
         return corr
 
-    def result(self, patches: int) -> ChannelStatistics:
+    def result(self, probes: int) -> ChannelStatistics:
+        """The statistics, the Fisher information per patch from `probes` backward probes in all."""
         n = max(self.voxels, 1)
         return ChannelStatistics(self.input_cov / n, self.input_sum / n, self._spatial_corr(),
-                                 self.fisher / max(patches, 1), self.voxels)
+                                 self.fisher / max(probes, 1), self.voxels)
 
 
 @contextmanager
@@ -176,36 +178,9 @@ def collect_statistics(
     qualified name. The network's output (or the first of several) are class logits, or region
     logits if `regions`; the Fisher information is probed with random signs drawn with `seed`
     (`_fisher_probe`). The network's parameters and their gradients are left untouched."""
-    device = next(network.parameters()).device
-    wanted = {}
-    for name, module in network.named_modules():
-        if isinstance(module, _ConvNd) and (names is None or name in names) and id(module) not in wanted:
-            wanted[id(module)] = name
-    accumulators = {name: _Accumulator(network.get_submodule(name)) for name in wanted.values()}
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        accumulator = accumulators[wanted[id(module)]]
-        accumulator.add(args[0])
-        if output.requires_grad:
-            output.register_hook(accumulator.add_gradient)
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    count = 0
-    expected = _input_channels(network)
-    with _evaluated_with(network, [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]):
-        for batch in _batches(patches, batch_size):
-            if expected is not None and batch.shape[1] != expected:
-                raise CalibrationDataError(
-                    f"calibration patches have {batch.shape[1]} channel(s) but the network takes {expected}"
-                )
-            if not torch.isfinite(batch).all():
-                raise CalibrationDataError("calibration patches contain NaN or infinite values")
-            _probed_pass(network, batch, regions, generator)
-            count += batch.shape[0]
-    statistics = {name: acc.result(count) for name, acc in accumulators.items() if acc.voxels}
-    if not statistics:
-        raise CalibrationDataError("no calibration patches were given")
-    return statistics
+    channels = _ChannelHooks(network, names)
+    _probe(network, patches, [channels], regions, seed, probes=1, batch_size=batch_size)
+    return channels.result()
 
 
 @dataclass(frozen=True)
@@ -253,27 +228,75 @@ def sample_targets(
     how much more or less than average position p matters: a mix of uniform and trace(F_p) / mean
     trace (the trace is probed `FISHER_PROBES` times, and alone would give a few positions nearly
     all the weight)."""
-    device = next(network.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    probes = torch.Generator(device=device).manual_seed(seed)
-    wanted = {id(network.get_submodule(name)): name for name in names}
-    sampled: dict[str, list[tuple]] = {name: [] for name in names}
-    order: list[str] = []
-    ran: set[str] = set()  # in the current pass
+    targets = _TargetHooks(network, names, positions_per_patch, seed)
+    _probe(network, patches, [targets], regions, seed, probes=FISHER_PROBES)
+    return targets.result()
 
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        name = wanted[id(module)]
-        if name not in order:
-            order.append(name)
-        if name in ran:  # a module run twice in one pass: its first run only
+
+def calibrate(
+    network: nn.Module, patches: torch.Tensor, regions: bool = False, seed: int = 0, positions_per_patch: int = 16384,
+) -> tuple[dict[str, ChannelStatistics], tuple[Targets, list[str]]]:
+    """`collect_statistics` and `sample_targets` of every convolution in one pass (forward, and
+    `FISHER_PROBES` backward probes per patch, whose mean gives the Fisher information): what a
+    calibrated fit and its refit need, for the cost of the targets alone."""
+    channels = _ChannelHooks(network, None)
+    targets = _TargetHooks(network, list(channels.wanted.values()), positions_per_patch, seed)
+    _probe(network, patches, [channels, targets], regions, seed, probes=FISHER_PROBES)
+    return channels.result(), targets.result()
+
+
+class _ChannelHooks:
+    """A forward hook accumulating `ChannelStatistics` of the convolutions named (all if `names` is None)."""
+
+    def __init__(self, network: nn.Module, names: Sequence[str] | None) -> None:
+        self.wanted: dict[int, str] = {}
+        for name, module in network.named_modules():
+            if isinstance(module, _ConvNd) and (names is None or name in names) and id(module) not in self.wanted:
+                self.wanted[id(module)] = name
+        self.accumulators = {name: _Accumulator(network.get_submodule(name)) for name in self.wanted.values()}
+        self.probes = 0
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        accumulator = self.accumulators[self.wanted[id(module)]]
+        accumulator.add(args[0])
+        if output.requires_grad:
+            output.register_hook(accumulator.add_gradient)
+
+    def start(self, batch: torch.Tensor, probes: int) -> None:
+        self.probes += batch.shape[0] * probes
+
+    def result(self) -> dict[str, ChannelStatistics]:
+        statistics = {name: acc.result(self.probes) for name, acc in self.accumulators.items() if acc.voxels}
+        if not statistics:
+            raise CalibrationDataError("no calibration patches were given")
+        return statistics
+
+
+class _TargetHooks:
+    """A forward hook sampling each named convolution's output at random positions of each patch, with
+    the trace of the Fisher information there (`sample_targets`); patches one at a time."""
+
+    def __init__(self, network: nn.Module, names: Sequence[str], positions_per_patch: int, seed: int) -> None:
+        self.wanted = {id(network.get_submodule(name)): name for name in names}
+        self.positions_per_patch = positions_per_patch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sampled: dict[str, list[tuple]] = {name: [] for name in names}
+        self.order: list[str] = []
+        self.ran: set[str] = set()  # in the current pass
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        name = self.wanted[id(module)]
+        if name not in self.order:
+            self.order.append(name)
+        if name in self.ran:  # a module run twice in one pass: its first run only
             return
-        ran.add(name)
+        self.ran.add(name)
         spatial = output.shape[2:]
-        chosen = torch.randperm(math.prod(spatial), generator=generator)[:positions_per_patch]
+        chosen = torch.randperm(math.prod(spatial), generator=self.generator)[:self.positions_per_patch]
         coords = torch.unravel_index(chosen, spatial)
         index = (0, slice(None), *(c.to(output.device) for c in coords))
         fisher = torch.zeros(len(chosen), dtype=torch.float64)
-        sampled[name].append((coords, output[index].T.detach().double().cpu(), fisher))
+        self.sampled[name].append((coords, output[index].T.detach().double().cpu(), fisher))
 
         def add_gradient(g: torch.Tensor) -> None:
             fisher.add_(g[index].square().sum(dim=0).double().cpu())
@@ -281,20 +304,45 @@ def sample_targets(
         if output.requires_grad:
             output.register_hook(add_gradient)
 
-    hooks = [m.register_forward_hook(hook) for m in network.modules() if id(m) in wanted]
-    with _evaluated_with(network, hooks):
-        for batch in _batches(patches, 1):
-            ran.clear()
-            _probed_pass(network, batch, regions, probes, FISHER_PROBES)
-    targets: Targets = {}
-    for name, per_patch in sampled.items():
-        mean = float(torch.cat([fisher for *_, fisher in per_patch]).mean()) if per_patch else 0.0
-        targets[name] = [
-            SampledOutputs(coords, outputs, (1 - POSITION_WEIGHT_SHARE)
-                           + POSITION_WEIGHT_SHARE * (fisher / mean if mean > 0 else torch.ones_like(fisher)))
-            for coords, outputs, fisher in per_patch
-        ]
-    return targets, order
+    def start(self, batch: torch.Tensor, probes: int) -> None:
+        if batch.shape[0] != 1:
+            raise ValueError("targets are sampled one patch at a time")
+        self.ran.clear()
+
+    def result(self) -> tuple[Targets, list[str]]:
+        targets: Targets = {}
+        for name, per_patch in self.sampled.items():
+            mean = float(torch.cat([fisher for *_, fisher in per_patch]).mean()) if per_patch else 0.0
+            targets[name] = [
+                SampledOutputs(coords, outputs, (1 - POSITION_WEIGHT_SHARE)
+                               + POSITION_WEIGHT_SHARE * (fisher / mean if mean > 0 else torch.ones_like(fisher)))
+                for coords, outputs, fisher in per_patch
+            ]
+        return targets, self.order
+
+
+def _probe(network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, hooks: list, regions: bool, seed: int,
+           probes: int, batch_size: int = 1) -> None:
+    """`_probed_pass` over `patches` (checked: the network's channel count, finite) with `hooks` on the
+    convolutions they want, in eval mode; each hook's `start` is told of every batch first."""
+    device = next(network.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    expected = _input_channels(network)
+    wanted = set().union(*(hook.wanted for hook in hooks))
+    handles = [module.register_forward_hook(hook) for module in network.modules() if id(module) in wanted
+               for hook in hooks if id(module) in hook.wanted]
+    with _evaluated_with(network, handles):
+        for batch in tqdm(list(_batches(patches, batch_size)), desc="calibrating: probing the network", unit="patch",
+                          disable=None, leave=False):
+            if expected is not None and batch.shape[1] != expected:
+                raise CalibrationDataError(
+                    f"calibration patches have {batch.shape[1]} channel(s) but the network takes {expected}"
+                )
+            if not torch.isfinite(batch).all():
+                raise CalibrationDataError("calibration patches contain NaN or infinite values")
+            for hook in hooks:
+                hook.start(batch, probes)
+            _probed_pass(network, batch, regions, generator, probes)
 
 
 def _features(conv: _ConvNd, z: torch.Tensor, coords: list[torch.Tensor]) -> torch.Tensor:

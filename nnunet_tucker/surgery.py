@@ -44,7 +44,7 @@ from .layers import (
     refittable,
 )
 from .profile import LayerTimer, layer_shapes
-from .statistics import ChannelStatistics, responses, sample_targets
+from .statistics import ChannelStatistics, Targets, responses, sample_targets
 
 logger = logging.getLogger(__name__)
 
@@ -297,11 +297,13 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
 
 class RefitData(NamedTuple):
     """What refitting on calibration data needs: the network holding the weights being converted,
-    the calibration patches (N, C, *spatial), and whether its outputs are region (sigmoid) logits."""
+    the calibration patches (N, C, *spatial), whether its outputs are region (sigmoid) logits, and
+    the targets if already sampled on them (`statistics.calibrate`; else `sample_targets` runs)."""
 
     network: nn.Module
     patches: torch.Tensor
     regions: bool = False
+    targets: tuple[Targets, list[str]] | None = None
 
 
 def convert_state_dict(
@@ -352,7 +354,8 @@ def _refit_in_order(
     compressed copy over all patches at once: a pre-hook refits each layer on the input the pass
     gives it and loads the result before the layer runs (a module run twice: on its first run)."""
     network, patches = unwrap(data.network), data.patches
-    targets, order = sample_targets(network, patches, [layer.name for layer in plan], regions=data.regions)
+    targets, order = data.targets or sample_targets(network, patches, [layer.name for layer in plan],
+                                                    regions=data.regions)
     compressed = copy.deepcopy(network).eval()
     swap_modules(compressed, plan)
     for layer in plan:

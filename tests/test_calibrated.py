@@ -25,6 +25,7 @@ from nnunet_tucker.statistics import (
     ResponseStatistics,
     _features,
     _fisher_probe,
+    calibrate,
     collect_statistics,
     sample_targets,
 )
@@ -171,6 +172,28 @@ def test_refit_targets_hold_the_outputs_and_weigh_uncertain_positions_up():
     regions, _ = sample_targets(network, x, ["0"], positions_per_patch=100, regions=True)
     assert not torch.allclose(torch.cat([t.weights for t in regions["0"]]), weights)
     assert all(p.grad is None for p in network.parameters())
+
+
+def test_one_pass_gives_both_statistics_and_targets():
+    network, shape = build("plain3d")
+    x = F.avg_pool3d(torch.randn(2, *shape[1:]), 3, 1, 1)  # smooth, so the offsets correlate
+    statistics, (targets, order) = calibrate(network, x, positions_per_patch=50)
+    alone = collect_statistics(network, x)
+    sampled, sampled_order = sample_targets(network, x, list(alone), positions_per_patch=50)
+    assert statistics.keys() == alone.keys() == set(order) and order == sampled_order  # the convolutions run
+    for name, s in statistics.items():
+        a = alone[name]
+        assert s.voxels == a.voxels
+        for mine, theirs in ((s.input_cov, a.input_cov), (s.input_mean, a.input_mean),
+                             (s.spatial_corr, a.spatial_corr)):
+            assert scaled_error(mine, theirs) < 1e-6  # the same forward pass
+        # the Fisher information: the mean of two probes here, one there; the same expectation, same scale
+        ratio = float(s.output_fisher.trace() / a.output_fisher.trace())
+        assert 0.2 < ratio < 5, (name, ratio)
+        for mine, theirs in zip(targets[name], sampled[name], strict=True):
+            assert all(torch.equal(c, d) for c, d in zip(mine.coords, theirs.coords, strict=True))
+            assert scaled_error(mine.outputs, theirs.outputs) < 1e-6
+            assert scaled_error(mine.weights, theirs.weights) < 1e-6  # the same probes
 
 
 @pytest.mark.parametrize("patches, message", [

@@ -110,7 +110,7 @@ def test_a_crash_during_calibration_leaves_no_record_and_the_next_run_calibrates
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(predictor_module, "collect_statistics", crash)
+        patch.setattr(predictor_module, "calibrate", crash)
         with pytest.raises(KeyboardInterrupt):
             _predict(_predictor(), _image())
     assert not list(cache.glob("self-calibration-*.json"))

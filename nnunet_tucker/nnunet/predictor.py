@@ -30,7 +30,7 @@ from .. import __version__
 from ..accounting import CompressionReport
 from ..config import TuckerConfig, default_cache_dir, file_lock, read_env, read_plans, report_path, resolve_config
 from ..profile import LayerTimer
-from ..statistics import collect_statistics
+from ..statistics import calibrate
 from ..surgery import RefitData, compress_network, plan_compression, unwrap
 from .architecture import is_compressed
 from .cache import DecompositionCache, state_dict_digest, store_json
@@ -263,10 +263,11 @@ def compress_folds(
     statistics: list[dict | None] = [None] * len(folds)
     refit_on: list[Callable | None] = [None] * len(folds)
     if calibration is not None:
-        statistics = _calibration_statistics(predictor, network, folds, calibration, cache)
+        statistics, targets = _calibration_statistics(predictor, network, folds, calibration, cache)
         seconds["statistics"] = time.perf_counter() - start
         regions = predictor.label_manager.has_regions
-        refit_on = [_network_with(network, state, calibration.patches, regions) for state in folds]
+        refit_on = [_network_with(network, state, calibration.patches, regions, sampled)
+                    for state, sampled in zip(folds, targets, strict=True)]
     timer = LayerTimer(predictor.device)
     planned = time.perf_counter()
     plan = plan_compression(network, config, input_shape, timer, statistics[0])
@@ -295,25 +296,32 @@ def compress_folds(
 def _calibration_statistics(
     predictor: nnUNetPredictor, network: nn.Module, folds: list[dict], calibration: Calibration,
     cache: DecompositionCache,
-) -> list[dict]:
-    """Per fold, the channel statistics of the original network on the calibration patches."""
+) -> tuple[list[dict], list[tuple | None]]:
+    """Per fold, the channel statistics of the original network on the calibration patches (cached), and
+    the refit's targets where the same pass sampled them (None where the statistics came from the cache)."""
+    targets: list[tuple | None] = [None] * len(folds)
 
-    def collect(state: dict) -> dict:
-        network.load_state_dict(state)
-        return collect_statistics(network, calibration.patches(), regions=predictor.label_manager.has_regions)
+    def collect(fold: int) -> dict:
+        network.load_state_dict(folds[fold])
+        statistics, targets[fold] = calibrate(network, calibration.patches(), predictor.label_manager.has_regions)
+        return statistics
 
     try:
-        return [cache.statistics(state, calibration.key, lambda state=state: collect(state)) for state in folds]
+        statistics = [cache.statistics(state, calibration.key, lambda fold=fold: collect(fold))
+                      for fold, state in enumerate(folds)]
     finally:
         network.load_state_dict(folds[0])
+    return statistics, targets
 
 
-def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor], regions: bool) -> Callable:
-    """`convert_state_dict`'s `refit_on` for one fold: the network loaded with that fold's weights, and the patches."""
+def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor], regions: bool,
+                  targets: tuple | None) -> Callable:
+    """`convert_state_dict`'s `refit_on` for one fold: the network loaded with that fold's weights, the
+    patches, and the targets if sampled already."""
 
     def load() -> RefitData:
         network.load_state_dict(state)
-        return RefitData(network, patches(), regions)
+        return RefitData(network, patches(), regions, targets)
 
     return load
 
