@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import partial_tucker
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,9 @@ def tucker2(weight: torch.Tensor, rank0: int, rank1: int, hooi_iterations: int =
 
     Computed in float64 with tensorly's pytorch backend; returned in the weight's dtype.
     """
+    import tensorly as tl  # here, not at import: it pulls in scipy (~1.5 s at every nnU-Net start-up)
+    from tensorly.decomposition import partial_tucker
+
     rank0, rank1 = feasible_ranks(tuple(weight.shape), rank0, rank1)
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     with tl.backend_context("pytorch"):

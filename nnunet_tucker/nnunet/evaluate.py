@@ -129,7 +129,8 @@ class Evaluation:
             lines += ["", f"Parameters {c['params_before'] / 1e6:.3f}M → {c['params_after'] / 1e6:.3f}M, "
                       f"MACs {c['macs_before'] / 1e9:.2f}G → {c['macs_after'] / 1e9:.2f}G per patch."]
             calibration = c.get("calibration", c.get("extra", {}).get("calibration"))
-            lines += ["", calibration_phrase(calibration).capitalize() + (
+            phrase = calibration_phrase(calibration)
+            lines += ["", phrase[0].upper() + phrase[1:] + (
                 " (a case evaluated here too: for a held-out check, calibrate on other images with --calibration)"
                 if calibration and calibration["on"] == "first case" else "") + "."]
         if self.tolerance is not None:

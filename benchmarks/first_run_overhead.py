@@ -1,0 +1,87 @@
+"""One-time overhead of a self-calibrating compressed run, and of the next run (from the cache).
+
+    python benchmarks/first_run_overhead.py [--preset totalseg-3mm] [--ratio 0.3] [--shape 150 136 136]
+                                            [--patches 4] [--out DIR]
+
+Writes the preset as a model folder (random weights), loads it with a `TuckerPredictor` asking for
+`TuckerConfig(ratio)` with the default policy (profiled) and calibration (the first case), and times
+`finish_compression` on a synthetic CT phantom already preprocessed (the preset's 3 mm grid: 150 × 136 ×
+136 voxels is a 512 × 512 × 300 CT at 0.8 × 0.8 × 1.5 mm), i.e. what the first case of the first run
+waits for before nnU-Net predicts it: calibration statistics and targets, device profiling and planning,
+the fit and refit. Then a second load of the same model and config (what every later run pays), and one
+plain forward pass of a patch for scale. Prints one JSON object; the cache is a fresh temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_tucker import TuckerConfig
+from nnunet_tucker.nnunet.predictor import TuckerPredictor, finish_compression, input_shape_of
+from nnunet_tucker.nnunet.presets import write_preset_model_folder
+from nnunet_tucker.synthetic import make_phantom
+
+
+def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:
+    start = time.perf_counter()
+    predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=config, use_mirroring=False)
+    predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
+    return predictor, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="totalseg-3mm")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--shape", type=int, nargs=3, default=[150, 136, 136], help="preprocessed case (z y x)")
+    parser.add_argument("--patches", type=int, default=4, help="calibration patches (default 4, the default)")
+    parser.add_argument("--out", type=Path, help="work folder (default: temporary)")
+    args = parser.parse_args()
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="tucker_overhead_"))
+    os.environ["TUCKER_CACHE_DIR"] = str(work / "cache")
+    model = write_preset_model_folder(args.preset, work / "results")
+    config = TuckerConfig(args.ratio, calibration_patches=args.patches)
+    image, _, _ = make_phantom(0, shape=tuple(args.shape))
+    data = torch.from_numpy(((image - image.mean()) / image.std()).astype(np.float32)[None])
+
+    first, first_load = load(model, config)
+    assert first._tucker_pending, "the first run should wait for its first case"
+    start = time.perf_counter()
+    report = finish_compression(first, data)
+    first_case = time.perf_counter() - start
+
+    second, second_load = load(model, config)
+    assert second.tucker_report.extra["calibration"]["from_cache"]
+
+    network = first.network
+    x = torch.randn(input_shape_of(first))
+    with torch.inference_mode():
+        network(x)  # warm-up
+        start = time.perf_counter()
+        network(x)
+        forward = time.perf_counter() - start
+    result = {
+        "preset": args.preset, "ratio": args.ratio, "case_shape": args.shape, "patches": args.patches,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "first_run_load_s": round(first_load, 1),
+        "first_case_overhead_s": round(first_case, 1),
+        "stages_s": report.extra["seconds"],
+        "profile_s": report.extra.get("profile", {}).get("seconds"),
+        "second_run_load_s": round(second_load, 1),
+        "compressed_forward_of_one_patch_s": round(forward, 2),
+        "macs_kept": round(report.macs_after / report.macs_before, 3),
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
