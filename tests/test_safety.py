@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from networks import build
 
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError, report_path
 from nnunet_tucker.demo_model import demo_model_folder
-from nnunet_tucker.nnunet.evaluate import _check_source
+from nnunet_tucker.nnunet.evaluate import _check_source, evaluate
 from nnunet_tucker.nnunet.model_folder import (
     MANIFEST_NAME,
     ModelFolderError,
@@ -27,6 +28,7 @@ from nnunet_tucker.nnunet.model_folder import (
 from nnunet_tucker.nnunet.presets import build_preset
 from nnunet_tucker.profile import LayerTimer
 from nnunet_tucker.surgery import plan_compression
+from nnunet_tucker.synthetic import DEFAULT_SPACING, make_test_cases, write_nifti
 
 CONFIG = TuckerConfig(0.5, policy="auto", calibration="none")
 
@@ -96,6 +98,26 @@ def test_evaluate_accepts_only_the_model_a_compressed_folder_came_from(results, 
         _check_source(out, copy)
     with pytest.raises(ModelFolderError, match=f"has no {MANIFEST_NAME}"):
         _check_source(results, results)
+
+
+@pytest.mark.parametrize("problem", ["other cases", "wrong shape", "no folder"])
+def test_evaluate_reference_labels_must_match_the_cases(results, tmp_path, problem):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    make_test_cases(images, 2, seed=0)
+    names = sorted(p.name for p in labels.iterdir())
+    if problem == "other cases":
+        for name in names:
+            (labels / name).rename(labels / ("other_" + name))
+        expected = re.escape(f"has no reference label map for {len(names)} of {len(names)} case(s)")
+    elif problem == "wrong shape":
+        write_nifti(labels / names[0], np.zeros((4, 5, 6), dtype=np.uint8), DEFAULT_SPACING)
+        expected = re.escape("has size (6, 5, 4) but its image")
+    else:
+        labels = tmp_path / "missing"
+        expected = "does not exist"
+    with pytest.raises(ModelFolderError, match=expected):
+        evaluate(results, images, tmp_path / "ev", config=CONFIG, labels=labels)
+    assert not (tmp_path / "ev").exists()
 
 
 @pytest.mark.parametrize("blocker", ["file as parent", "file as output"])
