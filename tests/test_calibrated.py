@@ -24,9 +24,9 @@ from nnunet_tucker.statistics import (
     CalibrationDataError,
     ResponseStatistics,
     _features,
-    _fisher_probe,
     calibrate,
     collect_statistics,
+    fisher_probes,
     sample_targets,
 )
 from nnunet_tucker.surgery import RefitData, convert_state_dict, plan_compression, swap_modules
@@ -133,7 +133,7 @@ def test_fisher_probe_has_the_class_balanced_fisher_information_as_second_moment
     n = 20000
     base = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(1))
     logits = base.expand(n, -1, -1).clone().requires_grad_(True)
-    (v,) = torch.autograd.grad(_fisher_probe(logits, regions, torch.Generator().manual_seed(0)), logits)
+    (v,) = fisher_probes(logits, regions, torch.Generator().manual_seed(0), 1)
     products = torch.einsum("ncp,ndp->npcd", v, v)
     moment, standard_error = products.mean(dim=0), products.std(dim=0) / n**0.5
     p = (torch.sigmoid(base[0]) if regions else torch.softmax(base[0], dim=0)).T  # (positions, classes)
