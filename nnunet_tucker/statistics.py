@@ -363,22 +363,58 @@ def _probe(network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, h
 
 def _features(conv: _ConvNd, z: torch.Tensor, coords: list[torch.Tensor]) -> torch.Tensor:
     """What each kernel offset of `conv` sees of `z` (R_in, *spatial) at the output positions `coords`:
-    (S, K·R_in), offsets major. A transposed convolution whose offsets tile the output (kernel =
-    stride) gives each output position one input position and one offset; the other blocks are 0."""
-    offsets = list(itertools.product(*(range(k) for k in conv.kernel_size)))
+    (S, K·R_in), offsets major, on the device of `z`. A transposed convolution whose offsets tile the
+    output (kernel = stride) gives each output position one input position and one offset; the other
+    blocks are 0.
+
+    One gather: `z`, zero-padded and channels last, as rows of R_in values, indexed by the row of
+    each position plus the row shift of each offset (flattened, (S, K) at once)."""
+    kernel, stride = tuple(conv.kernel_size), tuple(conv.stride)
+    rows = z.movedim(0, -1)  # (*spatial, R_in), a view
     if isinstance(conv, _ConvTransposeNd):
-        source = z[(slice(None), *(c // s for c, s in zip(coords, conv.stride, strict=True)))].T  # (S, R_in)
+        rows = rows.contiguous()
+        index = _flat_index(rows.shape[:-1], [c // s for c, s in zip(coords, stride, strict=True)])
+        source = rows.view(-1, rows.shape[-1])[index]  # (S, R_in)
         offset = torch.zeros_like(coords[0])
-        for c, k in zip(coords, conv.kernel_size, strict=True):
+        for c, k in zip(coords, kernel, strict=True):
             offset = offset * k + c % k
-        features = torch.zeros(source.shape[0], len(offsets), source.shape[1], dtype=source.dtype,
+        features = torch.zeros(source.shape[0], math.prod(kernel), source.shape[1], dtype=source.dtype,
                                device=source.device)
         features[torch.arange(source.shape[0], device=source.device), offset] = source
         return features.flatten(1)
-    z = F.pad(z, [p for p in reversed(conv.padding) for _ in range(2)])
-    columns = [z[(slice(None), *(c * s + o * d for c, s, o, d in zip(coords, conv.stride, offset, conv.dilation,
-                                                                      strict=True)))].T for offset in offsets]
-    return torch.stack(columns, dim=1).flatten(1)
+    rows = F.pad(rows, [0, 0, *(p for p in reversed(conv.padding) for _ in range(2))]).contiguous()
+    spatial = rows.shape[:-1]
+    corners = _flat_index(spatial, [c * s for c, s in zip(coords, stride, strict=True)])  # (S,)
+    offsets = torch.tensor(list(itertools.product(*(range(k) for k in kernel))), device=z.device)  # (K, dims)
+    shifts = _flat_index(spatial, list((offsets * torch.tensor(conv.dilation, device=z.device)).unbind(1)))
+    index = (corners[:, None] + shifts).flatten()
+    return rows.view(-1, rows.shape[-1])[index].view(corners.shape[0], -1)
+
+
+def _flat_index(shape: Sequence[int], coords: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The row-major flat index into `shape` of the positions `coords` (one tensor per axis)."""
+    index = torch.zeros_like(coords[0])
+    for c, n in zip(coords, shape, strict=True):
+        index = index * n + c
+    return index
+
+
+def _gram(g: torch.Tensor) -> torch.Tensor:
+    """gᵀg for g (S, n). On the CPU, for n from `GRAM_BLOCKS_FROM`, by three block rows of its upper
+    triangle, mirrored (torch has no symmetric product): 2/3 of the multiply-adds of the full product."""
+    n = g.shape[1]
+    if g.device.type != "cpu" or n < GRAM_BLOCKS_FROM:
+        return g.T @ g
+    gram = g.new_empty(n, n)
+    edges = [n * i // 3 for i in range(4)]
+    for a, b in itertools.pairwise(edges):
+        block = g[:, a:b].T @ g[:, a:]  # rows a:b, columns a:
+        gram[a:b, a:] = block
+        gram[b:, a:b] = block[:, b - a:].T
+    return gram
+
+
+GRAM_BLOCKS_FROM = 1024
 
 
 def responses(
@@ -388,15 +424,26 @@ def responses(
     calibration patches (in a network that may already have the layers before it compressed, so
     that the refit makes up for their error): each patch's input, mapped by `first` (R_in, C_in),
     gives the features at the kernel offsets around the positions of its `targets` entry (one per
-    patch, in order), paired with the original network's outputs there."""
+    patch, in order), paired with the original network's outputs there.
+
+    Features are gathered (float32, as the network computes) and their covariances computed on the
+    device of `x` (the CPU for devices without float64). The covariances are float64 products of
+    the values centred per patch: float32 products, though within ~1e-6 of their scale, move the
+    refitted weights by up to ~1e-4 of theirs (the regression amplifies their rounding)."""
+    device = x.device if x.device.type != "mps" else torch.device("cpu")
+    first = first.detach().flatten(1).to(device=x.device, dtype=torch.float32)
     sums, samples = None, 0
-    first = first.detach().flatten(1).float().to(x.device)
     for patch, target in zip(x, targets, strict=True):
-        z = torch.einsum("ri,i...->r...", first, patch.float())
-        f = _features(conv, z, [c.to(x.device) for c in target.coords]).double().cpu()  # (S, K·R_in)
-        t, w = target.outputs, target.weights[:, None]
-        fc, tc = f - (w * f).sum(dim=0) / w.sum(), t - (w * t).sum(dim=0) / w.sum()
-        patch_sums = ((w * fc).T @ fc, (w * tc).T @ fc, f.sum(dim=0), t.sum(dim=0), w.sum())
+        z = torch.mm(first, patch.reshape(patch.shape[0], -1).float()).view(-1, *patch.shape[1:])
+        f = _features(conv, z, [c.to(x.device) for c in target.coords]).to(device)  # (S, K·R_in), float32
+        w, t = target.weights.to(device=device, dtype=torch.float64), target.outputs.to(device, torch.float64)
+        weight, root = w.sum(), w.sqrt()[:, None]
+        centred = f.double()
+        weighted_sum, feature_sum = torch.stack([w, torch.ones_like(w)]) @ centred  # one pass over f
+        centred.sub_(weighted_sum / weight).mul_(root)  # in place: √w (f − weighted mean)
+        t_centred = (t - (w @ t) / weight).mul_(root)
+        patch_sums = (_gram(centred).cpu(), (t_centred.T @ centred).cpu(), feature_sum.cpu(), t.sum(dim=0).cpu(),
+                      weight.cpu())
         sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
         samples += f.shape[0]
     if sums is None:

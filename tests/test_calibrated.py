@@ -1,6 +1,7 @@
 """Calibration-aware Tucker-2, channel statistics and budgeted rank allocation."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,13 +21,17 @@ from nnunet_tucker.decomposition import (
 )
 from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights, refit_conv_weights, refittable
 from nnunet_tucker.statistics import (
+    GRAM_BLOCKS_FROM,
     POSITION_WEIGHT_SHARE,
     CalibrationDataError,
     ResponseStatistics,
+    SampledOutputs,
     _features,
+    _gram,
     calibrate,
     collect_statistics,
     fisher_probes,
+    responses,
     sample_targets,
 )
 from nnunet_tucker.surgery import RefitData, convert_state_dict, plan_compression, swap_modules
@@ -194,6 +199,77 @@ def test_one_pass_gives_both_statistics_and_targets():
             assert all(torch.equal(c, d) for c, d in zip(mine.coords, theirs.coords, strict=True))
             assert scaled_error(mine.outputs, theirs.outputs) < 1e-6
             assert scaled_error(mine.weights, theirs.weights) < 1e-6  # the same probes
+
+
+def _reference_features(conv: nn.Module, z: torch.Tensor, coords: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """What each kernel offset sees of `z` (R, *spatial) at the output positions `coords`, (S, K·R)
+    offsets major, by `conv`'s own operation with one-hot kernels (output channel k·R + r copies
+    channel r at offset k): exact in float64, where every sum has one non-zero term."""
+    r, kernel, dims = z.shape[0], tuple(conv.kernel_size), z.ndim - 1
+    k = math.prod(kernel)
+    one_hot = torch.zeros(k * r, r, k, dtype=z.dtype)
+    one_hot[torch.arange(k * r), torch.arange(k * r) % r, torch.arange(k * r) // r] = 1
+    one_hot = one_hot.view(k * r, r, *kernel)
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        run = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        out = run(z[None], one_hot.transpose(0, 1), stride=conv.stride)
+    else:
+        run = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        out = run(z[None], one_hot, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    return out[(0, slice(None), *coords)].T
+
+
+def _reference_responses(conv: nn.Module, x: torch.Tensor, first: torch.Tensor,
+                         targets: list[SampledOutputs]) -> ResponseStatistics:
+    """`responses` as its definition reads, all in float64: per patch, the features' and outputs'
+    covariances weighted by `weights` and centred on their weighted means; summed over patches."""
+    sums = []
+    for patch, target in zip(x, targets, strict=True):
+        z = torch.einsum("ri,i...->r...", first.flatten(1).double(), patch.double())
+        f, t, w = _reference_features(conv, z, target.coords), target.outputs.double(), target.weights.double()[:, None]
+        fc, tc = f - (w * f).sum(dim=0) / w.sum(), t - (w * t).sum(dim=0) / w.sum()
+        sums.append(((w * fc).T @ fc, (w * tc).T @ fc, f.sum(dim=0), t.sum(dim=0), w.sum(), len(f)))
+    feature_cov, cross_cov, feature_sum, output_sum, weight, samples = (sum(s) for s in zip(*sums, strict=True))
+    return ResponseStatistics(feature_cov / weight, cross_cov / weight, feature_sum / samples, output_sum / samples,
+                              samples)
+
+
+@pytest.mark.parametrize("conv, size, rank", [
+    (nn.Conv3d(6, 5, 3, padding=1), (9, 10, 11), 4),
+    (nn.Conv3d(6, 5, 3, stride=2, padding=1), (9, 10, 11), 4),
+    (nn.Conv3d(6, 5, (3, 1, 3), padding=(2, 0, 1), dilation=(2, 1, 1)), (9, 10, 11), 3),
+    (nn.Conv3d(6, 5, 3), (9, 10, 11), 6),  # no padding
+    (nn.Conv2d(6, 5, 3, padding=1), (20, 17), 4),
+    (nn.ConvTranspose3d(6, 5, 2, stride=2), (5, 6, 7), 4),
+    (nn.Conv3d(40, 5, 3, padding=1), (12, 12, 12), 40),  # 1080 features: the blockwise Gram product
+])
+def test_responses_equal_a_float64_reference(conv, size, rank):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2 * conv.in_channels * math.prod(size[:-1]), 1, size[-1], generator=g)
+    x = 3.0 + F.avg_pool1d(noise, 3, stride=1, padding=1).view(2, conv.in_channels, *size)  # smooth, with a mean
+    first = torch.randn(rank, conv.in_channels, *(1,) * len(size), generator=g)
+    with torch.no_grad():
+        out_spatial = conv(x).shape[2:]
+    targets, positions = [], min(300, math.prod(out_spatial))
+    for s in (positions, 2 * positions // 3):  # patches with different numbers of positions
+        coords = torch.unravel_index(torch.randperm(math.prod(out_spatial), generator=g)[:s], out_spatial)
+        targets.append(SampledOutputs(coords, torch.randn(s, conv.out_channels, generator=g, dtype=torch.float64),
+                                      0.5 + torch.rand(s, generator=g, dtype=torch.float64)))
+    z = torch.einsum("ri,i...->r...", first.flatten(1).double(), x[0].double())
+    assert torch.equal(_features(conv, z, list(targets[0].coords)), _reference_features(conv, z, targets[0].coords))
+    found, expected = responses(conv, x, first, targets), _reference_responses(conv, x, first, targets)
+    assert found.samples == expected.samples == sum(len(t.weights) for t in targets)
+    for name in ("feature_cov", "cross_cov", "feature_mean", "output_mean"):
+        actual, reference = getattr(found, name), getattr(expected, name)
+        assert actual.dtype == torch.float64 and actual.shape == reference.shape, name
+        # the features are float32, as the network computes them: ~1e-7 of the scale
+        assert scaled_error(actual, reference) < 1e-5, name
+
+
+@pytest.mark.parametrize("n", [GRAM_BLOCKS_FROM - 1, GRAM_BLOCKS_FROM + 2])
+def test_gram_equals_the_full_product(n):
+    g = torch.randn(50, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert scaled_error(_gram(g), g.T @ g) < 1e-13
 
 
 @pytest.mark.parametrize("patches, message", [
