@@ -223,6 +223,12 @@ def refittable(conv: _ConvNd) -> bool:
     return True
 
 
+def refit_positions_needed(state: dict[str, torch.Tensor], spec: ConvSpec) -> int:
+    """Calibration positions `refit_conv_weights` needs to refit `state` (of `decompose_conv_weights`):
+    `REFIT_SAMPLES_PER_FEATURE` per feature (kernel offset × input rank); with fewer it would overfit."""
+    return REFIT_SAMPLES_PER_FEATURE * math.prod(spec.kernel_size) * state["first.weight"].shape[0]
+
+
 def refit_conv_weights(
     state: dict[str, torch.Tensor], weight: torch.Tensor, spec: ConvSpec, responses: ResponseStatistics,
     output_fisher: torch.Tensor,
@@ -232,7 +238,7 @@ def refit_conv_weights(
     output; plus the new relative weight error. None if there are too few positions to fit on."""
     first = state["first.weight"].flatten(1).double()
     r_in, r_out = first.shape[0], state["last.weight"].shape[1]
-    if responses.samples < REFIT_SAMPLES_PER_FEATURE * math.prod(spec.kernel_size) * r_in:
+    if responses.samples < refit_positions_needed(state, spec):
         return None
     core, last = refit_core_and_last(responses.feature_cov, responses.cross_cov, output_fisher, r_out, r_in,
                                      spec.kernel_size)

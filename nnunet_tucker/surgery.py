@@ -41,6 +41,7 @@ from .layers import (
     conv_spec,
     decompose_conv_weights,
     refit_conv_weights,
+    refit_positions_needed,
     refittable,
 )
 from .profile import LayerTimer, layer_shapes
@@ -352,7 +353,8 @@ def _refit_in_order(
     positions weighted by how much the prediction depends on them (`sample_targets`). Costs one
     forward and a few backward passes of the original network per patch, and one forward pass of a
     compressed copy over all patches at once: a pre-hook refits each layer on the input the pass
-    gives it and loads the result before the layer runs (a module run twice: on its first run)."""
+    gives it and loads the result before the layer runs (a module run twice: on its first run).
+    Layers with too few sampled positions to refit on (`refit_positions_needed`) are left as they are."""
     network, patches = unwrap(data.network), data.patches
     targets, order = data.targets or sample_targets(network, patches, [layer.name for layer in plan],
                                                     regions=data.regions)
@@ -375,8 +377,12 @@ def _refit_in_order(
             module.load_state_dict(decomposed[name])
         progress.update()
 
+    def enough_positions(name: str) -> bool:
+        positions = sum(len(target.weights) for target in targets[name])
+        return positions >= refit_positions_needed(decomposed[name], by_name[name].spec)
+
     for name in order:
-        if name in refit and refittable(network.get_submodule(name)):
+        if name in refit and refittable(network.get_submodule(name)) and enough_positions(name):
             module = compressed.get_submodule(name)
             pending[id(module)] = name
             module.register_forward_pre_hook(refit_here)
