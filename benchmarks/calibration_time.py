@@ -11,6 +11,11 @@ layer-by-layer refit (the reference in tests/test_calibrated.py: a pass up to ea
 per patch) runs right after the new one, with their ratio and the largest difference between their
 weights, relative to the weights' scale. ``max_rss_gib`` is the process's peak so far. On 2 CPU
 cores, totalseg-3mm with 2 patches and ``--compare-old`` takes ~20 minutes.
+
+With ``--breakdown``, the refit line of the new refit also gives the seconds spent inside it in
+`sample_targets`, `responses` (of which gathering features, `_features`, and the Gram products of
+the covariances, `_gram` where the code has it), `refit_conv_weights`, and the rest (the compressed
+copy's forward pass), each with its share of the refit.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nnunet_tucker import TuckerConfig
+from nnunet_tucker import TuckerConfig, surgery
+from nnunet_tucker import statistics as statistics_module
 from nnunet_tucker.nnunet.presets import build_preset
 from nnunet_tucker.statistics import collect_statistics, sample_targets
 from nnunet_tucker.surgery import RefitData, _refit_in_order, convert_state_dict, plan_compression
@@ -47,6 +53,23 @@ def _timed(call):
     return result, time.perf_counter() - start
 
 
+def _timing(module, names: list[str], seconds: dict[str, float]) -> None:
+    """Wrap the functions `names` of `module` (those it has) to add their run time to `seconds`."""
+    for name in names:
+        if not hasattr(module, name):
+            continue
+        function = getattr(module, name)
+
+        def timed(*args, _function=function, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+
+        setattr(module, name, timed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="totalseg-3mm")
@@ -55,6 +78,7 @@ def main() -> None:
     parser.add_argument("--policy", default="paper", help="paper or auto: no device profiling")
     parser.add_argument("--compare-old", action="store_true", help="also time the old layer-by-layer refit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--breakdown", action="store_true", help="seconds of each part of the new refit")
     args = parser.parse_args()
 
     network, shape = build_preset(args.preset)
@@ -81,14 +105,24 @@ def main() -> None:
     refit = {layer.name for layer in plan if statistics[layer.name].usable()}
     algorithms = {"new": _refit_in_order, **({"old": _refit_layer_by_layer} if args.compare_old else {})}
     results, times = {}, {}
+    parts: dict[str, float] = {}
+    if args.breakdown:
+        _timing(surgery, ["sample_targets", "responses", "refit_conv_weights"], parts)
+        _timing(statistics_module, ["_features", "_gram"], parts)
     for algorithm, run in algorithms.items():
         decomposed = dict(fitted)
+        parts.clear()
         _, times[algorithm] = _timed(lambda run=run, decomposed=decomposed: run(
             RefitData(network, patches), plan, refit, decomposed, dict(errors), statistics, state))
         results[algorithm] = decomposed
         refitted = sum(decomposed[name] is not fitted[name] for name in decomposed)
         extra = {"refitted_layers": refitted,
                  "seconds_without_targets": round(times[algorithm] - targets_seconds, 2)}
+        if args.breakdown and algorithm == "new":
+            named = {**parts, "rest": times[algorithm] - sum(parts.get(k, 0.0) for k in
+                                                             ("sample_targets", "responses", "refit_conv_weights"))}
+            extra["parts"] = {k: {"seconds": round(v, 2), "share": round(v / times[algorithm], 3)}
+                              for k, v in named.items()}
         if algorithm == "old":
             difference = max(scaled_error(results["new"][name][key], value)
                              for name, weights in decomposed.items() for key, value in weights.items())
