@@ -214,11 +214,18 @@ def refit_core_and_last(
     """
     f_cov = feature_cov.double()
     f_cov = f_cov + RIDGE * float(f_cov.diagonal().mean()) * torch.eye(f_cov.shape[0], dtype=torch.float64)
-    b = torch.linalg.solve(f_cov, cross_cov.double().T).T  # (C_out, K·R_in)
+    b = _solve_positive_definite(f_cov, cross_cov.double().T).T  # (C_out, K·R_in)
     root, inverse_root = _root_and_inverse(output_metric)
     u = eigh_descending(root @ b @ f_cov @ b.T @ root)[1][:, :rank_out]
     core = (u.T @ root @ b).reshape(rank_out, math.prod(kernel), rank_in).transpose(1, 2)
     return core.reshape(rank_out, rank_in, *kernel), inverse_root @ u
+
+
+def _solve_positive_definite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a⁻¹b for a symmetric positive definite `a`: by Cholesky (a few times faster than the LU of
+    `torch.linalg.solve` here, same result up to rounding); by LU where `a` is not positive definite."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    return torch.cholesky_solve(b, factor) if int(info) == 0 else torch.linalg.solve(a, b)
 
 
 def paper_rank(channels: int, ratio: float, rank_min: int, multiple: int = 1) -> int:
