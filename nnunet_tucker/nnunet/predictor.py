@@ -115,24 +115,21 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     _ensure_visible_logging()
     report_file = report_path()  # a bad path is an error now, not after the work
 
+    if config.calibration is None:
+        record = _self_calibration_record(predictor, config)
+        compressed = _from_stored_self_calibration(predictor, config, source, record)
+        if compressed is None:
+            predictor._tucker_pending = (config, source, report_file, record)
+            logger.info("%s: calibrating on the first case this run segments (once per model; set "
+                        "TUCKER_CALIBRATION to a folder of images to choose others, or to 'none' for the weights "
+                        "alone)", config.describe())
+            return None
+        return _apply(predictor, *compressed, source, report_file)
     if config.weights_only:
         logger.warning("TUCKER_CALIBRATION=none: the factors are fitted to the weights alone, and the quality of "
                        "the compressed model is unverified; check it with nnunet-tucker evaluate")
-        calibration = None
-    elif config.calibration is not None:
-        calibration = folder_calibration(predictor, config)
-    else:
-        calibration = _stored_self_calibration(_self_calibration_record(predictor, config))
-    try:
-        if config.calibration is None and calibration is None:
-            raise _NeedsFirstCase
-        report, converted = compress_folds(predictor, config, source, calibration)
-    except _NeedsFirstCase:
-        predictor._tucker_pending = (config, source, report_file)
-        logger.info("%s: calibrating on the first case this run segments (once per model; set TUCKER_CALIBRATION "
-                    "to a folder of images to choose others, or to 'none' for the weights alone)", config.describe())
-        return None
-    return _apply(predictor, report, converted, source, report_file)
+    calibration = None if config.weights_only else folder_calibration(predictor, config)
+    return _apply(predictor, *compress_folds(predictor, config, source, calibration), source, report_file)
 
 
 def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> CompressionReport | None:
@@ -142,18 +139,15 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
     pending = getattr(predictor, "_tucker_pending", None)
     if not pending:
         return None
-    config, source, report_file = pending
-    record = _self_calibration_record(predictor, config)
+    config, source, report_file, record = pending
     case = _case_name(data)
     with file_lock(record.with_suffix(".lock")), torch.inference_mode(False), torch.enable_grad():
-        network = predictor.network
-        network.to(predictor.device)  # where nnU-Net will run it: calibrate there
-        try:
-            calibration = _stored_self_calibration(record)  # another process may have calibrated meanwhile
-            if calibration is None:
-                raise _NeedsFirstCase
-            report, converted = compress_folds(predictor, config, source, calibration)
-        except _NeedsFirstCase:
+        predictor.network.to(predictor.device)  # where nnU-Net will run it: calibrate there
+        # another process may have calibrated this model meanwhile
+        compressed = _from_stored_self_calibration(predictor, config, source, record)
+        if compressed is not None:
+            report, converted = compressed
+        else:
             patches = first_case_patches(data, predictor, config.calibration_patches, case)
             info = {"on": "first case", "case": case, "patches": len(patches),
                     "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -214,9 +208,12 @@ def _self_calibration_record(predictor: nnUNetPredictor, config: TuckerConfig) -
     return default_cache_dir() / f"self-calibration-{digest.hexdigest()}.json"
 
 
-def _stored_self_calibration(record: Path) -> Calibration | None:
-    """The self-calibration `record` names, whose patches are gone (statistics and fitted weights are
-    cached under its key); None when there is none or it cannot be read."""
+def _from_stored_self_calibration(
+    predictor: nnUNetPredictor, config: TuckerConfig, source: str | None, record: Path
+) -> tuple[CompressionReport, list] | None:
+    """`compress_folds` with the self-calibration `record` names, from the cache alone (its patches are
+    gone; statistics and fitted weights are cached under its key); None when there is no usable record
+    or the cache lacks what it needs."""
     try:
         data = json.loads(record.read_text())
         key, info = str(data["key"]), dict(data["info"])
@@ -226,7 +223,10 @@ def _stored_self_calibration(record: Path) -> Calibration | None:
     def patches() -> torch.Tensor:
         raise _NeedsFirstCase
 
-    return Calibration(key, patches, {**info, "from_cache": True})
+    try:
+        return compress_folds(predictor, config, source, Calibration(key, patches, {**info, "from_cache": True}))
+    except _NeedsFirstCase:
+        return None
 
 
 def folder_calibration(predictor: nnUNetPredictor, config: TuckerConfig) -> Calibration:
