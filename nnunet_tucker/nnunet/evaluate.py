@@ -25,6 +25,9 @@ from .predictor import TuckerPredictor, calibration_phrase
 logger = logging.getLogger(__name__)
 
 
+WORKERS_FROM_CASES = 3  # fewer cases are predicted in process: nnU-Net's workers take longer to start than they save
+
+
 @dataclass
 class PredictionRun:
     """One model's prediction of the image folder."""
@@ -46,8 +49,10 @@ def predict_folder(
     device: torch.device,
     use_mirroring: bool,
     label: str,
+    in_process: bool = False,
 ) -> PredictionRun:
-    """Run nnU-Net's predictor (`predict_from_files`) on a folder; `tucker_config=False` = uncompressed."""
+    """Run nnU-Net's predictor on a folder; `tucker_config=False` = uncompressed. `in_process`: without
+    nnU-Net's worker processes (`predict_from_files_sequential`)."""
     predictor = TuckerPredictor(
         tile_step_size=0.5, use_mirroring=use_mirroring, device=device, tucker_config=tucker_config,
         allow_tqdm=True,
@@ -55,10 +60,14 @@ def predict_folder(
     start = time.perf_counter()
     use_folds = [f if f == "all" else int(f) for f in folds] if folds else None
     predictor.initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
-    predictor.predict_from_files(
-        str(images), str(output_folder), save_probabilities=False, overwrite=True,
-        num_processes_preprocessing=1, num_processes_segmentation_export=1,
-    )
+    if in_process:
+        output_folder.mkdir(parents=True, exist_ok=True)  # (nnU-Net's sequential path assumes it exists)
+        predictor.predict_from_files_sequential(str(images), str(output_folder), save_probabilities=False)
+    else:
+        predictor.predict_from_files(
+            str(images), str(output_folder), save_probabilities=False, overwrite=True,
+            num_processes_preprocessing=1, num_processes_segmentation_export=1,
+        )
     seconds = time.perf_counter() - start
     report = predictor.tucker_report.to_dict() if predictor.tucker_report else None
     return PredictionRun(label, str(model_folder), output_folder, seconds, report)
@@ -254,12 +263,13 @@ def evaluate(
     _prepare_output(output, overwrite)
 
     dev = torch.device(device)
+    in_process = len(inputs) < WORKERS_FROM_CASES
     runs = [
         predict_folder(original, images, output / "original", False, folds, checkpoint_name, dev,
-                       use_mirroring, "original"),
+                       use_mirroring, "original", in_process),
         predict_folder(Path(compressed or original), images, output / "compressed",
                        False if compressed is not None else config, folds, checkpoint_name, dev,
-                       use_mirroring, "compressed"),
+                       use_mirroring, "compressed", in_process),
     ]
     manifest = Path(compressed or "") / MANIFEST_NAME
     if compressed is not None and manifest.is_file():

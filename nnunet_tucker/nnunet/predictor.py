@@ -187,12 +187,12 @@ def calibration_phrase(info: dict[str, Any] | None) -> str:
 
 def _case_name(data: Any) -> str:
     """The case `data` belongs to, as the prediction loop calling nnU-Net's predictor names its output
-    (``ofile`` in nnU-Net's and TotalSegmentator's loops), else its shape."""
+    (``ofile`` in nnU-Net's and TotalSegmentator's loops, ``of`` in nnU-Net's sequential one), else its shape."""
     frame = sys._getframe(1)
     for _ in range(6):
         if frame is None:
             break
-        ofile = frame.f_locals.get("ofile")
+        ofile = frame.f_locals.get("ofile", frame.f_locals.get("of"))
         if isinstance(ofile, str) and ofile:
             return Path(ofile).name
         frame = frame.f_back
