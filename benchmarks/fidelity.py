@@ -79,12 +79,13 @@ def per_class_dice(segs: dict[str, np.ndarray], references: dict[str, np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.3])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.2, 0.3])
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.3],
                         help="rank ratios with the default policy (what TUCKER_RANK_RATIO alone asks for)")
     parser.add_argument("--cases", type=int, default=6, help="held-out evaluation cases")
     parser.add_argument("--calibration-cases", type=int, default=4)
-    parser.add_argument("--calibration-patches", type=int, default=4)
+    parser.add_argument("--calibration-patches", type=int, help="default: the package's (4 from a folder, "
+                        "2 from the first case)")
     parser.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank, all variants (default 8)")
     parser.add_argument("--folds", nargs="+", default=["0", "1"])
     parser.add_argument("--model", type=Path, default=demo_model_folder(), help="model folder (default: demo model)")

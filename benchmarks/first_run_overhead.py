@@ -1,7 +1,7 @@
 """One-time overhead of a self-calibrating compressed run, and of the next run (from the cache).
 
     python benchmarks/first_run_overhead.py [--preset totalseg-3mm] [--ratio 0.3] [--shape 150 136 136]
-                                            [--patches 4] [--out DIR]
+                                            [--patches N] [--out DIR]
 
 Writes the preset as a model folder (random weights), loads it with a `TuckerPredictor` asking for
 `TuckerConfig(ratio)` with the default policy (profiled) and calibration (the first case), and times
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--preset", default="totalseg-3mm")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--shape", type=int, nargs=3, default=[150, 136, 136], help="preprocessed case (z y x)")
-    parser.add_argument("--patches", type=int, default=4, help="calibration patches (default 4, the default)")
+    parser.add_argument("--patches", type=int, help="calibration patches (default: the package's, 2)")
     parser.add_argument("--out", type=Path, help="work folder (default: temporary)")
     args = parser.parse_args()
 
@@ -70,7 +70,8 @@ def main() -> None:
         network(x)
         forward = time.perf_counter() - start
     result = {
-        "preset": args.preset, "ratio": args.ratio, "case_shape": args.shape, "patches": args.patches,
+        "preset": args.preset, "ratio": args.ratio, "case_shape": args.shape,
+        "patches": report.extra["calibration"]["patches"],
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "first_run_load_s": round(first_load, 1),
         "first_case_overhead_s": round(first_case, 1),

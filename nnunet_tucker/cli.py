@@ -33,7 +33,8 @@ _HELP = {
     "exclude": "fnmatch patterns of module names to leave as they are",
     "calibration": "folder of unlabelled images (CASE_0000.nii.gz, ...) to fit the factors to the model's data, "
                    "or 'none' for the weights alone (default when predicting: the first case segmented)",
-    "calibration_patches": "network-input patches taken from the calibration images (default 4)",
+    "calibration_patches": "network-input patches taken from the calibration images (default: 4 from a folder, "
+                           "2 from the first case)",
 }
 _TYPES = {"rank_ratio": float, "mac_budget": float, "policy": str, "rank_min": int, "rank_multiple": int,
           "hooi_iterations": int, "calibration": str, "calibration_patches": int}

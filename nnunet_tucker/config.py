@@ -75,7 +75,9 @@ _FIELDS: dict[str, _Field] = {
         "TUCKER_CALIBRATION_PATCHES", int, lambda v: _is_int(v) and v >= 1, "an integer >= 1"
     ),
 }
-_OPTIONAL = {"rank_ratio", "mac_budget", "calibration"}
+_OPTIONAL = {"rank_ratio", "mac_budget", "calibration", "calibration_patches"}
+FOLDER_PATCHES = 4  # calibration patches taken from a folder of images, unless asked otherwise
+FIRST_CASE_PATCHES = 2  # ... from the first case of a run (each costs about a forward and a backward pass)
 _TARGETS = ("rank_ratio", "mac_budget")  # exactly one says how much to compress
 
 
@@ -111,7 +113,8 @@ class TuckerConfig:
         the weights (see README): None (default) calibrates on the first image a prediction run
         segments; a folder of unlabelled images in the model's input format calibrates on those;
         ``"none"`` fits the weights alone (quality unverified).
-    calibration_patches: network-input patches taken from the calibration images.
+    calibration_patches: network-input patches taken from the calibration images; None (default):
+        `FOLDER_PATCHES` from a folder, `FIRST_CASE_PATCHES` from the first case.
     """
 
     rank_ratio: float | None = None
@@ -122,7 +125,7 @@ class TuckerConfig:
     hooi_iterations: int = 0
     exclude: tuple[str, ...] = ()
     calibration: str | None = None
-    calibration_patches: int = 4
+    calibration_patches: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -138,6 +141,11 @@ class TuckerConfig:
         """A short summary such as ``rank_ratio=0.5 policy=auto`` or ``mac_budget=0.2 calibrated``."""
         target = f"rank_ratio={self.rank_ratio}" if self.rank_ratio is not None else f"mac_budget={self.mac_budget}"
         return f"{target} policy={self.policy}"
+
+    def patches(self, first_case: bool) -> int:
+        """How many calibration patches to take, from the first case or from a folder."""
+        default = FIRST_CASE_PATCHES if first_case else FOLDER_PATCHES
+        return self.calibration_patches if self.calibration_patches is not None else default
 
     @property
     def weights_only(self) -> bool:

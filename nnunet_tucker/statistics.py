@@ -226,7 +226,7 @@ class SampledOutputs:
 
 Targets = dict[str, list[SampledOutputs]]
 
-FISHER_PROBES = 2  # backward passes per patch that estimate the Fisher information at each sampled position
+FISHER_PROBES = 1  # backward passes per patch that estimate the Fisher information at each sampled position
 POSITION_WEIGHT_SHARE = 0.5  # weights: this share from the position's own Fisher information, the rest uniform
 
 

@@ -192,7 +192,7 @@ def test_one_pass_gives_both_statistics_and_targets():
         for mine, theirs in ((s.input_cov, a.input_cov), (s.input_mean, a.input_mean),
                              (s.spatial_corr, a.spatial_corr)):
             assert scaled_error(mine, theirs) < 1e-6  # the same forward pass
-        # the Fisher information: the mean of two probes here, one there; the same expectation, same scale
+        # the Fisher information: other random probes (targets drawn in between), the same expectation and scale
         ratio = float(s.output_fisher.trace() / a.output_fisher.trace())
         assert 0.2 < ratio < 5, (name, ratio)
         for mine, theirs in zip(targets[name], sampled[name], strict=True):

@@ -83,3 +83,12 @@ def test_exactly_one_of_ratio_and_budget():
     ratio_in_plans = read_plans({"tucker": {"rank_ratio": 0.5, "rank_min": 4}})
     assert resolve_config(ratio_in_plans, {"mac_budget": 0.2}) == TuckerConfig(mac_budget=0.2, rank_min=4)
     assert resolve_config({"mac_budget": 0.2}, {"rank_ratio": 0.4}) == TuckerConfig(0.4)
+
+
+def test_calibration_patches_default_to_fewer_from_the_first_case():
+    """Each patch costs about a forward and a backward pass of the network, once per model: a run's first
+    case gives 2, a folder (chosen to calibrate on) 4, unless the user says how many."""
+    assert (TuckerConfig(0.3).patches(first_case=True), TuckerConfig(0.3).patches(first_case=False)) == (2, 4)
+    assert TuckerConfig(0.3, calibration_patches=6).patches(first_case=True) == 6
+    assert resolve_config(read_env({"TUCKER_RANK_RATIO": "0.3", "TUCKER_CALIBRATION_PATCHES": "3"})).patches(
+        first_case=False) == 3

@@ -148,7 +148,7 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
         if compressed is not None:
             report, converted = compressed
         else:
-            patches = first_case_patches(data, predictor, config.calibration_patches, case)
+            patches = first_case_patches(data, predictor, config.patches(first_case=True), case)
             info = {"on": "first case", "case": case, "patches": len(patches),
                     "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             calibration = Calibration(patches_digest(patches), lambda: patches, info)
@@ -236,12 +236,13 @@ def folder_calibration(predictor: nnUNetPredictor, config: TuckerConfig) -> Cali
 
     def patches() -> torch.Tensor:
         if not loaded:
-            loaded.append(load_calibration_patches(folder, predictor, config.calibration_patches))
+            loaded.append(load_calibration_patches(folder, predictor, config.patches(first_case=False)))
         return loaded[0]
 
     info = {"on": "folder", "folder": str(Path(folder).resolve()),
-            "cases": sorted(calibration_cases(folder, predictor.dataset_json)), "patches": config.calibration_patches}
-    return Calibration(calibration_digest(folder, predictor.dataset_json, config.calibration_patches), patches, info)
+            "cases": sorted(calibration_cases(folder, predictor.dataset_json)),
+            "patches": config.patches(first_case=False)}
+    return Calibration(calibration_digest(folder, predictor.dataset_json, info["patches"]), patches, info)
 
 
 def compress_folds(
