@@ -17,7 +17,8 @@ import torch
 
 from nnunet_tucker import TuckerConfig
 from nnunet_tucker.nnunet.presets import build_preset
-from nnunet_tucker.surgery import convert_state_dict, plan_compression
+from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.swap import convert_state_dict
 
 
 def main() -> None:

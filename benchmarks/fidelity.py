@@ -36,12 +36,13 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_tucker import TuckerConfig
-from nnunet_tucker.accounting import count_macs
+from nnunet_tucker.counting import count_macs
 from nnunet_tucker.demo_model import demo_model_folder
 from nnunet_tucker.metrics import dice
 from nnunet_tucker.nnunet.evaluate import predict_folder
 from nnunet_tucker.nnunet.model_folder import load_trained_model
-from nnunet_tucker.surgery import plan_compression, swap_modules
+from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.swap import swap_modules
 from nnunet_tucker.synthetic import LABELS, make_test_cases
 
 EVAL_SEED, CALIBRATION_SEED = 70, 80  # held-out phantom series, disjoint from training and each other

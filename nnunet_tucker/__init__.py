@@ -14,8 +14,8 @@ __version__ = "0.3.0"
 _EXPORTS = {
     "TuckerConfig": "nnunet_tucker.config",
     "TuckerConfigError": "nnunet_tucker.config",
-    "compress_network": "nnunet_tucker.surgery",
-    "CompressionReport": "nnunet_tucker.accounting",
+    "compress_network": "nnunet_tucker.compress",
+    "CompressionReport": "nnunet_tucker.account",
     "TuckerPredictor": "nnunet_tucker.nnunet.predictor",
 }
 
@@ -31,10 +31,10 @@ __all__ = [
 if TYPE_CHECKING:
     from typing import Any
 
-    from .accounting import CompressionReport
+    from .account import CompressionReport
+    from .compress import compress_network
     from .config import TuckerConfig, TuckerConfigError
     from .nnunet.predictor import TuckerPredictor
-    from .surgery import compress_network
 
 
 def __getattr__(name: str) -> Any:

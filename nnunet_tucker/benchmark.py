@@ -26,9 +26,10 @@ from unittest import mock
 import torch
 from torch import nn
 
-from .accounting import count_macs, count_params
+from .compress import compress_network
 from .config import NO_CALIBRATION, TuckerConfig
-from .surgery import compress_network, unwrap
+from .counting import count_macs, count_params
+from .plan import unwrap
 
 logger = logging.getLogger(__name__)
 

@@ -92,7 +92,7 @@ def _load_network(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict 
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .surgery import compress_network
+    from .compress import compress_network
 
     network, input_shape, plans, source = _load_network(args)
     plans_fields = read_plans(plans, source=f"{source}/plans.json") if plans is not None else {}

@@ -9,29 +9,12 @@ matrix multiplication, and small-channel 3D convolutions run ~1.6x faster channe
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .decomposition import REFIT_SAMPLES_PER_FEATURE, ConvSpec, calibrated_tucker2, refit_core_and_last, tucker2
-from .statistics import ChannelStatistics, ResponseStatistics
-
 _POINTWISE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def conv_spec(conv: _ConvNd) -> ConvSpec:
-    """The `ConvSpec` of a torch convolution module."""
-    return ConvSpec(
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=tuple(conv.kernel_size),
-        stride=tuple(conv.stride),
-        transposed=conv.transposed,
-        groups=conv.groups,
-    )
 
 
 class TuckerConv(nn.Module):
@@ -58,7 +41,6 @@ class TuckerConv(nn.Module):
             core_kwargs["output_padding"] = conv.output_padding
         self.core = type(conv)(in_rank, out_rank, conv.kernel_size, **core_kwargs, **factory)
         self.last = pointwise(out_rank, conv.out_channels, 1, bias=conv.bias is not None, **factory)
-        self.spec = conv_spec(conv)
         self.__dict__["_norm"] = None  # a FusedInstanceNorm after it (a reference, not a submodule)
 
     def fuse_norm(self, norm: FusedInstanceNorm) -> None:
@@ -152,7 +134,7 @@ class PointwiseConv(nn.Module):
     def __init__(self, conv: _ConvNd) -> None:
         super().__init__()
         self.weight, self.bias = conv.weight, conv.bias
-        self.spec = conv_spec(conv)
+        self.channels = (conv.in_channels, conv.out_channels)
 
     @staticmethod
     def applies_to(conv: _ConvNd) -> bool:
@@ -164,92 +146,4 @@ class PointwiseConv(nn.Module):
         return _channels_first_gemm(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.spec.in_channels}, {self.spec.out_channels}, GEMM"
-
-
-def decompose_conv_weights(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    spec: ConvSpec,
-    ranks: tuple[int, int],
-    hooi_iterations: int = 0,
-    statistics: ChannelStatistics | None = None,
-) -> tuple[dict[str, torch.Tensor], float]:
-    """The state dict of a `TuckerConv` (keys ``first.weight``, ``core.weight``, ``last.weight``,
-    ``last.bias``) approximating a convolution with `weight` and `bias`; plus the relative error.
-
-    A Conv weight is (C_out, C_in, *k); a ConvTranspose weight is (C_in, C_out, *k), so the roles
-    of the two channel modes swap.
-    """
-    r_in, r_out = ranks
-    ones = (1,) * (weight.ndim - 2)
-    if statistics is not None and statistics.usable():
-        fit = calibrated_tucker2(
-            weight.transpose(0, 1) if spec.transposed else weight, r_in, r_out, statistics.whitening(),
-            statistics.input_mean, positions_per_output=1 / math.prod(spec.stride) if spec.transposed else 1.0,
-        )
-        state = {
-            "first.weight": fit.first.reshape(r_in, -1, *ones),
-            "core.weight": fit.core.transpose(0, 1).contiguous() if spec.transposed else fit.core,
-            "last.weight": fit.last.reshape(-1, r_out, *ones),
-        }
-        if bias is not None:
-            state["last.bias"] = bias.detach() + fit.bias_shift
-        return state, fit.relative_error
-    if spec.transposed:
-        t = tucker2(weight, r_in, r_out, hooi_iterations)
-        u_in, u_out = t.factor0, t.factor1
-    else:
-        t = tucker2(weight, r_out, r_in, hooi_iterations)
-        u_out, u_in = t.factor0, t.factor1
-    state = {
-        "first.weight": u_in.T.reshape(u_in.shape[1], u_in.shape[0], *ones).contiguous(),
-        "core.weight": t.core,
-        "last.weight": u_out.reshape(*u_out.shape, *ones).contiguous(),
-    }
-    if bias is not None:
-        state["last.bias"] = bias.detach().clone()
-    return state, t.relative_error
-
-
-def refittable(conv: _ConvNd) -> bool:
-    """Whether `refit_conv_weights` applies: zero padding and no groups; a transposed convolution
-    only when its kernel offsets tile the output (kernel = stride, no padding), as in nnU-Net."""
-    if conv.groups != 1 or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
-        return False
-    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-        return (tuple(conv.kernel_size) == tuple(conv.stride) and not any(conv.padding)
-                and not any(conv.output_padding) and all(d == 1 for d in conv.dilation))
-    return True
-
-
-def refit_positions_needed(state: dict[str, torch.Tensor], spec: ConvSpec) -> int:
-    """Calibration positions `refit_conv_weights` needs to refit `state` (of `decompose_conv_weights`):
-    `REFIT_SAMPLES_PER_FEATURE` per feature (kernel offset × input rank); with fewer it would overfit."""
-    return REFIT_SAMPLES_PER_FEATURE * math.prod(spec.kernel_size) * state["first.weight"].shape[0]
-
-
-def refit_conv_weights(
-    state: dict[str, torch.Tensor], weight: torch.Tensor, spec: ConvSpec, responses: ResponseStatistics,
-    output_fisher: torch.Tensor,
-) -> tuple[dict[str, torch.Tensor], float] | None:
-    """`state` (of `decompose_conv_weights`) with core and last factor refitted on calibration
-    `responses` for its first factor (`refit_core_and_last`) and the bias set to keep the mean
-    output; plus the new relative weight error. None if there are too few positions to fit on."""
-    first = state["first.weight"].flatten(1).double()
-    r_in, r_out = first.shape[0], state["last.weight"].shape[1]
-    if responses.samples < refit_positions_needed(state, spec):
-        return None
-    core, last = refit_core_and_last(responses.feature_cov, responses.cross_cov, output_fisher, r_out, r_in,
-                                     spec.kernel_size)
-    dtype, ones = weight.dtype, (1,) * len(spec.kernel_size)
-    refitted = dict(state)
-    refitted["core.weight"] = (core.transpose(0, 1) if spec.transposed else core).to(dtype).contiguous()
-    refitted["last.weight"] = last.reshape(-1, r_out, *ones).to(dtype).contiguous()
-    if "last.bias" in state:
-        by_offset = core.flatten(2).transpose(1, 2).flatten(1)  # (R_out, K·R_in), offsets major like f
-        mean_out = last @ (by_offset @ responses.feature_mean.double())
-        refitted["last.bias"] = (responses.output_mean.double() - mean_out).to(dtype)
-    flat = (weight.transpose(0, 1) if spec.transposed else weight).detach().double().flatten(2)
-    approx = torch.einsum("or,rsk,si->oik", last, core.flatten(2), first)
-    return refitted, float((flat - approx).norm() / flat.norm()) if flat.norm() > 0 else 0.0
+        return f"{self.channels[0]}, {self.channels[1]}, GEMM"

@@ -4,7 +4,7 @@ from networks import build
 
 from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.nnunet.architecture import NETWORK_CLASS_NAME, TuckerNetwork, compressed_architecture
-from nnunet_tucker.surgery import plan_compression, plan_compression_from_ranks
+from nnunet_tucker.plan import plan_compression, plan_compression_from_ranks
 
 BASE = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",

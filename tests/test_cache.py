@@ -5,7 +5,9 @@ from networks import build
 
 from nnunet_tucker import TuckerConfig
 from nnunet_tucker.nnunet.cache import DecompositionCache, state_dict_digest
-from nnunet_tucker.surgery import convert_state_dict, plan_compression
+from nnunet_tucker.nnunet.predictor import converted_weights
+from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.swap import convert_state_dict
 
 
 def _setup(tmp_path):
@@ -16,8 +18,8 @@ def _setup(tmp_path):
 
 def test_miss_then_hit_gives_the_same_weights(tmp_path):
     state, plan, cache = _setup(tmp_path)
-    first, errors = cache.convert(state, plan)
-    again, errors_again = DecompositionCache(tmp_path).convert(state, plan)
+    first, errors = converted_weights(cache, state, plan)
+    again, errors_again = converted_weights(DecompositionCache(tmp_path), state, plan)
     expected, _ = convert_state_dict(state, plan)
     assert cache.misses == 1 and errors == errors_again
     assert all(torch.equal(again[k], expected[k]) for k in expected)
@@ -35,7 +37,7 @@ def test_key_depends_on_weights_and_plan(tmp_path):
 
 def test_corrupt_or_foreign_entries_are_recomputed(tmp_path, caplog):
     state, plan, cache = _setup(tmp_path)
-    cache.convert(state, plan)
+    converted_weights(cache, state, plan)
     (entry,) = tmp_path.glob("*.pt")
     for garbage in (entry.read_bytes()[:100], b"not a checkpoint", None):
         if garbage is None:  # a readable file with the wrong content
@@ -44,7 +46,7 @@ def test_corrupt_or_foreign_entries_are_recomputed(tmp_path, caplog):
             entry.write_bytes(garbage)
         fresh = DecompositionCache(tmp_path)
         with caplog.at_level(logging.WARNING):
-            converted, _ = fresh.convert(state, plan)
+            converted, _ = converted_weights(fresh, state, plan)
         assert fresh.misses == 1 and "ignoring unusable cache entry" in caplog.text
         assert converted.keys() == convert_state_dict(state, plan)[0].keys()
         caplog.clear()
@@ -56,5 +58,5 @@ def test_unwritable_cache_does_not_stop_conversion(tmp_path, caplog):
     blocker.write_text("")
     cache = DecompositionCache(blocker / "sub")
     with caplog.at_level(logging.WARNING):
-        converted, _ = cache.convert(state, plan)
+        converted, _ = converted_weights(cache, state, plan)
     assert converted and "could not write the cache entry" in caplog.text

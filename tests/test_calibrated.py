@@ -10,17 +10,7 @@ from networks import build, scaled_error
 from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
-from nnunet_tucker.config import TuckerConfigError
-from nnunet_tucker.decomposition import (
-    BudgetLayer,
-    ConvSpec,
-    Whitening,
-    allocate_ranks,
-    calibrated_tucker2,
-    tucker2,
-)
-from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights, refit_conv_weights, refittable
-from nnunet_tucker.statistics import (
+from nnunet_tucker.calibrate import (
     GRAM_BLOCKS_FROM,
     POSITION_WEIGHT_SHARE,
     CalibrationDataError,
@@ -34,7 +24,19 @@ from nnunet_tucker.statistics import (
     responses,
     sample_targets,
 )
-from nnunet_tucker.surgery import RefitData, convert_state_dict, plan_compression, swap_modules
+from nnunet_tucker.config import TuckerConfigError
+from nnunet_tucker.fit import Whitening, calibrated_tucker2, tucker2
+from nnunet_tucker.layers import TuckerConv
+from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.plan.ranks import BudgetLayer, ConvSpec, allocate_ranks, conv_spec
+from nnunet_tucker.swap import (
+    RefitData,
+    convert_state_dict,
+    decompose_conv_weights,
+    refit_conv_weights,
+    refittable,
+    swap_modules,
+)
 
 
 def _correlated(n: int, channels: int, seed: int, size: int = 12) -> torch.Tensor:

@@ -10,7 +10,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_tucker.config import TuckerConfigError
 from nnunet_tucker.demo_model import demo_model_folder
-from nnunet_tucker.nnunet.calibration import (
+from nnunet_tucker.nnunet.calibration_images import (
     CalibrationError,
     calibration_cases,
     calibration_digest,

@@ -5,8 +5,10 @@ import torch
 from networks import scaled_error
 from torch import nn
 
-from nnunet_tucker.decomposition import ConvSpec, choose_ranks, feasible_ranks, paper_rank, tucker2
-from nnunet_tucker.layers import TuckerConv, conv_spec, decompose_conv_weights
+from nnunet_tucker.fit import feasible_ranks, tucker2
+from nnunet_tucker.layers import TuckerConv
+from nnunet_tucker.plan.ranks import ConvSpec, choose_ranks, conv_spec, paper_rank
+from nnunet_tucker.swap import decompose_conv_weights
 
 
 def test_full_rank_is_exact_and_error_is_reported():

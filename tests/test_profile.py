@@ -9,8 +9,8 @@ from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.layers import PointwiseConv, TuckerConv
-from nnunet_tucker.profile import MAX_PROFILE_VOXELS, LayerTimer, layer_shapes, profile_input_shape
-from nnunet_tucker.surgery import plan_compression
+from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.plan.timing import MAX_PROFILE_VOXELS, LayerTimer, layer_shapes, profile_input_shape
 
 
 class ScriptedTimer(LayerTimer):

@@ -26,8 +26,8 @@ from nnunet_tucker.nnunet.model_folder import (
     load_trained_model,
 )
 from nnunet_tucker.nnunet.presets import build_preset
-from nnunet_tucker.profile import LayerTimer
-from nnunet_tucker.surgery import plan_compression
+from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.plan.timing import LayerTimer
 from nnunet_tucker.synthetic import DEFAULT_SPACING, make_test_cases, write_nifti
 
 CONFIG = TuckerConfig(0.5, policy="auto", calibration="none")

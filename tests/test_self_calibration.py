@@ -14,7 +14,7 @@ import torch
 from nnunet_tucker.config import TuckerConfig
 from nnunet_tucker.demo_model import demo_model_folder
 from nnunet_tucker.nnunet import predictor as predictor_module
-from nnunet_tucker.nnunet.calibration import CalibrationError, first_case_patches
+from nnunet_tucker.nnunet.calibration_images import CalibrationError, first_case_patches
 from nnunet_tucker.nnunet.model_folder import ModelFolderError, compress_model_folder
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
 from nnunet_tucker.synthetic import DEFAULT_SPACING, make_phantom

@@ -5,10 +5,11 @@ import torch
 from networks import build, scaled_error
 
 from nnunet_tucker import TuckerConfig, compress_network
-from nnunet_tucker.accounting import count_macs, count_params
+from nnunet_tucker.counting import count_macs, count_params
 from nnunet_tucker.layers import TuckerConv
 from nnunet_tucker.nnunet.presets import build_preset
-from nnunet_tucker.surgery import convert_state_dict, converted_shapes, plan_compression, swap_modules
+from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.swap import convert_state_dict, converted_shapes, swap_modules
 
 
 def _relative_error(a, b):

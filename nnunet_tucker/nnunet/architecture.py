@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ..accounting import LayerRecord
-from ..surgery import LayerPlan, plan_compression_from_ranks, swap_modules
+from ..account import LayerRecord
+from ..plan import LayerPlan, plan_compression_from_ranks
+from ..swap import swap_modules
 
 NETWORK_CLASS_NAME = f"{__name__}.TuckerNetwork"
 COMPRESSED_KEY = "tucker_compressed"  # top-level plans.json key of folders written by `compress_model_folder`

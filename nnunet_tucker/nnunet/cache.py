@@ -22,9 +22,9 @@ from typing import IO, Any
 import torch
 
 from .. import __version__
+from ..calibrate import ChannelStatistics, statistics_digest
 from ..config import default_cache_dir
-from ..statistics import ChannelStatistics, statistics_digest
-from ..surgery import LayerPlan, RefitData, convert_state_dict, converted_shapes
+from ..plan import LayerPlan
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 class DecompositionCache:
-    """Decomposed state dicts on disk under `directory`; `convert` is a drop-in `convert_state_dict`."""
+    """Decomposed state dicts and calibration statistics on disk under `directory`: stored and loaded here,
+    computed by the caller (`nnunet.predictor`)."""
 
     def __init__(self, directory: Path | None = None, hooi_iterations: int = 0) -> None:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
@@ -63,33 +64,31 @@ class DecompositionCache:
         )
         return hashlib.blake2b(layout.encode(), digest_size=20).hexdigest()
 
-    def convert(
-        self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
-        statistics: dict[str, ChannelStatistics] | None = None,
-        refit_on: Callable[[], RefitData] | None = None,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """`convert_state_dict` through the cache (`refit_on` must give the patches the statistics were
-        collected on)."""
-        path = self.directory / f"{self.key(state_dict, plan, statistics, refit_on is not None)}.pt"
-        entry = self._load(path, converted_shapes(state_dict, plan))
-        if entry is not None:
+    def load(self, key: str, shapes: dict[str, tuple]) -> tuple[dict, dict] | None:
+        """The converted state dict and per-layer errors stored under `key`, if there and of the expected
+        keys and `shapes`; counted as a hit, else as a miss."""
+        entry = self._load(self.directory / f"{key}.pt", shapes)
+        if entry is None:
+            self.misses += 1
+        else:
             self.hits += 1
-            return entry
-        self.misses += 1
-        state, errors = convert_state_dict(state_dict, plan, self.hooi_iterations, statistics, refit_on)
-        _store(path, {"state_dict": state, "errors": errors})
-        return state, errors
+        return entry
 
-    def statistics(
-        self, state_dict: dict[str, torch.Tensor], calibration_key: str,
-        compute: Callable[[], dict[str, ChannelStatistics]],
-    ) -> dict[str, ChannelStatistics]:
-        """Calibration statistics of the network with `state_dict` on the data `calibration_key`
-        names: from the cache, else `compute()` and stored."""
+    def store(self, key: str, state_dict: dict[str, torch.Tensor], errors: dict[str, float]) -> None:
+        _store(self.directory / f"{key}.pt", {"state_dict": state_dict, "errors": errors})
+
+    def _statistics_path(self, state_dict: dict[str, torch.Tensor], calibration_key: str) -> Path:
         key = hashlib.blake2b(
             f"{state_dict_digest(state_dict)}|{calibration_key}|{__version__}".encode(), digest_size=20
         ).hexdigest()
-        path = self.directory / f"statistics-{key}.pt"
+        return self.directory / f"statistics-{key}.pt"
+
+    def load_statistics(
+        self, state_dict: dict[str, torch.Tensor], calibration_key: str
+    ) -> dict[str, ChannelStatistics] | None:
+        """Calibration statistics of the network with `state_dict` on the data `calibration_key` names,
+        if stored (a hit, else a miss)."""
+        path = self._statistics_path(state_dict, calibration_key)
         if path.is_file():
             try:
                 entry = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,9 +97,13 @@ class DecompositionCache:
             except Exception as e:  # unreadable, truncated, foreign: recompute
                 logger.warning("ignoring unusable cache entry %s (%s); collecting again", path, e)
         self.misses += 1
-        statistics = compute()
-        _store(path, {name: dataclasses.asdict(s) for name, s in statistics.items()})
-        return statistics
+        return None
+
+    def store_statistics(
+        self, state_dict: dict[str, torch.Tensor], calibration_key: str, statistics: dict[str, ChannelStatistics]
+    ) -> None:
+        _store(self._statistics_path(state_dict, calibration_key),
+               {name: dataclasses.asdict(s) for name, s in statistics.items()})
 
     def _load(self, path: Path, shapes: dict[str, tuple]) -> tuple[dict, dict] | None:
         if not path.is_file():

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accounting import CompressionReport
+from ..account import CompressionReport
 from ..config import TuckerConfig, creation_problem
 from .architecture import COMPRESSED_KEY, compressed_architecture, is_compressed
 

@@ -27,14 +27,16 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from torch import nn
 
 from .. import __version__
-from ..accounting import CompressionReport
+from ..account import CompressionReport
+from ..calibrate import calibrate
+from ..compress import compress_network
 from ..config import TuckerConfig, default_cache_dir, file_lock, read_env, read_plans, report_path, resolve_config
-from ..profile import LayerTimer
-from ..statistics import calibrate
-from ..surgery import RefitData, compress_network, plan_compression, unwrap
+from ..plan import LayerPlan, plan_compression, unwrap
+from ..plan.timing import LayerTimer
+from ..swap import RefitData, convert_state_dict, converted_shapes
 from .architecture import is_compressed
 from .cache import DecompositionCache, state_dict_digest, store_json
-from .calibration import (
+from .calibration_images import (
     calibration_cases,
     calibration_digest,
     first_case_patches,
@@ -275,8 +277,8 @@ def compress_folds(
     seconds["planning"] = time.perf_counter() - planned
     fitted = time.perf_counter()
     try:
-        converted = [cache.convert(state, plan, stats, measure)
-                     for state, stats, measure in zip(folds, statistics, refit_on, strict=True)]
+        converted = [converted_weights(cache, state, plan, config.hooi_iterations, stats, refit)
+                     for state, stats, refit in zip(folds, statistics, refit_on, strict=True)]
     finally:
         network.load_state_dict(folds[0])
     seconds["fitting"] = time.perf_counter() - fitted
@@ -305,14 +307,30 @@ def _calibration_statistics(
     def collect(fold: int) -> dict:
         network.load_state_dict(folds[fold])
         statistics, targets[fold] = calibrate(network, calibration.patches(), predictor.label_manager.has_regions)
+        cache.store_statistics(folds[fold], calibration.key, statistics)
         return statistics
 
     try:
-        statistics = [cache.statistics(state, calibration.key, lambda fold=fold: collect(fold))
+        statistics = [cache.load_statistics(state, calibration.key) or collect(fold)
                       for fold, state in enumerate(folds)]
     finally:
         network.load_state_dict(folds[0])
     return statistics, targets
+
+
+def converted_weights(
+    cache: DecompositionCache, state: dict[str, torch.Tensor], plan: list[LayerPlan], hooi_iterations: int = 0,
+    statistics: dict | None = None, refit_on: Callable[[], RefitData] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """`convert_state_dict` from `cache`, else computed and stored there (`refit_on` must give the
+    patches the statistics were collected on)."""
+    key = cache.key(state, plan, statistics, refit_on is not None)
+    found = cache.load(key, converted_shapes(state, plan))
+    if found is not None:
+        return found
+    converted, errors = convert_state_dict(state, plan, hooi_iterations, statistics, refit_on)
+    cache.store(key, converted, errors)
+    return converted, errors
 
 
 def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor], regions: bool,

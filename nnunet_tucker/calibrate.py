@@ -1,6 +1,6 @@
-"""What the calibration-aware fit needs to know of every convolution, measured on calibration data.
+"""Step 2, calibrate: what the calibration-aware fit needs to know of every convolution, measured on data.
 
-The calibration-aware fit (`decomposition.calibrated_tucker2`) keeps the directions that matter for
+The calibration-aware fit (`fit.calibrated_tucker2`) keeps the directions that matter for
 the network's prediction on real data rather than the largest ones of the weights. Per layer it
 needs the covariance of the input channels (centred per sample and channel: a per-channel constant
 is what the instance norm after nearly every nnU-Net convolution removes), the correlation of the
@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from tqdm import tqdm
 
-from .decomposition import Whitening
+from .fit import Whitening
 
 
 class CalibrationDataError(ValueError):

@@ -1,51 +1,40 @@
-"""Network surgery: plan which convolutions to decompose, swap them for `TuckerConv`, convert state dicts.
+"""Step 1, plan: which convolutions to decompose and at which ranks, as a list of `LayerPlan`.
 
-dynamic_network_architectures registers one conv module under several names (``convs.0.conv`` and
-``convs.0.all_modules.0``; the decoder also holds the encoder). Every name of one module ends up
-pointing at one `TuckerConv`, and state-dict conversion writes the decomposed weights under every name.
+The rules (`ranks`): the published rank rule, the shape rules of the ``auto`` policy, ranks
+allocated within a MAC budget; the ``profiled`` policy times the candidates on the device
+(`timing`). dynamic_network_architectures registers one conv module under several names
+(``convs.0.conv`` and ``convs.0.all_modules.0``; the decoder also holds the encoder): a plan
+names each module once, with all of its aliases.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import logging
 import math
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
-import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from tqdm import tqdm
 
-from .accounting import CompressionReport, count_macs, measure
-from .config import TuckerConfig, TuckerConfigError
-from .decomposition import (
+from ..calibrate import ChannelStatistics
+from ..config import TuckerConfig, TuckerConfigError
+from ..counting import count_macs
+from ..fit import channel_spectra
+from ..layers import FusedInstanceNorm, TuckerConv
+from .ranks import (
     BudgetError,
     BudgetLayer,
     ConvSpec,
     aligned_ranks,
     allocate_ranks,
-    channel_spectra,
     choose_ranks,
+    conv_spec,
     kept_by_shape,
 )
-from .layers import (
-    FusedInstanceNorm,
-    PointwiseConv,
-    TuckerConv,
-    conv_spec,
-    decompose_conv_weights,
-    refit_conv_weights,
-    refit_positions_needed,
-    refittable,
-)
-from .profile import LayerTimer, layer_shapes
-from .statistics import ChannelStatistics, Targets, responses, sample_targets
+from .timing import LayerTimer, layer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +202,7 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
               timer: LayerTimer) -> list[LayerPlan]:
     network = unwrap(network)
     shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
-    norms = _instance_norms_after(network)
+    norms = instance_norms_after(network)
     with timer.exclusive():
         refined = _fastest_forms(network, plan, shapes, norms, timer)
     if timer.measured:
@@ -256,7 +245,7 @@ def plan_compression_from_ranks(network: nn.Module, ranks: dict[str, list[int]])
     return plan
 
 
-def _instance_norms_after(network: nn.Module) -> dict[int, nn.Module]:
+def instance_norms_after(network: nn.Module) -> dict[int, nn.Module]:
     """id(conv) -> the instance norm its output goes straight into (dropout aside), within a
     `nn.Sequential` (nnU-Net's ConvDropoutNormReLU runs its ``all_modules``)."""
     found = {}
@@ -267,176 +256,3 @@ def _instance_norms_after(network: nn.Module) -> dict[int, nn.Module]:
                 if isinstance(module, _ConvNd) and FusedInstanceNorm.applies_to(after):
                     found[id(module)] = after
     return found
-
-
-def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
-    """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`;
-    kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM), and an instance
-    norm right after a decomposed layer becomes a `FusedInstanceNorm` done in that layer's last GEMM."""
-    network = unwrap(network)
-    norms = _instance_norms_after(network)
-    replacements: dict[int, nn.Module] = {}
-    for layer in plan:
-        conv = network.get_submodule(layer.name)
-        if not isinstance(conv, _ConvNd) or conv_spec(conv) != layer.spec:
-            raise ValueError(f"layer {layer.name!r} does not match the compression plan: found {conv!r}")
-        if layer.ranks is not None:
-            tucker = replacements[id(conv)] = TuckerConv(conv, *layer.ranks)
-            if id(conv) in norms:
-                fused = replacements[id(norms[id(conv)])] = FusedInstanceNorm(norms[id(conv)])
-                tucker.fuse_norm(fused)
-        elif PointwiseConv.applies_to(conv):
-            replacements[id(conv)] = PointwiseConv(conv)
-    originals = {id(m): m for m in network.modules()}
-    for key, replacement in replacements.items():
-        replacement.train(originals[key].training)  # a fresh module would be in training mode
-    for module in list(network.modules()):
-        for child_name, child in list(module._modules.items()):
-            if child is not None and id(child) in replacements:
-                module._modules[child_name] = replacements[id(child)]
-
-
-class RefitData(NamedTuple):
-    """What refitting on calibration data needs: the network holding the weights being converted,
-    the calibration patches (N, C, *spatial), whether its outputs are region (sigmoid) logits, and
-    the targets if already sampled on them (`statistics.calibrate`; else `sample_targets` runs)."""
-
-    network: nn.Module
-    patches: torch.Tensor
-    regions: bool = False
-    targets: tuple[Targets, list[str]] | None = None
-
-
-def convert_state_dict(
-    state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan], hooi_iterations: int = 0,
-    statistics: dict[str, ChannelStatistics] | None = None,
-    refit_on: Callable[[], RefitData] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """An original state dict in the compressed layout, plus each decomposed layer's relative error.
-
-    Keys of layers left as they are pass through unchanged; each decomposed layer is decomposed
-    once and written under all of its aliases. Layers with (usable) `statistics` for these
-    weights get the calibration-aware fit, the others the HOSVD. `refit_on` returns the
-    `RefitData`: the core and last factor of calibrated layers are then refitted on data
-    (`_refit_in_order`).
-    """
-    statistics = statistics or {}
-    plan = [layer for layer in plan if layer.ranks is not None]
-    decomposed: dict[str, dict[str, torch.Tensor]] = {}
-    errors: dict[str, float] = {}
-    for layer in plan:
-        decomposed[layer.name], errors[layer.name] = decompose_conv_weights(
-            state_dict[f"{layer.name}.weight"], state_dict.get(f"{layer.name}.bias"), layer.spec, layer.ranks,
-            hooi_iterations, statistics.get(layer.name)
-        )
-    refit = {layer.name for layer in plan if layer.name in statistics and statistics[layer.name].usable()}
-    if refit_on is not None and refit:
-        _refit_in_order(refit_on(), plan, refit, decomposed, errors, statistics, state_dict)
-    converted = dict(state_dict)
-    for layer in plan:
-        for alias in layer.aliases:
-            converted.pop(f"{alias}.weight", None)
-            converted.pop(f"{alias}.bias", None)
-            converted.update({f"{alias}.{k}": v for k, v in decomposed[layer.name].items()})
-    return converted, errors
-
-
-def _refit_in_order(
-    data: RefitData, plan: list[LayerPlan], refit: set[str],
-    decomposed: dict[str, dict[str, torch.Tensor]], errors: dict[str, float],
-    statistics: dict[str, ChannelStatistics], state_dict: dict[str, torch.Tensor],
-) -> None:
-    """Refit, in place, core and last factor of the layers in `refit` (those `refittable`) on the
-    calibration patches, in the order the forward pass runs them: each on the input that the
-    network, with every layer before it already compressed and refitted, gives it, against the
-    original network's output — so that each refit makes up for the error of the layers before it;
-    positions weighted by how much the prediction depends on them (`sample_targets`). Costs one
-    forward and a few backward passes of the original network per patch, and one forward pass of a
-    compressed copy over all patches at once: a pre-hook refits each layer on the input the pass
-    gives it and loads the result before the layer runs (a module run twice: on its first run).
-    Layers with too few sampled positions to refit on (`refit_positions_needed`) are left as they are."""
-    network, patches = unwrap(data.network), data.patches
-    targets, order = data.targets or sample_targets(network, patches, [layer.name for layer in plan],
-                                                    regions=data.regions)
-    compressed = copy.deepcopy(network).eval()
-    swap_modules(compressed, plan)
-    for layer in plan:
-        compressed.get_submodule(layer.name).load_state_dict(decomposed[layer.name])
-    by_name = {layer.name: layer for layer in plan}
-    pending: dict[int, str] = {}  # id(module) -> name, of the layers not refitted yet
-
-    def refit_here(module: nn.Module, args: tuple) -> None:
-        name = pending.pop(id(module), None)
-        if name is None:  # a module run twice: refitted on its first run
-            return
-        found = responses(network.get_submodule(name), args[0], decomposed[name]["first.weight"], targets[name])
-        result = refit_conv_weights(decomposed[name], state_dict[f"{name}.weight"], by_name[name].spec, found,
-                                    statistics[name].output_fisher)
-        if result is not None:
-            decomposed[name], errors[name] = result
-            module.load_state_dict(decomposed[name])
-        progress.update()
-
-    def enough_positions(name: str) -> bool:
-        positions = sum(len(target.weights) for target in targets[name])
-        return positions >= refit_positions_needed(decomposed[name], by_name[name].spec)
-
-    for name in order:
-        if name in refit and refittable(network.get_submodule(name)) and enough_positions(name):
-            module = compressed.get_submodule(name)
-            pending[id(module)] = name
-            module.register_forward_pre_hook(refit_here)
-    progress = tqdm(total=len(pending), desc="refitting on calibration data", unit="layer", disable=None, leave=False)
-    device = next(network.parameters()).device
-    with progress, torch.inference_mode():
-        compressed(patches.to(device=device, dtype=torch.float32))
-
-
-def converted_shapes(state_dict: dict[str, torch.Tensor], plan: Iterable[LayerPlan]) -> dict[str, tuple]:
-    """Key -> shape of `convert_state_dict(state_dict, plan)`, without decomposing anything."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for layer in plan:
-        if layer.ranks is None:
-            continue
-        (r_in, r_out), s = layer.ranks, layer.spec
-        ones = (1,) * len(s.kernel_size)
-        core = (r_in, r_out) if s.transposed else (r_out, r_in)
-        new = {
-            "first.weight": (r_in, s.in_channels, *ones),
-            "core.weight": (*core, *s.kernel_size),
-            "last.weight": (s.out_channels, r_out, *ones),
-        }
-        if layer.bias:
-            new["last.bias"] = (s.out_channels,)
-        for alias in layer.aliases:
-            shapes.pop(f"{alias}.weight", None)
-            shapes.pop(f"{alias}.bias", None)
-            shapes.update({f"{alias}.{k}": v for k, v in new.items()})
-    return shapes
-
-
-def compress_network(
-    network: nn.Module,
-    config: TuckerConfig,
-    input_shape: tuple[int, ...] | None = None,
-    decomposed: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None,
-    plan: list[LayerPlan] | None = None,
-) -> CompressionReport:
-    """Decompose the convolutions of `network` in place, as `config` says; return the report.
-
-    `input_shape` (e.g. ``(1, 1, *patch_size)``) lets the report count multiply-accumulates.
-    `decomposed` is the `convert_state_dict` result for the network's weights when it is already at
-    hand (e.g. from a cache), computed for `plan` (the `plan_compression` result, else planned here).
-    """
-    network = unwrap(network)
-    plan = plan if plan is not None else plan_compression(network, config, input_shape)
-    before = measure(network, input_shape)
-    start = time.perf_counter()
-    if decomposed is None:
-        decomposed = convert_state_dict(network.state_dict(), plan, config.hooi_iterations)
-    state, errors = decomposed
-    seconds = time.perf_counter() - start
-    swap_modules(network, plan)
-    network.load_state_dict(state)
-    after = measure(network, input_shape)
-    return CompressionReport.build(plan, errors, before, after, config, seconds, input_shape)

@@ -1,4 +1,4 @@
-"""Layer timings on the device at hand, for the ``profiled`` policy: which form of a layer is fastest here.
+"""Step 1, plan: layer timings on the device at hand, for the ``profiled`` policy: which form is fastest here.
 
 A decomposed layer is faster or slower than the original depending on its shape, the device and
 the kernels of the installed library (on CPUs, unaligned ranks such as 13 fall back to a slow
@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .config import default_cache_dir, file_lock
-from .layers import FusedInstanceNorm, TuckerConv, conv_spec
+from ..config import default_cache_dir, file_lock
+from ..layers import FusedInstanceNorm, TuckerConv
+from .ranks import conv_spec
 
 logger = logging.getLogger(__name__)
 
