@@ -104,9 +104,10 @@ def _refit_in_order(
     network, with every layer before it already compressed and refitted, gives it, against the
     original network's output — so that each refit makes up for the error of the layers before it;
     positions weighted by how much the prediction depends on them (`sample_targets`). Costs one
-    forward and a few backward passes of the original network per patch, and one forward pass of a
-    compressed copy over all patches at once: a pre-hook refits each layer on the input the pass
-    gives it and loads the result before the layer runs (a module run twice: on its first run).
+    forward pass of a compressed copy over all patches at once (and, unless `data.targets` has them
+    from the statistics' pass, the targets' own probed pass of the original network): a pre-hook
+    refits each layer on the input the pass gives it and loads the result before the layer runs (a
+    module run twice: on its first run).
     Layers with too few sampled positions to refit on (`refit_positions_needed`) are left as they are."""
     network, patches = unwrap(data.network), data.patches
     targets, order = data.targets or sample_targets(network, patches, [layer.name for layer in plan],

@@ -43,19 +43,19 @@ class DecompositionCache:
     """Decomposed state dicts and calibration statistics on disk under `directory`: stored and loaded here,
     computed by the caller (`nnunet.predictor`)."""
 
-    def __init__(self, directory: Path | None = None, hooi_iterations: int = 0) -> None:
+    def __init__(self, directory: Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
-        self.hooi_iterations = hooi_iterations
         self.hits = 0
         self.misses = 0
 
     def key(self, state_dict: dict[str, torch.Tensor], plan: list[LayerPlan],
-            statistics: dict[str, ChannelStatistics] | None = None, refit: bool = False) -> str:
+            statistics: dict[str, ChannelStatistics] | None = None, refit: bool = False,
+            hooi_iterations: int = 0) -> str:
         layout = json.dumps(
             {
                 "weights": state_dict_digest(state_dict),
                 "plan": [layer.to_dict() for layer in plan],
-                "hooi_iterations": self.hooi_iterations,
+                "hooi_iterations": hooi_iterations,
                 "statistics": statistics_digest(statistics),
                 "refit": refit,
                 "version": __version__,  # a release that changes how weights are fitted has a new version

@@ -260,7 +260,7 @@ def compress_folds(
     network = unwrap(predictor.network)
     folds = predictor.list_of_parameters
     input_shape = input_shape_of(predictor)
-    cache = DecompositionCache(hooi_iterations=config.hooi_iterations)
+    cache = DecompositionCache()
     start = time.perf_counter()
     seconds = {}
     statistics: list[dict | None] = [None] * len(folds)
@@ -324,7 +324,7 @@ def converted_weights(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """`convert_state_dict` from `cache`, else computed and stored there (`refit_on` must give the
     patches the statistics were collected on)."""
-    key = cache.key(state, plan, statistics, refit_on is not None)
+    key = cache.key(state, plan, statistics, refit_on is not None, hooi_iterations)
     found = cache.load(key, converted_shapes(state, plan))
     if found is not None:
         return found
