@@ -45,13 +45,10 @@ def test_one_flag_predict_with_calibration(nnunet_env, cases, calibration, tmp_p
     assert min(scores.values()) > 0.5
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: None, "does not exist"),
-    (lambda d: d.mkdir(), "it is empty"),
-])
-def test_bad_calibration_folder_is_a_clear_error(model_folder, nnunet_env, tmp_path, make, message):
-    folder = tmp_path / "calibration"
-    make(folder)
+def test_bad_calibration_folder_is_a_clear_error(model_folder, nnunet_env, tmp_path):
+    folder = tmp_path / "calibration"  # (every kind of bad folder: tests/test_calibration.py)
+    folder.mkdir()
+    message = "it is empty"
     result = run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(tmp_path / "out"),
                   "--mac-budget", "0.7", "--calibration", str(folder)], nnunet_env, check=False)
     assert result.returncode == 2 and logged(result.stderr, "error:", message), result.stderr

@@ -190,8 +190,8 @@ def test_plans_field_asks_for_compression(nnunet_env, cases, workspace, model_fo
     assert all(np.array_equal(segs[k], compressed_half[0][k]) for k in segs)
 
 
-@pytest.mark.parametrize("value", ["abc", "1.5"])  # (every kind of bad value: tests/test_config.py)
-def test_invalid_ratio_stops_before_any_prediction(nnunet_env, cases, tmp_path, value):
+def test_invalid_ratio_stops_before_any_prediction(nnunet_env, cases, tmp_path):
+    value = "1.5"  # (every kind of bad value: tests/test_config.py)
     out = tmp_path / "out"
     result = predict(nnunet_env, cases, out, "-f", "0", check=False, TUCKER_RANK_RATIO=value)
     assert result.returncode != 0

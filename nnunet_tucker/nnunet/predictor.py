@@ -43,6 +43,7 @@ from .calibration_images import (
     load_calibration_patches,
     patches_digest,
 )
+from .pipeline import speed_up_pipeline
 
 logger = logging.getLogger("nnunet_tucker")
 
@@ -166,6 +167,7 @@ def _apply(predictor: nnUNetPredictor, report: CompressionReport, converted: lis
     predictor.list_of_parameters = [state for state, _ in converted]
     predictor._tucker_compressed_folds = predictor.list_of_parameters
     predictor.tucker_report = report
+    speed_up_pipeline(predictor)
     timing = (
         "cache hit" if report.extra["cache_misses"] == 0
         else f"decomposed {len(converted)} fold(s) in {report.decomposition_seconds:.1f} s"

@@ -1,0 +1,93 @@
+"""The faster CPU pipeline around a compressed network computes what nnU-Net's computes, value for value."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+from nnunet_tucker.config import TuckerConfig
+from nnunet_tucker.demo_model import demo_model_folder
+from nnunet_tucker.nnunet.pipeline import (
+    FastArgmaxLabelManager,
+    FastArgmaxPlansManager,
+    first_argmax,
+    nnunet_pipeline,
+    speed_up_pipeline,
+)
+from nnunet_tucker.nnunet.predictor import TuckerPredictor
+from nnunet_tucker.synthetic import DEFAULT_SPACING, make_phantom
+
+SHAPE = (40, 80, 72)  # 2 x 2 x 2 overlapping tiles of the demo model's 32 x 64 x 64 patch
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUCKER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _compressed(use_gaussian: bool = True) -> TuckerPredictor:
+    predictor = TuckerPredictor(device=torch.device("cpu"), use_mirroring=False, use_gaussian=use_gaussian,
+                                allow_tqdm=False, tucker_config=TuckerConfig(0.5, policy="auto", calibration="none"))
+    predictor.initialize_from_trained_model_folder(str(demo_model_folder()), (0,), "checkpoint_final.pth")
+    return predictor
+
+
+@pytest.mark.parametrize("use_gaussian", [True, False])
+def test_sliding_window_sums_the_same_fp16_logits_as_nnunet(use_gaussian):
+    predictor = _compressed(use_gaussian)
+    assert "_internal_predict_sliding_window_return_logits" in vars(predictor)  # compression brought it
+    data = torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(0)) * 3
+    fast = predictor.predict_logits_from_preprocessed_data(data)
+    nnunet_pipeline(predictor)
+    reference = predictor.predict_logits_from_preprocessed_data(data)
+    # the same element-wise fp32 products and sums, rounded to fp16 at the same points: equal, not close
+    assert fast.dtype == reference.dtype == torch.half and torch.equal(fast, reference)
+
+
+def test_segmentation_is_identical_voxel_for_voxel():
+    predictor = _compressed()
+    image = make_phantom(5, shape=SHAPE)[0][None].astype(np.float32)
+    properties = {"spacing": list(DEFAULT_SPACING)}
+    fast = predictor.predict_single_npy_array(image, properties)
+    nnunet_pipeline(predictor)
+    reference = predictor.predict_single_npy_array(image, properties)
+    assert fast.shape == reference.shape and np.array_equal(fast, reference)
+    assert len(np.unique(reference)) > 2  # a segmentation, not an empty image
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_first_argmax_is_numpys_argmax_with_ties_and_nan(dtype):
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((40, 6, 7, 8)) * 2).round().astype(dtype)  # rounded: many ties
+    values[:, 0, 0, 0] = 1  # all equal
+    values[:, 0, 0, 1] = -np.inf
+    expected = values.argmax(0)
+    result = first_argmax(values)
+    assert isinstance(result, np.ndarray) and result.dtype == expected.dtype and np.array_equal(result, expected)
+    assert torch.equal(first_argmax(torch.from_numpy(values)), torch.from_numpy(expected))
+    values[7, 1, 2, 3] = values[30, 1, 2, 4] = np.nan  # numpy: the first NaN wins
+    assert np.array_equal(first_argmax(values), values.argmax(0))
+
+
+def test_export_workers_get_the_fast_argmax_and_it_can_be_undone():
+    predictor = _compressed()
+    speed_up_pipeline(predictor)  # idempotent
+    assert type(predictor.label_manager) is FastArgmaxLabelManager
+    plans_manager = pickle.loads(pickle.dumps(predictor.plans_manager))  # as an export worker receives it
+    assert type(plans_manager) is FastArgmaxPlansManager
+    assert type(plans_manager.get_label_manager(predictor.dataset_json)) is FastArgmaxLabelManager
+    assert type(pickle.loads(pickle.dumps(predictor.label_manager))) is FastArgmaxLabelManager
+    nnunet_pipeline(predictor)
+    assert type(predictor.label_manager) is LabelManager
+    assert "_internal_predict_sliding_window_return_logits" not in vars(predictor)
+
+
+def test_an_uncompressed_predictor_keeps_nnunets_pipeline():
+    predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=False)
+    predictor.initialize_from_trained_model_folder(str(demo_model_folder()), (0,), "checkpoint_final.pth")
+    assert type(predictor.label_manager) is LabelManager
+    assert "_internal_predict_sliding_window_return_logits" not in vars(predictor)
