@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -91,3 +92,31 @@ def test_an_uncompressed_predictor_keeps_nnunets_pipeline():
     predictor.initialize_from_trained_model_folder(str(demo_model_folder()), (0,), "checkpoint_final.pth")
     assert type(predictor.label_manager) is LabelManager
     assert "_internal_predict_sliding_window_return_logits" not in vars(predictor)
+
+
+def test_one_case_from_files_is_preprocessed_here_with_one_export_worker(tmp_path, monkeypatch):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_tucker.synthetic import write_nifti
+
+    image, _, spacing = make_phantom(6, shape=SHAPE)
+    (tmp_path / "in").mkdir()
+    write_nifti(tmp_path / "in" / "case_0000.nii.gz", image, spacing)
+    calls = []
+    original = nnUNetPredictor.predict_from_data_iterator
+
+    def spy(self, data_iterator, *args, **kwargs):
+        calls.append((data_iterator.__name__, args))
+        return original(self, data_iterator, *args, **kwargs)
+
+    monkeypatch.setattr(nnUNetPredictor, "predict_from_data_iterator", spy)
+    predictor = _compressed()
+    predictor.predict_from_files(str(tmp_path / "in"), str(tmp_path / "fast"), num_processes_preprocessing=2,
+                                 num_processes_segmentation_export=3)
+    nnunet_pipeline(predictor)
+    predictor.predict_from_files(str(tmp_path / "in"), str(tmp_path / "nnunet"), num_processes_preprocessing=1,
+                                 num_processes_segmentation_export=1)
+    assert calls == [("_preprocessed_here", (False, 1)), ("preprocessing_iterator_fromfiles", (False, 1))]
+    assert "_tucker_cases" not in vars(predictor)
+    fast, reference = (np.asarray(nib.load(tmp_path / d / "case.nii.gz").dataobj) for d in ("fast", "nnunet"))
+    assert np.array_equal(fast, reference) and len(np.unique(reference)) > 2

@@ -1,28 +1,37 @@
 """nnU-Net's CPU work around the network, done in less time with the same results, for the predictors
 this package compresses (`speed_up_pipeline`).
 
-Once the network is compressed, two element-wise steps of nnU-Net's CPU prediction cost as much as
-half of it (3 mm TotalSegmentator architecture, 118 outputs, 150×136×136 voxels, 8 tiles, 2 cores):
+Once the network is compressed, nnU-Net's own work around it costs as much as a third of a prediction
+(3 mm TotalSegmentator architecture, 118 outputs, 150×136×136 voxels, 8 tiles, 2 cores):
 
 - the sliding window adds each tile's Gaussian-weighted logits into an fp16 buffer
   (``predicted_logits[sl] += prediction``, fp32 into a strided fp16 slice): ~0.8 s per tile. The same
   operations one channel at a time keep the operands in cache: ~0.35 s.
 - the segmentation is numpy's ``argmax`` over the 118 fp16 channels: ~3.8 s. A running maximum over
   the channels: ~0.7 s.
+- `predict_from_files` starts worker processes, each a fresh interpreter that imports torch and
+  nnU-Net (~4.5 s of CPU): one to preprocess even a single case, and as many exporters as asked for
+  (TotalSegmentator asks for 6) even for one case. Here a single case is preprocessed in this process
+  (by nnU-Net's own function), and there are no more export workers than cases.
 
-Both compute exactly what nnU-Net computes (the same fp32 products and sums, rounded to fp16 at the
-same points; ties go to the first channel, NaN falls back to numpy), so segmentations are identical
-voxel for voxel. nnU-Net's code is called, not copied, wherever these steps are not involved (results
-on a GPU, region-based labels), and its files are not modified.
+All of it computes exactly what nnU-Net computes (the same fp32 products and sums, rounded to fp16 at
+the same points; ties go to the first channel, NaN falls back to numpy), so segmentations are identical
+voxel for voxel. nnU-Net's (or TotalSegmentator's) methods are called, not copied, wherever these steps
+are not involved (results on a GPU, region-based labels, several cases), and no file of theirs is modified.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.data_iterators import preprocess_fromfiles_save_to_queue
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -30,14 +39,18 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 _SLIDING_WINDOW = "_internal_predict_sliding_window_return_logits"
+_ITERATOR_FROM_FILES = "_internal_get_data_iterator_from_lists_of_filenames"
+_PREDICT_FROM_ITERATOR = "predict_from_data_iterator"
 
 
 def speed_up_pipeline(predictor: nnUNetPredictor) -> None:
-    """Give `predictor` the faster sliding-window accumulation and argmax (idempotent). The label and
-    plans managers become the subclasses below, so export workers, which receive them pickled or
-    rebuild the label manager from the plans manager, take the faster argmax too."""
-    if _SLIDING_WINDOW not in vars(predictor):
-        setattr(predictor, _SLIDING_WINDOW, types.MethodType(_sliding_window_logits, predictor))
+    """Give `predictor` the faster sliding-window accumulation and argmax, and no more export workers
+    than cases (idempotent). The label and plans managers become the subclasses below, so export
+    workers, which receive them pickled or rebuild the label manager from the plans manager, take the
+    faster argmax too."""
+    for name, method in _METHODS.items():
+        if name not in vars(predictor):
+            setattr(predictor, name, types.MethodType(method, predictor))
     if type(predictor.label_manager) is LabelManager:
         predictor.label_manager.__class__ = FastArgmaxLabelManager
     if type(predictor.plans_manager) is PlansManager:
@@ -45,8 +58,9 @@ def speed_up_pipeline(predictor: nnUNetPredictor) -> None:
 
 
 def nnunet_pipeline(predictor: nnUNetPredictor) -> None:
-    """Undo `speed_up_pipeline`: nnU-Net's own accumulation and argmax (for side-by-side comparisons)."""
-    vars(predictor).pop(_SLIDING_WINDOW, None)
+    """Undo `speed_up_pipeline`: nnU-Net's own pipeline (for side-by-side comparisons)."""
+    for name in _METHODS:
+        vars(predictor).pop(name, None)
     if type(predictor.label_manager) is FastArgmaxLabelManager:
         predictor.label_manager.__class__ = LabelManager
     if type(predictor.plans_manager) is FastArgmaxPlansManager:
@@ -86,6 +100,47 @@ def _sliding_window_logits(self: nnUNetPredictor, data: torch.Tensor, slicers: l
                                "value_scaling_factor in compute_gaussian or increase the dtype of predicted_logits "
                                "to fp32")
     return logits
+
+
+def _data_iterator_from_files(self: nnUNetPredictor, input_list_of_lists: list, seg_from_prev_stage_files: Any,
+                              output_filenames_truncated: Any, num_processes: int):
+    """nnU-Net's (or TotalSegmentator's) method, except that a single case is preprocessed in this process,
+    by nnU-Net's own worker function, when the prediction reaches it: a worker process would first spend
+    seconds importing torch and nnU-Net, and there is no next case to overlap with. Notes how many cases
+    the export will have."""
+    self._tucker_cases = len(input_list_of_lists)
+    if len(input_list_of_lists) != 1:
+        return getattr(type(self), _ITERATOR_FROM_FILES)(
+            self, input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated, num_processes)
+    return _preprocessed_here(self, input_list_of_lists, seg_from_prev_stage_files, output_filenames_truncated)
+
+
+def _preprocessed_here(self: nnUNetPredictor, *lists: Any) -> Iterator[dict]:
+    items: queue.Queue = queue.Queue()
+    preprocess_fromfiles_save_to_queue(*lists, self.plans_manager, self.dataset_json, self.configuration_manager,
+                                       items, threading.Event(), threading.Event(), self.verbose_preprocessing)
+    while not items.empty():
+        yield items.get()
+
+
+def _predict_from_data_iterator(self: nnUNetPredictor, data_iterator: Any, *args: Any, **kwargs: Any):
+    """nnU-Net's (or TotalSegmentator's) method with no more export workers than cases, when the cases are
+    known (`predict_from_files`): each worker is a fresh interpreter that imports torch and nnU-Net, which
+    on a small machine costs the prediction more than an idle worker could ever give back. nnU-Net caps
+    its preprocessing workers so."""
+    cases = vars(self).pop("_tucker_cases", None)
+    if cases is not None:
+        args = list(args)
+        if len(args) >= 2:
+            args[1] = max(1, min(args[1], cases))
+        else:
+            requested = kwargs.get("num_processes_segmentation_export", default_num_processes)
+            kwargs["num_processes_segmentation_export"] = max(1, min(requested, cases))
+    return getattr(type(self), _PREDICT_FROM_ITERATOR)(self, data_iterator, *args, **kwargs)
+
+
+_METHODS = {_SLIDING_WINDOW: _sliding_window_logits, _ITERATOR_FROM_FILES: _data_iterator_from_files,
+            _PREDICT_FROM_ITERATOR: _predict_from_data_iterator}
 
 
 def first_argmax(values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
