@@ -150,6 +150,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import benchmark, time_prediction, to_table, write_outputs
     from .config import TuckerConfig
 
+    if args.whole_run:
+        return _bench_whole_run(args)
+    args.ratios = args.ratios or [0.5, 0.3, 0.1]
+    args.rounds = args.rounds or 5
     if args.e2e and not args.model:
         return _fail("--e2e times nnU-Net's prediction of a model folder: give -m MODEL_FOLDER")
     if args.e2e and args.fp16:
@@ -184,6 +188,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"{meta['title']}, {shape}, {meta['threads']} threads, {args.rounds} interleaved rounds")
     print(to_table(timings))
     write_outputs(timings, meta, Path(args.json) if args.json else None, Path(args.png) if args.png else None)
+    return 0
+
+
+def _bench_whole_run(args: argparse.Namespace) -> int:
+    from .nnunet.whole_run import run_whole_run
+
+    if args.preset != "totalseg-3mm" or args.e2e or args.fp16 or args.compile or args.device != "cpu":
+        return _fail("--whole-run times TotalSegmentator --fast and nnU-Net on a generated CT on the CPU: give "
+                     "--preset totalseg-3mm and none of -m, --e2e, --fp16, --compile, -device")
+    if args.ratios and len(args.ratios) != 1:
+        return _fail(f"--whole-run compares the original with one rank ratio, not {len(args.ratios)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_whole_run(Path(args.whole_run), ratio=(args.ratios or [0.3])[0], rounds=args.rounds or 2,
+                           warmup=args.warmup, policy=args.policies[0])
+    print(result["markdown"])
     return 0
 
 
@@ -254,13 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--e2e", metavar="INPUT_FOLDER",
                        help="time nnU-Net's prediction of this folder of images (needs -m; TTA off; model load and "
                             "compression timed apart) instead of the forward pass")
-    bench.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.3, 0.1], help="rank ratios to time")
+    bench.add_argument("--whole-run", metavar="OUT_DIR",
+                       help="with --preset totalseg-3mm: time TotalSegmentator --fast --ml and nnU-Net in process on "
+                            "a generated 512x512x300 CT, original vs one rank ratio (default 0.3), split by stage; "
+                            "writes whole_run.md, .json and .png to OUT_DIR")
+    bench.add_argument("--ratios", type=float, nargs="+", help="rank ratios to time (default 0.5 0.3 0.1)")
     bench.add_argument("--policies", nargs="+", default=["profiled"], choices=POLICIES,
                        help="rank policies to time (default profiled)")
     bench.add_argument("--rank-multiples", type=int, nargs="+", default=[1], help="rank alignments to time")
     bench.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank (default 8)")
     bench.add_argument("-device", default="cpu", help="cpu or cuda (default cpu)")
-    bench.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (default 5)")
+    bench.add_argument("--rounds", type=int, help="timed interleaved rounds (default 5; --whole-run 2)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's own setting)")
     bench.add_argument("--fp16", action="store_true", help="fp16 autocast (CUDA; forward pass only)")

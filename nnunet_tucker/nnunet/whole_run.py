@@ -327,6 +327,9 @@ def run_whole_run(out_dir: Path, ratio: float = 0.3, rounds: int = 2, warmup: in
             logger.info("generating a %s CT at %s mm", "×".join(map(str, CT_SHAPE[::-1])), CT_SPACING[::-1])
             clinical_ct(ct)
         panels, results = [], {}
+        if totalsegmentator and shutil.which("TotalSegmentator") is None:
+            logger.warning("TotalSegmentator is not installed (pip install TotalSegmentator): timing nnU-Net only")
+            totalsegmentator = False
         if totalsegmentator:
             home = totalseg_home(work / "totalseg_home", model)
             timings = time_totalsegmentator(ct, home, config, ml=True, rounds=rounds, warmup=warmup,
