@@ -47,7 +47,7 @@ class TuckerConv(nn.Module):
         """Normalise in the last GEMM (inference): the instance norm after this layer is `norm`."""
         self.__dict__["_norm"] = norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Concatenated) -> torch.Tensor:
         core = self.core(_channels_last_gemm(x, self.first.weight))
         norm = self.__dict__["_norm"]
         # (on the meta device, MAC counting: statistics, like the instance norm's, are not counted)
@@ -69,10 +69,31 @@ def _per_sample(products: list[torch.Tensor]) -> torch.Tensor:
     return products[0].unsqueeze(0) if len(products) == 1 else torch.stack(products)
 
 
-def _channels_last_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+class Concatenated(tuple):
+    """Tensors (n, C_i, *spatial) that stand for their concatenation along the channels, never made: a
+    `TuckerConv` reads the parts in its first GEMM (one product per part, summed in place), which saves
+    writing and reading back the full-width concatenation (a U-Net decoder's skip + upsampled input)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        first = self[0].shape
+        return torch.Size((first[0], sum(part.shape[1] for part in self), *first[2:]))
+
+
+def _channels_last_gemm(x: torch.Tensor | Concatenated, weight: torch.Tensor) -> torch.Tensor:
     """1x1 convolution (no bias) of `x` (n, C, *spatial) with `weight` (R, C, 1...); channels-last result."""
     w = weight.flatten(1).t()
-    out = _per_sample([torch.mm(_positions_by_channels(sample), w) for sample in x])  # (n, V, R)
+    parts = x if isinstance(x, Concatenated) else (x,)
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + part.shape[1])
+    products = []
+    for n in range(x.shape[0]):
+        out = torch.mm(_positions_by_channels(parts[0][n]), w[: offsets[1]])
+        for part, start, stop in zip(parts[1:], offsets[1:-1], offsets[2:], strict=True):
+            out.addmm_(_positions_by_channels(part[n]), w[start:stop])
+        products.append(out)
+    out = _per_sample(products)  # (n, V, R)
     return out.view(x.shape[0], *x.shape[2:], w.shape[1]).movedim(-1, 1)
 
 

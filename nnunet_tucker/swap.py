@@ -11,21 +11,23 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from tqdm import tqdm
 
 from .calibrate import ChannelStatistics, ResponseStatistics, Targets, responses, sample_targets
 from .fit import REFIT_SAMPLES_PER_FEATURE, calibrated_tucker2, refit_core_and_last, tucker2
-from .layers import FusedInstanceNorm, PointwiseConv, TuckerConv
+from .layers import Concatenated, FusedInstanceNorm, PointwiseConv, TuckerConv
 from .plan import LayerPlan, instance_norms_after, unwrap
 from .plan.ranks import ConvSpec, conv_spec
 
 
 def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
     """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`;
-    kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM), and an instance
-    norm right after a decomposed layer becomes a `FusedInstanceNorm` done in that layer's last GEMM."""
+    kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM), an instance
+    norm right after a decomposed layer becomes a `FusedInstanceNorm` done in that layer's last GEMM,
+    and U-Net decoders hand decomposed stages their skips unconcatenated (`read_skips_in_place`)."""
     network = unwrap(network)
     norms = instance_norms_after(network)
     replacements: dict[int, nn.Module] = {}
@@ -47,6 +49,48 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
         for child_name, child in list(module._modules.items()):
             if child is not None and id(child) in replacements:
                 module._modules[child_name] = replacements[id(child)]
+    read_skips_in_place(network)
+
+
+def read_skips_in_place(network: nn.Module) -> None:
+    """Let each U-Net decoder (dynamic_network_architectures' `UNetDecoder`) hand a stage whose first layer
+    is decomposed its upsampled input and skip as `Concatenated` parts at inference, instead of
+    concatenating them: the layer's first GEMM reads both. Same parameters and state-dict keys; in
+    training, for a hooked layer and for any other decoder, the concatenation is made as before."""
+    for module in unwrap(network).modules():
+        if type(module) is UNetDecoder:
+            module.__class__ = SkipReadingDecoder
+
+
+class SkipReadingDecoder(UNetDecoder):
+    """`UNetDecoder` whose decomposed stages read upsampled input and skip without a concatenation."""
+
+    def forward(self, skips):
+        lres_input = skips[-1]
+        seg_outputs = []
+        for s in range(len(self.stages)):
+            x = self.transpconvs[s](lres_input)
+            if self._reads_parts(self.stages[s]):
+                x = self.stages[s](Concatenated((x, skips[-(s + 2)])))
+            else:
+                x = self.stages[s](torch.cat((x, skips[-(s + 2)]), 1))
+            if self.deep_supervision:
+                seg_outputs.append(self.seg_layers[s](x))
+            elif s == (len(self.stages) - 1):
+                seg_outputs.append(self.seg_layers[-1](x))
+            lres_input = x
+        seg_outputs = seg_outputs[::-1]
+        return seg_outputs if self.deep_supervision else seg_outputs[0]
+
+    def _reads_parts(self, stage: nn.Module) -> bool:
+        """Whether the module that receives `stage`'s input (StackedConvBlocks -> ConvDropoutNormReLU ->
+        its first module) is an unhooked `TuckerConv`, at inference."""
+        try:
+            first = stage.convs[0].all_modules[0]
+        except (AttributeError, IndexError, TypeError):
+            return False
+        return (not self.training and isinstance(first, TuckerConv) and not first._forward_pre_hooks
+                and not first._forward_hooks)
 
 
 class RefitData(NamedTuple):

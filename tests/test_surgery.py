@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import pytest
 import torch
@@ -101,3 +102,30 @@ def test_paper_policy_reproduces_published_parameter_counts(ratio, published):
 def test_3mm_preset_matches_published_macs():
     net, shape = build_preset("totalseg-3mm")
     assert round(count_macs(net, shape)[0] / 1e9, 1) == 367.8
+
+
+def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
+    from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+    from nnunet_tucker.swap import SkipReadingDecoder
+
+    net, shape = build("plain3d")
+    x = torch.randn(shape)
+    compress_network(net, TuckerConfig(0.5, policy="auto", rank_min=4), shape)
+    keys = set(net.state_dict())
+    assert type(net.decoder) is SkipReadingDecoder and set(pickle.loads(pickle.dumps(net)).state_dict()) == keys
+    made = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: made.append(1) or cat(*args, **kwargs))
+    with torch.no_grad():
+        out = net(x)
+        kept = sum(not isinstance(stage.convs[0].all_modules[0], TuckerConv) for stage in net.decoder.stages)
+        assert len(made) == kept < len(net.decoder.stages)  # only stages whose first layer is kept concatenate
+        net.decoder.__class__ = UNetDecoder
+        reference = net(x)
+        assert scaled_error(out, reference) < 1e-5  # the same sums, split over the two parts
+        net.decoder.__class__ = SkipReadingDecoder
+        made.clear()
+        net.train()
+        net(x)
+    assert len(made) == len(net.decoder.stages)  # training concatenates

@@ -64,7 +64,8 @@ def test_in_process_stages_of_the_demo_model(tmp_path, monkeypatch):
     assert json.loads(json.dumps([t.to_dict() for t in timings]))[2]["speedup"] > 0
 
 
-@pytest.mark.parametrize("extra", [["--preset", "totalseg-1.5mm"], ["--preset", "totalseg-3mm", "--ratios", "0.5", "0.3"]])
-def test_whole_run_asks_for_its_default(tmp_path, extra, capsys):
+@pytest.mark.parametrize("extra", [["--preset", "totalseg-1.5mm"],
+                                   ["--preset", "totalseg-3mm", "--ratios", "0.5", "0.3"]])
+def test_whole_run_asks_for_its_default(tmp_path, extra):
     assert main(["bench", *extra, "--whole-run", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
