@@ -91,7 +91,7 @@ def _channels_last_gemm(x: torch.Tensor | Concatenated, weight: torch.Tensor) ->
     for n in range(x.shape[0]):
         out = torch.mm(_positions_by_channels(parts[0][n]), w[: offsets[1]])
         for part, start, stop in zip(parts[1:], offsets[1:-1], offsets[2:], strict=True):
-            out.addmm_(_positions_by_channels(part[n]), w[start:stop])
+            torch.addmm(out, _positions_by_channels(part[n]), w[start:stop], out=out)  # (counted as a GEMM)
         products.append(out)
     out = _per_sample(products)  # (n, V, R)
     return out.view(x.shape[0], *x.shape[2:], w.shape[1]).movedim(-1, 1)

@@ -121,9 +121,11 @@ def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
         out = net(x)
         kept = sum(not isinstance(stage.convs[0].all_modules[0], TuckerConv) for stage in net.decoder.stages)
         assert len(made) == kept < len(net.decoder.stages)  # only stages whose first layer is kept concatenate
+        macs = count_macs(net, shape)[0]
         net.decoder.__class__ = UNetDecoder
         reference = net(x)
         assert scaled_error(out, reference) < 1e-5  # the same sums, split over the two parts
+        assert count_macs(net, shape)[0] == macs
         net.decoder.__class__ = SkipReadingDecoder
         made.clear()
         net.train()
