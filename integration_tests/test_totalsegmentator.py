@@ -7,28 +7,19 @@ import shutil
 import sys
 
 import pytest
-import torch
 from helpers import log_lines, run
 
-pytestmark = pytest.mark.integration
+from nnunet_tucker.nnunet.whole_run import TOTALSEG_TASK as TASK_FOLDER
+from nnunet_tucker.nnunet.whole_run import TOTALSEG_TRAINER as TRAINER
+from nnunet_tucker.nnunet.whole_run import totalseg_home
 
-TASK_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
-TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def totalseg_env(tmp_path_factory, model_folder, nnunet_env):
     """A TotalSegmentator home whose `--fast` model is the demo model (no download, no usage stats)."""
-    home = tmp_path_factory.mktemp("totalseg_home")
-    target = home / "nnunet" / "results" / TASK_FOLDER / f"{TRAINER}__nnUNetPlans__3d_fullres"
-    shutil.copytree(model_folder, target)
-    for checkpoint in target.glob("fold_*/checkpoint_final.pth"):
-        data = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        data["trainer_name"] = TRAINER
-        torch.save(data, checkpoint)
-    (home / "config.json").write_text(
-        json.dumps({"totalseg_id": "totalseg_test", "send_usage_stats": False, "prediction_counter": 0})
-    )
+    home = totalseg_home(tmp_path_factory.mktemp("totalseg_home"), model_folder)
     env = {k: v for k, v in nnunet_env.items() if not k.startswith("nnUNet_")}
     env["TOTALSEG_HOME_DIR"] = str(home)
     return env
