@@ -8,6 +8,7 @@ from networks import build, scaled_error
 from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
+from nnunet_tucker.calibrate import collect_statistics
 from nnunet_tucker.layers import PointwiseConv, TuckerConv
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.plan.timing import MAX_PROFILE_VOXELS, LayerTimer, layer_shapes, profile_input_shape
@@ -44,6 +45,27 @@ def test_profiled_prefers_larger_aligned_ranks_when_they_cost_no_time(tmp_path):
     assert decomposed and all(p.reason.startswith("decomposed, 2.00x faster") for p in decomposed)
     assert all(p.ranks[0] >= auto[p.name][0] and p.ranks[1] >= auto[p.name][1] for p in decomposed)
     assert any(p.ranks != auto[p.name] for p in decomposed)
+
+
+def test_calibrated_ranks_stay_within_the_profiled_plans_seconds_and_never_slower(tmp_path):
+    network, shape = build("plain3d")
+    network.eval()
+    stats = collect_statistics(network, torch.randn(2, *shape[1:]))
+
+    def seconds(conv, c):  # the original 1 s; a decomposition faster, the more so the smaller, and > 0.95 from 12 up
+        return 1.0 if c is None else 0.3 + 0.05 * max(c)
+
+    config = TuckerConfig(0.3, policy="profiled", rank_min=2)
+    uniform = plan_compression(network, config, shape, ScriptedTimer(tmp_path / "a", seconds))
+    timer = ScriptedTimer(tmp_path / "b", seconds)
+    calibrated = plan_compression(network, config, shape, timer, statistics=stats)
+    assert any(p.reason.endswith("ranks by calibration") for p in calibrated)
+    assert all(p.ranks is None or seconds(None, p.ranks) <= 0.95 for p in calibrated)
+
+    def total(plan):
+        return sum(seconds(None, p.ranks) for p in plan if p.ranks)
+
+    assert total(calibrated) <= total(uniform) + 1e-9
 
 
 def test_layer_timer_caches_on_disk(tmp_path):
