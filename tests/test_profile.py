@@ -68,6 +68,16 @@ def test_calibrated_ranks_stay_within_the_profiled_plans_seconds_and_never_slowe
     assert total(calibrated) <= total(uniform) + 1e-9
 
 
+def test_a_later_load_plans_the_calibrated_ranks_from_the_saved_profile_alone(tmp_path):
+    network, shape = build("plain3d")
+    network.eval()
+    stats = collect_statistics(network, torch.randn(2, *shape[1:]))
+    config = TuckerConfig(0.3, rank_min=2)
+    first = plan_compression(network, config, shape, LayerTimer("cpu", cache_dir=tmp_path), statistics=stats)
+    later = LayerTimer("cpu", cache_dir=tmp_path)
+    assert plan_compression(network, config, shape, later, statistics=stats) == first and later.measured == 0
+
+
 def test_layer_timer_caches_on_disk(tmp_path):
     conv = nn.Conv3d(4, 6, 3, padding=1)
     timer = LayerTimer("cpu", cache_dir=tmp_path)

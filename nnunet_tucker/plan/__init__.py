@@ -9,6 +9,7 @@ names each module once, with all of its aliases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -152,10 +153,15 @@ def plan_compression(
             raise ValueError("a MAC budget needs the network's input shape to count multiply-accumulates")
         return _budgeted(network, plan, config, input_shape, statistics or {})
     timer = (timer or LayerTimer("cpu")) if profiled else None
-    if profiled:
-        plan = _profiled(network, plan, input_shape, timer)
-    if statistics and input_shape is not None and config.policy != "paper":
-        plan = _reallocated(network, plan, config, input_shape, statistics, timer)
+    with timer.exclusive() if profiled else contextlib.nullcontext():  # one profile, saved, for both steps
+        if profiled:
+            plan = _profiled(network, plan, input_shape, timer)
+        if statistics and input_shape is not None and config.policy != "paper":
+            plan = _reallocated(network, plan, config, input_shape, statistics, timer)
+    if profiled and timer.measured:
+        stored = f"cached in {timer.path}" if timer.saved else f"not cached: {timer.path} could not be written"
+        logger.info("profiled %d layer forms on %s in %.1f s (%s)", timer.measured, timer.device,
+                    timer.seconds_spent, stored)
     return plan
 
 
@@ -253,14 +259,7 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
               timer: LayerTimer) -> list[LayerPlan]:
     network = unwrap(network)
     shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
-    norms = instance_norms_after(network)
-    with timer.exclusive():
-        refined = _fastest_forms(network, plan, shapes, norms, timer)
-    if timer.measured:
-        stored = f"cached in {timer.path}" if timer.saved else f"not cached: {timer.path} could not be written"
-        logger.info("profiled %d layer forms on %s in %.1f s (%s)", timer.measured, timer.device,
-                    timer.seconds_spent, stored)
-    return refined
+    return _fastest_forms(network, plan, shapes, instance_norms_after(network), timer)
 
 
 def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norms: dict,
