@@ -73,7 +73,10 @@ def test_patches_are_preprocessed_tiles_spread_over_cases(predictor, images, cap
 def test_max_patches_is_honoured(predictor, images):
     assert load_calibration_patches(images, predictor, max_patches=1).shape[0] == 1
     assert load_calibration_patches(images, predictor).shape[0] == 4
-    assert load_calibration_patches(images, predictor, max_patches=50).shape[0] == 5  # all tiles there are
+    many = load_calibration_patches(images, predictor, max_patches=50)
+    assert many.shape[0] == 40  # 5 tiles, each also mirrored along every non-empty set of its 3 axes
+    assert torch.equal(many[5], many[0].flip(-1)) and torch.equal(many[39], many[4].flip(-1, -2, -3))
+    assert len({p.numpy().tobytes() for p in many}) == 40
 
 
 @pytest.mark.parametrize("max_patches", [0, -2, 1.5, True, "4"])

@@ -130,7 +130,8 @@ def test_patches_are_the_first_case_s_sliding_window_tiles():
     starts = sorted(float(image[0, z, y, 0]) for z in (0, 8) for y in (0, 16))
     assert corners == starts
     small = first_case_patches(image[:, :10, :20, :30], predictor, 4, "case_x")  # padded as the window pads
-    assert small.shape == (1, 1, 32, 64, 64) and float(small[0, 0, 31, 63, 63]) == 0.0
+    assert small.shape == (4, 1, 32, 64, 64) and float(small[0, 0, 31, 63, 63]) == 0.0
+    assert torch.equal(small[1], small[0].flip(-1)) and torch.equal(small[3], small[0].flip(-3))  # one tile, mirrored
 
 
 def test_compress_asks_for_a_calibration_folder_or_none(tmp_path):

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 TILE_STEP_SIZE = 0.5
 # Bump when the choice of patches changes, so that statistics cached under the digest are recomputed.
-_DIGEST_VERSION = "nnunet_tucker calibration v1"
+_DIGEST_VERSION = "nnunet_tucker calibration v2"  # v2: mirrored tiles fill up
 _NIFTI_ENDINGS = (".nii", ".nii.gz")
 
 
@@ -239,9 +239,12 @@ def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: in
 def cut_patches(
     images: Sequence[np.ndarray | torch.Tensor], patch_size: Sequence[int], max_patches: int
 ) -> torch.Tensor:
-    """Up to ``max_patches`` network-input patches (N, C, *patch_size), float32 on the CPU, from
-    preprocessed images (C, *spatial): each padded to at least the patch size as the sliding window
-    pads it, the tiles taken round-robin over the images, evenly spaced within each."""
+    """``max_patches`` network-input patches (N, C, *patch_size), float32 on the CPU, from preprocessed
+    images (C, *spatial): each padded to at least the patch size as the sliding window pads it, the tiles
+    taken round-robin over the images, evenly spaced within each. Where the images have fewer tiles, the
+    rest are those tiles mirrored (last spatial axis first, as test-time mirroring shows them to a network):
+    a case smaller than two patches still gives the calibration a second view (measured on a phantom
+    model: as good as another case)."""
     _check_max_patches(max_patches)
     patch_size = [int(p) for p in patch_size]
     padded, tiles = [], []
@@ -252,9 +255,15 @@ def cut_patches(
         tiles.append(_tiles(image, patch_size))
     taken = _round_robin([len(t) for t in tiles], max_patches)
     chosen = [[tiles[i][j] for j in _evenly_spaced(len(tiles[i]), k)] for i, k in enumerate(taken)]
-    patches = [np.ascontiguousarray(padded[i][chosen[i][r]])
-               for r in range(max(taken)) for i in range(len(images)) if r < taken[i]]
-    return torch.from_numpy(np.stack(patches))
+    patches = [padded[i][chosen[i][r]] for r in range(max(taken)) for i in range(len(images)) if r < taken[i]]
+    spatial = range(-1, -len(patch_size) - 1, -1)
+    mirrorings = itertools.chain.from_iterable(itertools.combinations(spatial, n)
+                                               for n in range(1, len(patch_size) + 1))
+    for axes, patch in itertools.product(mirrorings, patches[:]):
+        if len(patches) >= max_patches:
+            break
+        patches.append(np.flip(patch, axes))
+    return torch.from_numpy(np.stack([np.ascontiguousarray(p) for p in patches]))
 
 
 def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patches: int, case: str) -> torch.Tensor:
