@@ -25,11 +25,10 @@ from nnunet_tucker.calibrate import (
     sample_targets,
 )
 from nnunet_tucker.config import TuckerConfigError
-from nnunet_tucker.counting import count_macs
 from nnunet_tucker.fit import Whitening, calibrated_tucker2, tucker2
 from nnunet_tucker.layers import TuckerConv
 from nnunet_tucker.plan import plan_compression
-from nnunet_tucker.plan.ranks import BudgetLayer, ConvSpec, allocate_ranks, choose_forms, conv_spec
+from nnunet_tucker.plan.ranks import BudgetLayer, ConvSpec, allocate_ranks, conv_spec
 from nnunet_tucker.swap import (
     RefitData,
     convert_state_dict,
@@ -319,37 +318,6 @@ def test_calibrated_allocation_gives_ranks_where_the_loss_is():
     assert sum(weighted[1]) > sum(even[1])
     assert scaled[0].loss(None) == 0 and scaled[0].loss((2, 2)) == pytest.approx(
         float(scaled[0].spectrum_in[2:].sum() + scaled[0].spectrum_out[2:].sum()))
-
-
-def test_choose_forms_keeps_every_budget_and_spends_it_where_the_loss_falls_most():
-    # two layers, options (cost in seconds, cost in MACs), loss
-    steep = {"a": ((1.0, 10.0), 9.0), "b": ((2.0, 20.0), 1.0), "c": ((4.0, 40.0), 0.5)}
-    flat = {"a": ((1.0, 10.0), 2.0), "b": ((2.0, 20.0), 1.9), "c": ((4.0, 40.0), 1.8)}
-    assert choose_forms([steep, flat], (3.0, 30.0)) == ["b", "a"]
-    assert choose_forms([steep, flat], (2.0, 20.0)) == ["a", "a"]  # only the cheapest fits
-    assert choose_forms([steep, flat], (8.0, 30.0)) == ["b", "a"]  # the MACs bind, not the seconds
-    assert choose_forms([], ()) == []
-
-
-def test_ratio_with_statistics_moves_ranks_to_the_loss_within_the_ratio_macs():
-    network, shape = build("plain3d")
-    network.eval()
-    stats = collect_statistics(network, torch.randn(2, *shape[1:]))
-    config = TuckerConfig(0.5, policy="auto", rank_min=2)
-    uniform = plan_compression(network, config, shape)
-    calibrated = plan_compression(network, config, shape, statistics=stats)
-    assert [layer.ranks is None for layer in calibrated] == [layer.ranks is None for layer in uniform]
-    assert [layer.ranks for layer in calibrated] != [layer.ranks for layer in uniform]
-
-    def macs(plan):
-        compressed = copy.deepcopy(network)
-        swap_modules(compressed, plan)
-        return count_macs(compressed, shape)[0]
-
-    assert macs(calibrated) <= macs(uniform)
-    assert plan_compression(network, config, shape, statistics=stats) == calibrated  # deterministic
-    paper = TuckerConfig(0.5, policy="paper", rank_min=2)  # the published rule stays the published rule
-    assert plan_compression(network, paper, shape, statistics=stats) == plan_compression(network, paper, shape)
 
 
 def test_budget_plan_meets_budget_on_a_network(architecture):

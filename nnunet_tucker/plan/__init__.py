@@ -9,7 +9,6 @@ names each module once, with all of its aliases.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -31,12 +30,11 @@ from .ranks import (
     ConvSpec,
     aligned_ranks,
     allocate_ranks,
-    choose_forms,
     choose_ranks,
     conv_spec,
     kept_by_shape,
 )
-from .timing import LayerTimer, layer_shapes, profile_input_shape
+from .timing import LayerTimer, layer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -151,60 +149,10 @@ def plan_compression(
     if config.mac_budget is not None:
         if input_shape is None:
             raise ValueError("a MAC budget needs the network's input shape to count multiply-accumulates")
-        return _budgeted(network, plan, config, input_shape, statistics or {})
-    timer = (timer or LayerTimer("cpu")) if profiled else None
-    with timer.exclusive() if profiled else contextlib.nullcontext():  # one profile, saved, for both steps
-        if profiled:
-            plan = _profiled(network, plan, input_shape, timer)
-        if statistics and input_shape is not None and config.policy != "paper":
-            plan = _reallocated(network, plan, config, input_shape, statistics, timer)
-    if profiled and timer.measured:
-        stored = f"cached in {timer.path}" if timer.saved else f"not cached: {timer.path} could not be written"
-        logger.info("profiled %d layer forms on %s in %.1f s (%s)", timer.measured, timer.device,
-                    timer.seconds_spent, stored)
+        plan = _budgeted(network, plan, config, input_shape, statistics or {})
+    elif profiled:
+        plan = _profiled(network, plan, input_shape, timer or LayerTimer("cpu"))
     return plan
-
-
-RANK_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # the menu of ranks around the planned ones, for calibration
-
-
-def _reallocated(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, input_shape: Sequence[int],
-                 statistics: dict[str, ChannelStatistics], timer: LayerTimer | None) -> list[LayerPlan]:
-    """The ranks of the layers `plan` decomposes chosen anew, each from a menu around its planned ranks
-    (`RANK_SCALES`, multiples of 8), to lose least by the calibrated loss within the MACs and the seconds
-    (timed on `timer`'s device, where given; forms not faster than the original left out) that `plan` spends
-    on them: the rank ratio says how fast, calibration where."""
-    network = unwrap(network)
-    shapes = layer_shapes(network, input_shape)
-    norms = instance_norms_after(network)
-    refined, chosen, menus = list(plan), [], []
-    for i, layer in enumerate(plan):
-        stats = statistics.get(layer.name)
-        if layer.ranks is None or stats is None or not stats.usable():
-            continue
-        conv = network.get_submodule(layer.name)
-        options = list(dict.fromkeys([layer.ranks, *(
-            aligned_ranks(layer.spec, tuple(max(config.rank_min, math.ceil(r * scale)) for r in layer.ranks), 8)
-            for scale in RANK_SCALES)]))
-        weight = conv.weight.transpose(0, 1) if layer.spec.transposed else conv.weight
-        budget_layer = BudgetLayer(layer.spec, _positions(layer, shapes[id(conv)]),
-                                   *channel_spectra(weight, stats.whitening()), calibrated=True)
-        if timer is None:
-            costs = {option: (float(budget_layer.macs(option)),) for option in options}
-        else:
-            in_shape = shapes[id(conv)][0]
-            seconds = timer.seconds(conv, in_shape, [None, *options], id(conv) in norms)
-            profiled = profile_input_shape(in_shape, (1,) * len(in_shape[2:]) if conv.transposed else conv.stride)
-            scale = math.prod(in_shape[2:]) / math.prod(profiled[2:])  # timed on a smaller input
-            costs = {option: (seconds[option] * scale, float(budget_layer.macs(option))) for option in options
-                     if option == layer.ranks or seconds[option] <= seconds[None] * (1 - PROFILE_MARGIN)}
-        chosen.append(i)
-        menus.append({option: (cost, budget_layer.loss(option)) for option, cost in costs.items()})
-    budget = tuple(map(sum, zip(*(menu[plan[i].ranks][0] for i, menu in zip(chosen, menus, strict=True)), strict=True)))
-    for i, ranks in zip(chosen, choose_forms(menus, budget), strict=True):
-        if ranks != plan[i].ranks:
-            refined[i] = dataclasses.replace(plan[i], ranks=ranks, reason=plan[i].reason + "; ranks by calibration")
-    return refined
 
 
 def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, input_shape: Sequence[int],
@@ -225,8 +173,9 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
         if statistics and (stats is None or not stats.usable()):  # losses of other layers are in other units
             refined[i] = dataclasses.replace(layer, ranks=None, reason="no calibration data")
             continue
+        in_shape, out_shape = shapes[id(conv)]
         weight = conv.weight.transpose(0, 1) if layer.spec.transposed else conv.weight
-        positions = _positions(layer, shapes[id(conv)])
+        positions = math.prod((in_shape if layer.spec.transposed else out_shape)[2:]) * in_shape[0]
         candidates.append(i)
         spectra = channel_spectra(weight, stats.whitening() if statistics else None)
         layers.append(BudgetLayer(layer.spec, positions, *spectra, calibrated=bool(statistics)))
@@ -245,12 +194,6 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
     return refined
 
 
-def _positions(layer: LayerPlan, shapes: tuple) -> int:
-    """Output positions a layer computes per forward pass (input positions if transposed)."""
-    in_shape, out_shape = shapes
-    return math.prod((in_shape if layer.spec.transposed else out_shape)[2:]) * in_shape[0]
-
-
 PROFILE_MARGIN = 0.05  # a decomposition must beat the original by this much to replace it
 TIE_MARGIN = 0.02  # timings closer than this count as equal
 
@@ -259,7 +202,14 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
               timer: LayerTimer) -> list[LayerPlan]:
     network = unwrap(network)
     shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
-    return _fastest_forms(network, plan, shapes, instance_norms_after(network), timer)
+    norms = instance_norms_after(network)
+    with timer.exclusive():
+        refined = _fastest_forms(network, plan, shapes, norms, timer)
+    if timer.measured:
+        stored = f"cached in {timer.path}" if timer.saved else f"not cached: {timer.path} could not be written"
+        logger.info("profiled %d layer forms on %s in %.1f s (%s)", timer.measured, timer.device,
+                    timer.seconds_spent, stored)
+    return refined
 
 
 def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norms: dict,

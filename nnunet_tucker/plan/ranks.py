@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.nn.modules.conv import _ConvNd
@@ -196,29 +195,6 @@ def allocate_ranks(
         options[i] = moves(i)
     return [None if r is not None and r == (layer.spec.in_channels, layer.spec.out_channels) else r
             for layer, r in zip(layers, state, strict=True)]
-
-
-def choose_forms(menus: list[dict[Any, tuple[tuple[float, ...], float]]], budget: tuple[float, ...]) -> list[Any]:
-    """One option from each menu ({option: (costs, loss)}) with the summed loss least, greedily, while every
-    summed cost stays within its `budget`: each menu starts at its cheapest option, then the switch with the
-    largest loss reduction per added share of the budget that fits is taken until none does."""
-    picks = [min(menu, key=lambda o, m=menu: m[o]) for menu in menus]
-    spent = [sum(costs) for costs in zip(*(menu[pick][0] for menu, pick in zip(menus, picks, strict=True)),
-                                         strict=True)]
-    while True:
-        best = None
-        for i, (menu, pick) in enumerate(zip(menus, picks, strict=True)):
-            costs, loss = menu[pick]
-            for option, (new_costs, new_loss) in menu.items():
-                after = [s - c + n for s, c, n in zip(spent, costs, new_costs, strict=True)]
-                if new_loss < loss and all(a <= b * (1 + 1e-9) for a, b in zip(after, budget, strict=True)):
-                    added = max((n - c) / b for c, n, b in zip(costs, new_costs, budget, strict=True))
-                    value = math.inf if added <= 0 else (loss - new_loss) / added
-                    if best is None or value > best[0]:
-                        best = (value, i, option, after)
-        if best is None:
-            return picks
-        _, i, picks[i], spent = best
 
 
 def conv_spec(conv: _ConvNd) -> ConvSpec:
