@@ -110,15 +110,15 @@ def test_a_variable_alone_calibrates_on_the_first_case_then_the_cache_serves_oth
     lines = [line for line in log_lines(first.stderr) if line.startswith("nnunet-tucker: rank_ratio=0.3 ")]
     assert len(lines) == 2 and lines[0].startswith("nnunet-tucker: rank_ratio=0.3 policy=profiled: calibrating on "
                                                    "the first case this run segments"), first.stderr
-    # the test cases are one patch each, so one patch
-    assert "; self-calibrated on case_000, 1 patch(es); decomposed 1 fold(s) in " in lines[1], first.stderr
+    # the test cases are one patch each: that tile and its mirror image
+    assert "; self-calibrated on case_000, 2 patch(es); decomposed 1 fold(s) in " in lines[1], first.stderr
 
     held_out = workspace / "held_out"
     held_out.mkdir()
     shutil.copy(cases / "case_001_0000.nii.gz", held_out)
     second = predict(nnunet_env, held_out, workspace / "pred_self_0.3_again", "-f", "0", TUCKER_RANK_RATIO="0.3")
     lines = [line for line in log_lines(second.stderr) if line.startswith("nnunet-tucker: rank_ratio=0.3 ")]
-    assert len(lines) == 1 and "; self-calibrated on case_000, 1 patch(es), at " in lines[0], second.stderr
+    assert len(lines) == 1 and "; self-calibrated on case_000, 2 patch(es), at " in lines[0], second.stderr
     assert ", from the cache; cache hit" in lines[0], second.stderr
     again = load_segmentations(workspace / "pred_self_0.3_again")
     assert np.array_equal(again["case_001.nii.gz"], load_segmentations(workspace / "pred_self_0.3")["case_001.nii.gz"])
