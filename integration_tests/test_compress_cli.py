@@ -135,7 +135,8 @@ def test_evaluate_gate_passes_mild_and_fails_harsh(model_folder, compressed, nnu
 
     harsh = workspace / "eval_harsh"
     result = run(["nnunet-tucker", "evaluate", "-m", str(model_folder), "--rank-ratio", "0.05", "--rank-min", "1",
-                  "--policy", "paper", "-i", str(cases), "-o", str(harsh), "-f", "0", "--disable_tta",
+                  "--policy", "paper", "--calibration", "none", "-i", str(cases), "-o", str(harsh), "-f", "0",
+                  "--disable_tta",
                   "--tolerance", "0.02"], nnunet_env, check=False)
     assert result.returncode == 1 and logged(result.stderr, "gate FAILED"), result.stderr
     assert json.loads((harsh / "evaluation.json").read_text())["failing_classes"]

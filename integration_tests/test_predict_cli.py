@@ -139,7 +139,8 @@ def test_one_flag_command_matches_the_environment_variable(nnunet_env, cases, wo
 def test_flag_overrides_environment(nnunet_env, cases, workspace):
     out = workspace / "pred_flag_over_env"
     result = predict(nnunet_env, cases, out, "-f", "0", "--disable_tta", "-tucker_rank_ratio", "0.3",
-                     script="nnUNetv2_predict_tucker", TUCKER_RANK_RATIO="0.9", TUCKER_POLICY="paper")
+                     script="nnUNetv2_predict_tucker", TUCKER_RANK_RATIO="0.9", TUCKER_POLICY="paper",
+                     TUCKER_CALIBRATION="none")
     assert logged(result.stderr, "rank_ratio=0.3 policy=paper"), result.stderr
 
 
