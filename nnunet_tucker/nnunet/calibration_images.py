@@ -239,7 +239,7 @@ def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: in
 def cut_patches(
     images: Sequence[np.ndarray | torch.Tensor], patch_size: Sequence[int], max_patches: int
 ) -> torch.Tensor:
-    """``max_patches`` network-input patches (N, C, *patch_size), float32 on the CPU, from preprocessed
+    """Up to ``max_patches`` network-input patches (N, C, *patch_size), float32 on the CPU, from preprocessed
     images (C, *spatial): each padded to at least the patch size as the sliding window pads it, the tiles
     taken round-robin over the images, evenly spaced within each. Where the images have fewer tiles, the
     rest are those tiles mirrored (last spatial axis first, as test-time mirroring shows them to a network):
