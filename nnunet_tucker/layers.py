@@ -84,14 +84,12 @@ def _channels_last_gemm(x: torch.Tensor | Concatenated, weight: torch.Tensor) ->
     """1x1 convolution (no bias) of `x` (n, C, *spatial) with `weight` (R, C, 1...); channels-last result."""
     w = weight.flatten(1).t()
     parts = x if isinstance(x, Concatenated) else (x,)
-    offsets = [0]
-    for part in parts:
-        offsets.append(offsets[-1] + part.shape[1])
+    weights = w.split([part.shape[1] for part in parts])
     products = []
     for n in range(x.shape[0]):
-        out = torch.mm(_positions_by_channels(parts[0][n]), w[: offsets[1]])
-        for part, start, stop in zip(parts[1:], offsets[1:-1], offsets[2:], strict=True):
-            torch.addmm(out, _positions_by_channels(part[n]), w[start:stop], out=out)  # (counted as a GEMM)
+        out = torch.mm(_positions_by_channels(parts[0][n]), weights[0])
+        for part, part_weight in zip(parts[1:], weights[1:], strict=True):
+            torch.addmm(out, _positions_by_channels(part[n]), part_weight, out=out)  # (counted as a GEMM)
         products.append(out)
     out = _per_sample(products)  # (n, V, R)
     return out.view(x.shape[0], *x.shape[2:], w.shape[1]).movedim(-1, 1)

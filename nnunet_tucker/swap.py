@@ -69,11 +69,8 @@ class SkipReadingDecoder(UNetDecoder):
         lres_input = skips[-1]
         seg_outputs = []
         for s in range(len(self.stages)):
-            x = self.transpconvs[s](lres_input)
-            if self._reads_parts(self.stages[s]):
-                x = self.stages[s](Concatenated((x, skips[-(s + 2)])))
-            else:
-                x = self.stages[s](torch.cat((x, skips[-(s + 2)]), 1))
+            stage, x, skip = self.stages[s], self.transpconvs[s](lres_input), skips[-(s + 2)]
+            x = stage(Concatenated((x, skip)) if self._reads_parts(stage) else torch.cat((x, skip), 1))
             if self.deep_supervision:
                 seg_outputs.append(self.seg_layers[s](x))
             elif s == (len(self.stages) - 1):
