@@ -195,6 +195,7 @@ def calibrated_tucker2(
     )
 
 
+FIT_VERSION = 2  # part of the cache key of fitted weights: raised by every change that alters them (2: refit_last)
 REFIT_SAMPLES_PER_FEATURE = 10  # fewer calibration positions than this per feature: no refit (it would overfit)
 RIDGE = 1e-6  # share of the mean feature variance added to the diagonal of the feature covariance
 
@@ -219,6 +220,16 @@ def refit_core_and_last(
     u = eigh_descending(root @ b @ f_cov @ b.T @ root)[1][:, :rank_out]
     core = (u.T @ root @ b).reshape(rank_out, math.prod(kernel), rank_in).transpose(1, 2)
     return core.reshape(rank_out, rank_in, *kernel), inverse_root @ u
+
+
+def refit_last(feature_cov: torch.Tensor, cross_cov: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """Last factor (C_out, R_out) refitted on data for a fixed first factor and core (R_out, R_in, *kernel),
+    where there are too few positions to refit the core: the least-squares map from the core's outputs
+    h = core·f to y (Cov(h) = C Cov(f) Cᵀ, Cov(h, y) = C Cov(f, y): R_out features, not K·R_in)."""
+    c = core.double().flatten(2).transpose(1, 2).flatten(1)  # (R_out, K·R_in), offsets major like f
+    h_cov = c @ feature_cov.double() @ c.T
+    h_cov = h_cov + RIDGE * float(h_cov.diagonal().mean()) * torch.eye(h_cov.shape[0], dtype=torch.float64)
+    return _solve_positive_definite(h_cov, c @ cross_cov.double().T).T
 
 
 def _solve_positive_definite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch.nn.modules.conv import _ConvNd
 from tqdm import tqdm
 
 from .calibrate import ChannelStatistics, ResponseStatistics, Targets, responses, sample_targets
-from .fit import REFIT_SAMPLES_PER_FEATURE, calibrated_tucker2, refit_core_and_last, tucker2
+from .fit import REFIT_SAMPLES_PER_FEATURE, calibrated_tucker2, refit_core_and_last, refit_last, tucker2
 from .layers import Concatenated, FusedInstanceNorm, PointwiseConv, TuckerConv
 from .plan import LayerPlan, instance_norms_after, unwrap
 from .plan.ranks import ConvSpec, conv_spec
@@ -174,7 +174,7 @@ def _refit_in_order(
 
     def enough_positions(name: str) -> bool:
         positions = sum(len(target.weights) for target in targets[name])
-        return positions >= refit_positions_needed(decomposed[name], by_name[name].spec)
+        return positions >= refit_positions_needed(decomposed[name], by_name[name].spec, core=False)
 
     for name in order:
         if name in refit and refittable(network.get_submodule(name)) and enough_positions(name):
@@ -266,9 +266,12 @@ def refittable(conv: _ConvNd) -> bool:
     return True
 
 
-def refit_positions_needed(state: dict[str, torch.Tensor], spec: ConvSpec) -> int:
+def refit_positions_needed(state: dict[str, torch.Tensor], spec: ConvSpec, core: bool = True) -> int:
     """Calibration positions `refit_conv_weights` needs to refit `state` (of `decompose_conv_weights`):
-    `REFIT_SAMPLES_PER_FEATURE` per feature (kernel offset × input rank); with fewer it would overfit."""
+    `REFIT_SAMPLES_PER_FEATURE` per feature, of the core (kernel offset × input rank) or, if not
+    `core`, of the last factor alone (output rank); with fewer it would overfit."""
+    if not core:
+        return REFIT_SAMPLES_PER_FEATURE * state["last.weight"].shape[1]
     return REFIT_SAMPLES_PER_FEATURE * math.prod(spec.kernel_size) * state["first.weight"].shape[0]
 
 
@@ -277,14 +280,20 @@ def refit_conv_weights(
     output_fisher: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], float] | None:
     """`state` (of `decompose_conv_weights`) with core and last factor refitted on calibration
-    `responses` for its first factor (`refit_core_and_last`) and the bias set to keep the mean
-    output; plus the new relative weight error. None if there are too few positions to fit on."""
+    `responses` for its first factor (`refit_core_and_last`), or with too few positions for the core
+    the last factor alone (`refit_last`), and the bias set to keep the mean output; plus the new
+    relative weight error. None if there are too few positions for either."""
     first = state["first.weight"].flatten(1).double()
     r_in, r_out = first.shape[0], state["last.weight"].shape[1]
-    if responses.samples < refit_positions_needed(state, spec):
+    if responses.samples >= refit_positions_needed(state, spec):
+        core, last = refit_core_and_last(responses.feature_cov, responses.cross_cov, output_fisher, r_out, r_in,
+                                         spec.kernel_size)
+    elif responses.samples >= refit_positions_needed(state, spec, core=False):
+        core = state["core.weight"].double()
+        core = core.transpose(0, 1) if spec.transposed else core
+        last = refit_last(responses.feature_cov, responses.cross_cov, core)
+    else:
         return None
-    core, last = refit_core_and_last(responses.feature_cov, responses.cross_cov, output_fisher, r_out, r_in,
-                                     spec.kernel_size)
     dtype, ones = weight.dtype, (1,) * len(spec.kernel_size)
     refitted = dict(state)
     refitted["core.weight"] = (core.transpose(0, 1) if spec.transposed else core).to(dtype).contiguous()

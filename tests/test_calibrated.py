@@ -379,7 +379,7 @@ def test_no_refit_without_enough_positions():
     torch.manual_seed(0)
     network = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ConvTranspose3d(8, 4, 2, stride=2),
                             nn.ConvTranspose3d(4, 4, 3, stride=2))
-    x = torch.randn(1, 8, 2, 2, 2)  # 8 and 64 output positions for 27·2 and 8·2 features
+    x = torch.randn(1, 8, 1, 1, 1)  # 1 and 8 output positions for output ranks 2 (20 positions needed)
     stats = collect_statistics(network, x)
     plan = plan_compression(network, TuckerConfig(0.25, policy="paper", rank_min=2))
     assert [refittable(m) for m in network] == [True, True, False]  # overlapping transposed offsets: no
@@ -387,6 +387,35 @@ def test_no_refit_without_enough_positions():
                                      refit_on=lambda: RefitData(network, x))
     fitted, _ = convert_state_dict(network.state_dict(), plan, statistics=stats)
     assert all(torch.equal(refitted[k], fitted[k]) for k in fitted)
+
+
+def test_too_few_positions_for_the_core_refit_the_last_factor_alone():
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv3d(16, 16, 3, padding=1), nn.InstanceNorm3d(16, affine=True), nn.LeakyReLU(),
+                            nn.Conv3d(16, 16, 3, padding=1)).eval()
+    x = _correlated(4, 16, seed=1, size=6)  # 864 positions: under 10 per core feature (27·8), over 10 per rank
+    stats = collect_statistics(network, x)
+    config = TuckerConfig(0.5, policy="paper", rank_min=1)
+    plan = plan_compression(network, config)
+    assert [layer.ranks for layer in plan if layer.ranks] == [(8, 8), (8, 8)]
+    held_out = _correlated(2, 16, seed=2, size=6)
+    with torch.no_grad():
+        reference = network(held_out)
+    states, errors = [], []
+    for refit_on in (None, lambda: RefitData(network, x)):
+        state, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=refit_on)
+        compressed = copy.deepcopy(network)
+        compress_network(compressed, config, decomposed=(state, {}), plan=plan)
+        with torch.no_grad():
+            y = compressed(held_out)
+        states.append(state)
+        errors.append(float((y - reference).norm() / reference.norm()))
+    fitted, refitted = states
+    for name in ("0", "3"):
+        assert torch.equal(fitted[f"{name}.first.weight"], refitted[f"{name}.first.weight"])
+        assert torch.equal(fitted[f"{name}.core.weight"], refitted[f"{name}.core.weight"])
+        assert not torch.equal(fitted[f"{name}.last.weight"], refitted[f"{name}.last.weight"])
+    assert errors[1] < 0.98 * errors[0]  # 0.96 here
 
 
 def test_refit_of_a_transposed_convolution_maps_offsets_right():

@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..calibrate import ChannelStatistics, statistics_digest
 from ..config import default_cache_dir
+from ..fit import FIT_VERSION
 from ..plan import LayerPlan
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class DecompositionCache:
                 "hooi_iterations": hooi_iterations,
                 "statistics": statistics_digest(statistics),
                 "refit": refit,
-                "version": __version__,  # a release that changes how weights are fitted has a new version
+                "version": __version__,
+                "fit": FIT_VERSION,
             },
             sort_keys=True,
         )
