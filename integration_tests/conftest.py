@@ -14,6 +14,16 @@ from nnunet_tucker.demo_model import DATASET_NAME, MODEL_FOLDER_NAME, demo_model
 from nnunet_tucker.synthetic import make_test_cases
 
 
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: hand the lines to the controller
+        session.config.workeroutput["measured"] = MEASURED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # pytest-xdist's controller: a worker has finished
+    MEASURED.extend(node.workeroutput.get("measured", []))
+
+
 def pytest_terminal_summary(terminalreporter):
     if MEASURED:
         terminalreporter.section("measured by the integration tests")
