@@ -222,11 +222,16 @@ def refit_core_and_last(
     return core.reshape(rank_out, rank_in, *kernel), inverse_root @ u
 
 
+def core_by_offset(core: torch.Tensor) -> torch.Tensor:
+    """A core (R_out, R_in, *kernel) as the map (R_out, K·R_in) of the refit's features f (offsets major)."""
+    return core.flatten(2).transpose(1, 2).flatten(1)
+
+
 def refit_last(feature_cov: torch.Tensor, cross_cov: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
     """Last factor (C_out, R_out) refitted on data for a fixed first factor and core (R_out, R_in, *kernel),
     where there are too few positions to refit the core: the least-squares map from the core's outputs
     h = core·f to y (Cov(h) = C Cov(f) Cᵀ, Cov(h, y) = C Cov(f, y): R_out features, not K·R_in)."""
-    c = core.double().flatten(2).transpose(1, 2).flatten(1)  # (R_out, K·R_in), offsets major like f
+    c = core_by_offset(core.double())
     h_cov = c @ feature_cov.double() @ c.T
     h_cov = h_cov + RIDGE * float(h_cov.diagonal().mean()) * torch.eye(h_cov.shape[0], dtype=torch.float64)
     return _solve_positive_definite(h_cov, c @ cross_cov.double().T).T

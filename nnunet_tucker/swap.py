@@ -17,7 +17,14 @@ from torch.nn.modules.conv import _ConvNd
 from tqdm import tqdm
 
 from .calibrate import ChannelStatistics, ResponseStatistics, Targets, responses, sample_targets
-from .fit import REFIT_SAMPLES_PER_FEATURE, calibrated_tucker2, refit_core_and_last, refit_last, tucker2
+from .fit import (
+    REFIT_SAMPLES_PER_FEATURE,
+    calibrated_tucker2,
+    core_by_offset,
+    refit_core_and_last,
+    refit_last,
+    tucker2,
+)
 from .layers import Concatenated, FusedInstanceNorm, PointwiseConv, TuckerConv
 from .plan import LayerPlan, instance_norms_after, unwrap
 from .plan.ranks import ConvSpec, conv_spec
@@ -299,8 +306,7 @@ def refit_conv_weights(
     refitted["core.weight"] = (core.transpose(0, 1) if spec.transposed else core).to(dtype).contiguous()
     refitted["last.weight"] = last.reshape(-1, r_out, *ones).to(dtype).contiguous()
     if "last.bias" in state:
-        by_offset = core.flatten(2).transpose(1, 2).flatten(1)  # (R_out, K·R_in), offsets major like f
-        mean_out = last @ (by_offset @ responses.feature_mean.double())
+        mean_out = last @ (core_by_offset(core) @ responses.feature_mean.double())
         refitted["last.bias"] = (responses.output_mean.double() - mean_out).to(dtype)
     flat = (weight.transpose(0, 1) if spec.transposed else weight).detach().double().flatten(2)
     approx = torch.einsum("or,rsk,si->oik", last, core.flatten(2), first)
