@@ -194,9 +194,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench_whole_run(args: argparse.Namespace) -> int:
     from .nnunet.whole_run import run_whole_run
 
-    if args.preset != "totalseg-3mm" or args.e2e or args.fp16 or args.compile or args.device != "cpu":
-        return _fail("--whole-run times TotalSegmentator --fast and nnU-Net on a generated CT on the CPU: give "
-                     "--preset totalseg-3mm and none of -m, --e2e, --fp16, --compile, -device")
+    if args.preset != "totalseg-3mm" or args.e2e or args.fp16 or args.compile:
+        return _fail("--whole-run times TotalSegmentator --fast and nnU-Net on a generated CT (on CUDA both autocast "
+                     "to fp16 themselves): give --preset totalseg-3mm and none of -m, --e2e, --fp16, --compile")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        return _fail(f"--whole-run runs on -device cpu or cuda, not {args.device!r}")
     if args.ratios and len(args.ratios) != 1:
         return _fail(f"--whole-run compares the original with one rank ratio, not {len(args.ratios)}")
     if args.threads:
@@ -204,7 +206,7 @@ def _bench_whole_run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     result = run_whole_run(Path(args.whole_run), ratio=(args.ratios or [0.3])[0], rounds=args.rounds or 2,
-                           warmup=args.warmup, policy=args.policies[0])
+                           warmup=args.warmup, policy=args.policies[0], device=args.device)
     print(result["markdown"])
     return 0
 
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rank policies to time (default profiled)")
     bench.add_argument("--rank-multiples", type=int, nargs="+", default=[1], help="rank alignments to time")
     bench.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank (default 8)")
-    bench.add_argument("-device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("-device", default="cpu", help="cpu or cuda (default cpu; --whole-run too)")
     bench.add_argument("--rounds", type=int, help="timed interleaved rounds (default 5; --whole-run 2)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's own setting)")

@@ -89,7 +89,9 @@ def _channels_last_gemm(x: torch.Tensor | Concatenated, weight: torch.Tensor) ->
     for n in range(x.shape[0]):
         out = torch.mm(_positions_by_channels(parts[0][n]), weights[0])
         for part, part_weight in zip(parts[1:], weights[1:], strict=True):
-            torch.addmm(out, _positions_by_channels(part[n]), part_weight, out=out)  # (counted as a GEMM)
+            # autocast skips out= ops: cast the operands to what it made of the first product (fp16 on CUDA)
+            positions, part_weight = _positions_by_channels(part[n]).to(out.dtype), part_weight.to(out.dtype)
+            torch.addmm(out, positions, part_weight, out=out)  # (counted as a GEMM)
         products.append(out)
     out = _per_sample(products)  # (n, V, R)
     return out.view(x.shape[0], *x.shape[2:], w.shape[1]).movedim(-1, 1)

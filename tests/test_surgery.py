@@ -131,3 +131,18 @@ def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
         net.train()
         net(x)
     assert len(made) == len(net.decoder.stages)  # training concatenates
+
+
+def test_compressed_network_runs_under_autocast():
+    """nnU-Net autocasts to fp16 on CUDA; CPU autocast to bfloat16 takes the same paths (the skip-reading
+    decoder's in-place product included) and must give the fp32 result to bfloat16 precision."""
+    net, shape = build("plain3d")
+    x = torch.randn(shape)
+    compress_network(net, TuckerConfig(0.3, policy="paper", rank_min=4), shape)
+    net.eval()
+    with torch.no_grad():
+        reference = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+    assert out.dtype == torch.bfloat16
+    assert scaled_error(out.float(), reference) < 0.05

@@ -65,7 +65,14 @@ def test_in_process_stages_of_the_demo_model(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra", [["--preset", "totalseg-1.5mm"],
-                                   ["--preset", "totalseg-3mm", "--ratios", "0.5", "0.3"]])
+                                   ["--preset", "totalseg-3mm", "--ratios", "0.5", "0.3"],
+                                   ["--preset", "totalseg-3mm", "-device", "mps"]])
 def test_whole_run_asks_for_its_default(tmp_path, extra):
     assert main(["bench", *extra, "--whole-run", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_totalsegmentator_is_asked_for_its_own_device_name():
+    assert whole_run._totalseg_device("cpu") == "cpu"
+    assert whole_run._totalseg_device("cuda") == "gpu"
+    assert whole_run._totalseg_device("cuda:1") == "gpu:1"

@@ -197,10 +197,10 @@ def _read_image(predictor, image_file: Path | str) -> tuple[np.ndarray, dict]:
 
 def time_totalsegmentator(
     ct: Path | str, home: Path | str, config: TuckerConfig, ml: bool = True, rounds: int = 2, warmup: int = 1,
-    out_dir: Path | str | None = None,
+    out_dir: Path | str | None = None, device: str = "cpu",
 ) -> list[StagedTiming]:
-    """Time ``TotalSegmentator -i ct --fast [--ml] -d cpu`` with `home` as its TOTALSEG_HOME_DIR: the
-    original model vs ``TUCKER_RANK_RATIO`` (or ``TUCKER_MAC_BUDGET``) as `config` says."""
+    """Time ``TotalSegmentator -i ct --fast [--ml] -d cpu`` (``-d gpu`` for `device` cuda) with `home` as its
+    TOTALSEG_HOME_DIR: the original model vs ``TUCKER_RANK_RATIO`` (or ``TUCKER_MAC_BUDGET``) as `config` says."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("TUCKER_", "nnUNet_"))}
     base.update(TOTALSEG_HOME_DIR=str(home), PYTHONUNBUFFERED="1")
     compressed = {**base, "TUCKER_POLICY": config.policy,
@@ -212,7 +212,7 @@ def time_totalsegmentator(
         compressed["TUCKER_RANK_RATIO"] = str(config.rank_ratio)
         name = f"ratio {config.rank_ratio}"
     out = Path(out_dir or tempfile.mkdtemp(prefix="nnunet_tucker_totalseg_"))
-    command = ["TotalSegmentator", "-i", str(ct), "--fast", "-d", "cpu"] + (["--ml"] if ml else [])
+    command = ["TotalSegmentator", "-i", str(ct), "--fast", "-d", _totalseg_device(device)] + (["--ml"] if ml else [])
 
     def run(env: dict[str, str], label: str) -> dict[str, float]:
         target = out / label
@@ -229,6 +229,11 @@ def time_totalsegmentator(
     return _interleave({f"TotalSegmentator --fast{flag}": functools.partial(run, base, "original"),
                         f"TotalSegmentator --fast{flag}, {name}": functools.partial(run, compressed, "compressed")},
                        rounds, warmup)
+
+
+def _totalseg_device(device: str) -> str:
+    """TotalSegmentator's ``-d`` for a torch device name: cuda → gpu, cuda:1 → gpu:1."""
+    return device.replace("cuda", "gpu")
 
 
 def totalseg_stages(stdout: str, total: float) -> dict[str, float]:
@@ -311,9 +316,9 @@ def stacked_bars(png: Path, panels: Sequence[tuple[str, Sequence[StagedTiming], 
 
 
 def run_whole_run(out_dir: Path, ratio: float = 0.3, rounds: int = 2, warmup: int = 1, policy: str = "profiled",
-                  totalsegmentator: bool = True, work_dir: Path | None = None) -> dict:
+                  totalsegmentator: bool = True, work_dir: Path | None = None, device: str = "cpu") -> dict:
     """The whole-run benchmark on the embedded default: a generated 512×512×300 CT, the 3 mm TotalSegmentator
-    architecture; writes whole_run.md, whole_run.json and whole_run.png to `out_dir`."""
+    architecture, on `device` (cpu or cuda); writes whole_run.md, whole_run.json and whole_run.png to `out_dir`."""
     from .presets import write_preset_model_folder
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,19 +338,20 @@ def run_whole_run(out_dir: Path, ratio: float = 0.3, rounds: int = 2, warmup: in
         if totalsegmentator:
             home = totalseg_home(work / "totalseg_home", model)
             timings = time_totalsegmentator(ct, home, config, ml=True, rounds=rounds, warmup=warmup,
-                                            out_dir=work / "totalseg_out")
-            panels.append(("TotalSegmentator CLI, 512×512×300 CT, -d cpu", timings, TOTALSEG_STAGES))
+                                            out_dir=work / "totalseg_out", device=device)
+            panels.append((f"TotalSegmentator CLI, 512×512×300 CT, -d {_totalseg_device(device)}", timings,
+                           TOTALSEG_STAGES))
             results["totalsegmentator"] = [t.to_dict() for t in timings]
         resampled = work / "ct_3mm_0000.nii.gz"
         if not resampled.exists():  # the image nnU-Net receives from TotalSegmentator: 3 mm isotropic
             clinical_ct(resampled, shape=tuple(round(n * s / 3.0) for n, s in zip(CT_SHAPE, CT_SPACING, strict=True)),
                         spacing=(3.0, 3.0, 3.0))
-        timings, check = time_stages(model, resampled, config, rounds=rounds, warmup=warmup)
+        timings, check = time_stages(model, resampled, config, device=device, rounds=rounds, warmup=warmup)
         panels.append((f"nnU-Net predict_single_npy_array in process, {'×'.join(map(str, check['image_shape']))} "
-                       "at 3 mm", timings, IN_PROCESS_STAGES))
+                       f"at 3 mm, {device}", timings, IN_PROCESS_STAGES))
         results["in_process"] = [t.to_dict() for t in timings]
         results["identical_segmentations"] = check
-    meta = {"config": config.to_dict(), "rounds": rounds, "threads": torch.get_num_threads(),
+    meta = {"config": config.to_dict(), "device": device, "rounds": rounds, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "ct_shape_zyx": CT_SHAPE, "ct_spacing_zyx": CT_SPACING}
     markdown = "\n\n".join(to_markdown(title, timings, stages) for title, timings, stages in panels)
     markdown += (f"\n\nCompressed segmentations, nnU-Net's pipeline vs this package's: "
