@@ -29,7 +29,7 @@ from torch import nn
 from .compress import compress_network
 from .config import NO_CALIBRATION, TuckerConfig
 from .counting import count_macs, count_params
-from .plan import unwrap
+from .plan import LayerTimer, plan_compression, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def benchmark(
     variants = {"original": network}
     for config in configs:
         variant = copy.deepcopy(network)
-        report = compress_network(variant, config, input_shape)
+        plan = plan_compression(variant, config, input_shape, timer=LayerTimer(dev))  # profiled where it runs
+        report = compress_network(variant, config, input_shape, plan=plan)
         name = variant_name(config)
         variants[name] = variant
         timings.append(VariantTiming(name, config.rank_ratio, config.policy, report.params_after,
