@@ -149,6 +149,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .benchmark import benchmark, time_prediction, to_table, write_outputs
     from .config import TuckerConfig
+    from .memory import freed_memory_reused
 
     if args.whole_run:
         return _bench_whole_run(args)
@@ -182,6 +183,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     meta = {
         "source": source, **what, "device": args.device, "threads": torch.get_num_threads(),
         "fp16_autocast": args.fp16, "torch_compile": args.compile, "rounds": args.rounds, "torch": torch.__version__,
+        "freed_memory_reused": freed_memory_reused(),
         "title": f"{source}, {what['measure']}, {args.device}{' fp16' if args.fp16 else ''}"
                  f"{' compiled' if args.compile else ''}",
     }

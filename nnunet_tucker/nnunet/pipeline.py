@@ -13,6 +13,8 @@ Once the network is compressed, nnU-Net's own work around it costs as much as a 
   nnU-Net (~4.5 s of CPU): one to preprocess even a single case, and as many exporters as asked for
   (TotalSegmentator asks for 6) even for one case. Here a single case is preprocessed in this process
   (by nnU-Net's own function), and there are no more export workers than cases.
+- every feature map and logits buffer above 32 MB is a fresh ``mmap`` that the kernel zeroes page by page
+  (`memory.reuse_freed_memory` keeps freed memory for reuse instead; process-wide, on the CPU).
 
 All of it computes exactly what nnU-Net computes (the same fp32 products and sums, rounded to fp16 at
 the same points; ties go to the first channel, NaN falls back to numpy), so segmentations are identical
@@ -38,6 +40,8 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
+from ..memory import reuse_freed_memory
+
 _SLIDING_WINDOW = "_internal_predict_sliding_window_return_logits"
 _ITERATOR_FROM_FILES = "_internal_get_data_iterator_from_lists_of_filenames"
 _PREDICT_FROM_ITERATOR = "predict_from_data_iterator"
@@ -55,6 +59,8 @@ def speed_up_pipeline(predictor: nnUNetPredictor) -> None:
         predictor.label_manager.__class__ = FastArgmaxLabelManager
     if type(predictor.plans_manager) is PlansManager:
         predictor.plans_manager.__class__ = FastArgmaxPlansManager
+    if predictor.device.type == "cpu":
+        reuse_freed_memory()
 
 
 def nnunet_pipeline(predictor: nnUNetPredictor) -> None:

@@ -1,0 +1,53 @@
+"""Large CPU buffers without page faults (glibc).
+
+glibc's malloc serves every request above 32 MB from a fresh ``mmap`` and unmaps it on ``free``. A 3D
+U-Net's feature maps are that large (32 channels × 112×112×128 voxels are 205 MB), so on the CPU every
+layer of every tile writes into memory the kernel must first map and zero page by page: on 2 cores this
+was over a third of a 3 mm TotalSegmentator forward pass (8.4 s → 5.3 s for the original network,
+2.7 s → 1.8 s compressed at ratio 0.3, benchmarks/results/speed_cpu_2cores.md). `reuse_freed_memory`
+asks glibc to serve such requests from its heap and to keep what is freed there for the next tile: the
+same bytes, used again. Peak memory stays that of the largest pass; the process returns it at exit.
+``TUCKER_MALLOC=default`` leaves glibc's behaviour alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_KEEP = 2**31 - 1  # largest free top of the heap kept rather than returned (mallopt takes an int)
+_TOP_PAD = 256 << 20  # grow the heap in steps of at least this much (address space only until touched)
+_applied = False
+
+
+def reuse_freed_memory() -> bool:
+    """Serve large allocations from glibc's heap and keep freed memory for reuse, once per process.
+    Returns whether the setting is in effect (False off glibc, or with ``TUCKER_MALLOC=default``)."""
+    global _applied
+    if _applied:
+        return True
+    if os.environ.get("TUCKER_MALLOC", "").strip().lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl's mallopt does nothing)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    _applied = bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _KEEP) and mallopt(_M_TOP_PAD, _TOP_PAD))
+    if _applied:
+        logger.debug("glibc malloc: large buffers from the heap, freed memory kept for reuse (TUCKER_MALLOC=default "
+                     "to leave it alone)")
+    return _applied
+
+
+def freed_memory_reused() -> bool:
+    """Whether `reuse_freed_memory` is in effect in this process."""
+    return _applied
