@@ -28,6 +28,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..config import default_cache_dir, file_lock
 from ..layers import FusedInstanceNorm, TuckerConv
+from ..memory import freed_memory_reused, reuse_freed_memory
 from .ranks import conv_spec
 
 logger = logging.getLogger(__name__)
@@ -39,14 +40,14 @@ FORMS_VERSION = 2  # bump when `TuckerConv`'s computation changes: earlier timin
 
 
 def device_description(device: torch.device) -> str:
-    """What decides kernel speed: device model, torch (and cuDNN) version, threads; and how the
-    forms are computed (`FORMS_VERSION`)."""
+    """What decides kernel speed: device model, torch (and cuDNN) version, threads, the CPU allocator's
+    setting; and how the forms are computed (`FORMS_VERSION`)."""
     forms = f"forms {FORMS_VERSION} torch {torch.__version__}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return f"{forms} cuda {name} cudnn {torch.backends.cudnn.version()} fp16 autocast"
     return f"{forms} {device.type} {platform.machine()} {platform.processor()} threads {torch.get_num_threads()} " \
-           f"cores {os.cpu_count()}"
+           f"cores {os.cpu_count()} malloc {'reuse' if freed_memory_reused() else 'default'}"
 
 
 def profile_input_shape(shape: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
@@ -72,6 +73,8 @@ class LayerTimer:
 
     def __init__(self, device: torch.device | str = "cpu", cache_dir: Path | None = None) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # time the forms as a compressed prediction will run them
         self.description = device_description(self.device)
         key = hashlib.blake2b(self.description.encode(), digest_size=8).hexdigest()
         self.path = (cache_dir or default_cache_dir()) / f"profile-{key}.json"
