@@ -2,9 +2,9 @@
 
 glibc's malloc serves every request above 32 MB from a fresh ``mmap`` and unmaps it on ``free``. A 3D
 U-Net's feature maps are that large (32 channels × 112×112×128 voxels are 205 MB), so on the CPU every
-layer of every tile writes into memory the kernel must first map and zero page by page: on 2 cores this
-was over a third of a 3 mm TotalSegmentator forward pass (8.4 s → 5.3 s for the original network,
-2.7 s → 1.8 s compressed at ratio 0.3, benchmarks/results/speed_cpu_2cores.md). `reuse_freed_memory`
+layer of every tile writes into memory the kernel must first map and zero page by page: on 2 cores that
+was 20–47 % of a 3 mm TotalSegmentator forward pass (original 7.1–7.3 s → 5.0–5.7 s, ratio 0.3
+2.9 s → 1.9–2.0 s; benchmarks/results/speed_cpu_2cores.md). `reuse_freed_memory`
 asks glibc to serve such requests from its heap and to keep what is freed there for the next tile: the
 same bytes, used again. Peak memory stays that of the largest pass; the process returns it at exit.
 ``TUCKER_MALLOC=default`` leaves glibc's behaviour alone.
