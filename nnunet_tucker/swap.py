@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
@@ -25,7 +26,7 @@ from .fit import (
     refit_last,
     tucker2,
 )
-from .layers import Concatenated, FusedInstanceNorm, PointwiseConv, TuckerConv
+from .layers import Concatenated, FusedInstanceNorm, PointwiseConv, TuckerConv, normalized_activated_gemm
 from .plan import LayerPlan, instance_norms_after, unwrap
 from .plan.ranks import ConvSpec, conv_spec
 
@@ -34,7 +35,8 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
     """Replace every planned convolution, under all of its names, by an (untrained) `TuckerConv`;
     kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM), an instance
     norm right after a decomposed layer becomes a `FusedInstanceNorm` done in that layer's last GEMM,
-    and U-Net decoders hand decomposed stages their skips unconcatenated (`read_skips_in_place`)."""
+    U-Net decoders hand decomposed stages their skips unconcatenated (`read_skips_in_place`), and stacked
+    decomposed blocks hand each other their rank-space maps (`chain_blocks`)."""
     network = unwrap(network)
     norms = instance_norms_after(network)
     replacements: dict[int, nn.Module] = {}
@@ -57,6 +59,7 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
             if child is not None and id(child) in replacements:
                 module._modules[child_name] = replacements[id(child)]
     read_skips_in_place(network)
+    chain_blocks(network)
 
 
 def read_skips_in_place(network: nn.Module) -> None:
@@ -95,6 +98,60 @@ class SkipReadingDecoder(UNetDecoder):
             return False
         return (not self.training and isinstance(first, TuckerConv) and not first._forward_pre_hooks
                 and not first._forward_hooks)
+
+
+def chain_blocks(network: nn.Module) -> None:
+    """Let each stack of conv blocks (dynamic_network_architectures' `StackedConvBlocks`) run a
+    decomposed block followed by another as `ChainedConvBlocks` does on the CPU at inference. Same
+    parameters and state-dict keys."""
+    for module in unwrap(network).modules():
+        if type(module) is StackedConvBlocks:
+            module.__class__ = ChainedConvBlocks
+
+
+ELEMENTWISE = (nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU)  # activations `normalized_activated_gemm` may chunk
+
+
+class ChainedConvBlocks(StackedConvBlocks):
+    """`StackedConvBlocks` in which a decomposed block (conv, fused instance norm, elementwise
+    activation) followed by another decomposed block hands it the rank-space input of its core
+    directly (`normalized_activated_gemm`), without writing the full-width map between them. On the
+    CPU at inference, with no hooks on the modules involved; else as `StackedConvBlocks`."""
+
+    def forward(self, x):
+        blocks = list(self.convs)
+        if self.training or not isinstance(x, (torch.Tensor, Concatenated)) or _device(x).type != "cpu":
+            return self.convs(x)
+        rank_input = None  # what the block's first GEMM would make of its input, when the block before made it
+        for block, following in zip(blocks, [*blocks[1:], None], strict=True):
+            conv = block.all_modules[0]
+            if _hands_on(block, following):
+                core = conv.core(conv.to_rank_space(x) if rank_input is None else rank_input)
+                rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, block.all_modules[2],
+                                                       following.all_modules[0].first.weight)
+            elif rank_input is not None:
+                x = block.all_modules[1:](conv.from_rank_space(rank_input))
+                rank_input = None
+            else:
+                x = block(x)
+        return x
+
+
+def _device(x: torch.Tensor | Concatenated) -> torch.device:
+    return (x[0] if isinstance(x, Concatenated) else x).device
+
+
+def _hands_on(block: nn.Module, following: nn.Module | None) -> bool:
+    """Whether `block` is (decomposed conv, its fused norm, elementwise activation) and `following`
+    starts with a decomposed conv, none of them hooked."""
+    if type(block) is not ConvDropoutNormReLU or type(following) is not ConvDropoutNormReLU:
+        return False
+    modules = list(block.all_modules)
+    conv, following_conv = modules[0], following.all_modules[0]
+    chainable = (len(modules) == 3 and isinstance(conv, TuckerConv) and conv.norm is modules[1]
+                 and type(modules[2]) in ELEMENTWISE and isinstance(following_conv, TuckerConv))
+    involved = (block, block.all_modules, *modules, following, following.all_modules, following_conv)
+    return chainable and not any(m._forward_hooks or m._forward_pre_hooks for m in involved)
 
 
 class RefitData(NamedTuple):

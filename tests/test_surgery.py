@@ -133,6 +133,45 @@ def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
     assert len(made) == len(net.decoder.stages)  # training concatenates
 
 
+def test_stacked_decomposed_blocks_chain_their_rank_space_maps_at_inference(monkeypatch):
+    """Two decomposed blocks in a row: the first hands the second its first GEMM's output (chunked, the
+    full-width map between them never written); the same result, and as before when hooked or training."""
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+
+    from nnunet_tucker import layers, swap
+
+    monkeypatch.setattr(layers, "FUSED_CHUNK", 1000)  # several chunks, the last one short
+    net, shape = build("plain3d")
+    x = torch.randn(shape)
+    compress_network(net, TuckerConfig(0.5, policy="paper", rank_min=4), shape)
+    keys = set(net.state_dict())
+    stacks = [m for m in net.modules() if isinstance(m, StackedConvBlocks)]
+    assert stacks and all(type(m) is swap.ChainedConvBlocks for m in stacks)
+    assert set(pickle.loads(pickle.dumps(net)).state_dict()) == keys
+    chained = []
+    fused = layers.normalized_activated_gemm
+    monkeypatch.setattr(swap, "normalized_activated_gemm", lambda *a: chained.append(1) or fused(*a))
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+        assert len(chained) == len(stacks)  # every stack: two decomposed blocks
+        for m in stacks:
+            m.__class__ = StackedConvBlocks
+        reference = net(x)
+        assert scaled_error(out, reference) < 1e-5
+        for m in stacks:
+            m.__class__ = swap.ChainedConvBlocks
+        seen = []
+        stacks[0].convs[1].conv.register_forward_hook(lambda m, args, y: seen.append(y.shape))
+        chained.clear()
+        assert scaled_error(net(x), reference) < 1e-5
+        assert len(seen) == 1 and len(chained) == len(stacks) - 1  # the hooked layer runs whole
+        net.train()
+        chained.clear()
+        net(x)
+    assert not chained
+
+
 def test_compressed_network_runs_under_autocast():
     """nnU-Net autocasts to fp16 on CUDA; CPU autocast to bfloat16 takes the same paths (the skip-reading
     decoder's in-place product included) and must give the fp32 result to bfloat16 precision."""
