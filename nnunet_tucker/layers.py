@@ -9,6 +9,8 @@ matrix multiplication, and small-channel 3D convolutions run ~1.6x faster channe
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,24 @@ class Concatenated(tuple):
         return torch.Size((first[0], sum(part.shape[1] for part in self), *first[2:]))
 
 
+class Factored(NamedTuple):
+    """The output of a `TuckerConv` without a norm, not made: its core's output `rank_map` (n, R, *spatial)
+    and its last factor (`weight` (C, R, 1...), `bias`). The `TuckerConv` that reads it (as a part of a
+    `Concatenated`) folds that factor into its own first GEMM, which then reads R channels, not C."""
+
+    rank_map: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rank_map.shape[0], self.weight.shape[0], *self.rank_map.shape[2:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.rank_map.device
+
+
 def _channels_last_gemm(x: torch.Tensor | Concatenated, weight: torch.Tensor) -> torch.Tensor:
     """1x1 convolution (no bias) of `x` (n, C, *spatial) with `weight` (R, C, 1...); channels-last result."""
     w = weight.flatten(1).t()
@@ -99,12 +119,20 @@ def _channels_last_gemm(x: torch.Tensor | Concatenated, weight: torch.Tensor) ->
     weights = w.split([part.shape[1] for part in parts])
     products = []
     for n in range(x.shape[0]):
-        out = torch.mm(_positions_by_channels(parts[0][n]), weights[0])
-        for part, part_weight in zip(parts[1:], weights[1:], strict=True):
-            # autocast skips out= ops: cast the operands to what it made of the first product (fp16 on CUDA)
-            positions, part_weight = _positions_by_channels(part[n]).to(out.dtype), part_weight.to(out.dtype)
-            torch.addmm(out, positions, part_weight, out=out)  # (counted as a GEMM)
-        products.append(out)
+        out, shift = None, None
+        for part, part_weight in zip(parts, weights, strict=True):
+            if isinstance(part, Factored):  # (h·Lᵀ + b)·W = h·(LᵀW) + b·W
+                positions = _positions_by_channels(part.rank_map[n])
+                if part.bias is not None:
+                    shift = part.bias @ part_weight if shift is None else shift + part.bias @ part_weight
+                part_weight = part.weight.flatten(1).t() @ part_weight
+            else:
+                positions = _positions_by_channels(part[n])
+            if out is None:
+                out = torch.mm(positions, part_weight)
+            else:  # autocast skips out= ops: cast the operands to what it made of the first product (fp16 on CUDA)
+                torch.addmm(out, positions.to(out.dtype), part_weight.to(out.dtype), out=out)  # (counted as a GEMM)
+        products.append(out if shift is None else out.add_(shift.to(out.dtype)))
     out = _per_sample(products)  # (n, V, R)
     return out.view(x.shape[0], *x.shape[2:], w.shape[1]).movedim(-1, 1)
 
@@ -150,6 +178,7 @@ def _normalizing_gemm(x: torch.Tensor, weight: torch.Tensor, norm: FusedInstance
     return _per_sample(products).view(x.shape[0], -1, *x.shape[2:])
 
 
+ELEMENTWISE = (nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU)  # activations `normalized_activated_gemm` may chunk
 FUSED_CHUNK = 8192  # positions per step of `normalized_activated_gemm`: its rows of C channels stay in cache
 
 

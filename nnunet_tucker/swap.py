@@ -26,7 +26,15 @@ from .fit import (
     refit_last,
     tucker2,
 )
-from .layers import Concatenated, FusedInstanceNorm, PointwiseConv, TuckerConv, normalized_activated_gemm
+from .layers import (
+    ELEMENTWISE,
+    Concatenated,
+    Factored,
+    FusedInstanceNorm,
+    PointwiseConv,
+    TuckerConv,
+    normalized_activated_gemm,
+)
 from .plan import LayerPlan, instance_norms_after, unwrap
 from .plan.ranks import ConvSpec, conv_spec
 
@@ -73,14 +81,21 @@ def read_skips_in_place(network: nn.Module) -> None:
 
 
 class SkipReadingDecoder(UNetDecoder):
-    """`UNetDecoder` whose decomposed stages read upsampled input and skip without a concatenation."""
+    """`UNetDecoder` whose decomposed stages read upsampled input and skip without a concatenation; a
+    decomposed upsampling hands them its core's output, whose last factor they fold into their first GEMM."""
 
     def forward(self, skips):
         lres_input = skips[-1]
         seg_outputs = []
         for s in range(len(self.stages)):
-            stage, x, skip = self.stages[s], self.transpconvs[s](lres_input), skips[-(s + 2)]
-            x = stage(Concatenated((x, skip)) if self._reads_parts(stage) else torch.cat((x, skip), 1))
+            stage, up, skip = self.stages[s], self.transpconvs[s], skips[-(s + 2)]
+            if not self._reads_parts(stage):
+                x = stage(torch.cat((up(lres_input), skip), 1))
+            elif _factors_out(up, lres_input):  # the stage's first GEMM folds in the upsampling's last factor
+                x = stage(Concatenated((Factored(up.core(up.to_rank_space(lres_input)), up.last.weight, up.last.bias),
+                                        skip)))
+            else:
+                x = stage(Concatenated((up(lres_input), skip)))
             if self.deep_supervision:
                 seg_outputs.append(self.seg_layers[s](x))
             elif s == (len(self.stages) - 1):
@@ -107,9 +122,6 @@ def chain_blocks(network: nn.Module) -> None:
     for module in unwrap(network).modules():
         if type(module) is StackedConvBlocks:
             module.__class__ = ChainedConvBlocks
-
-
-ELEMENTWISE = (nn.LeakyReLU, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU)  # activations `normalized_activated_gemm` may chunk
 
 
 class ChainedConvBlocks(StackedConvBlocks):
@@ -152,6 +164,13 @@ def _hands_on(block: nn.Module, following: nn.Module | None) -> bool:
                  and type(modules[2]) in ELEMENTWISE and isinstance(following_conv, TuckerConv))
     involved = (block, block.all_modules, *modules, following, following.all_modules, following_conv)
     return chainable and not any(m._forward_hooks or m._forward_pre_hooks for m in involved)
+
+
+def _factors_out(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `conv` is an unhooked `TuckerConv` with no norm fused, at inference on real tensors (on
+    the meta device, for MAC counting, layers run as they are)."""
+    return (isinstance(conv, TuckerConv) and conv.norm is None and not conv.training and x.device.type != "meta"
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in conv.modules()))
 
 
 class RefitData(NamedTuple):

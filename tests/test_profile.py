@@ -15,16 +15,23 @@ from nnunet_tucker.plan.timing import MAX_PROFILE_VOXELS, LayerTimer, layer_shap
 
 
 class ScriptedTimer(LayerTimer):
-    """A timer whose 'measurements' are given: seconds = scale * MACs-like cost of the form."""
+    """A timer whose 'measurements' are given: `seconds_of(conv, form)` per layer; a pair of layers
+    that would run chained takes the sum, less `chain_saving` when both are decomposed."""
 
-    def __init__(self, tmp_path, seconds_of):
+    def __init__(self, tmp_path, seconds_of, chain_saving=0.0):
         super().__init__("cpu", cache_dir=tmp_path)
-        self.seconds_of = seconds_of
+        self.seconds_of, self.chain_saving = seconds_of, chain_saving
+        self.pairs = 0
 
     def _measure(self, conv, shape, candidates, keys, instance_norm=False):
         for c in candidates:
             self.timings[keys[c]] = self.seconds_of(conv, c)
         self.measured += len(candidates)
+
+    def pair_seconds(self, conv, input_shape, ranks, following, following_ranks, activation):
+        self.pairs += 1
+        return {(a, b): self.seconds_of(conv, a) + self.seconds_of(following, b) - (self.chain_saving if a and b else 0)
+                for a in (None, ranks) for b in (None, following_ranks)}
 
 
 def test_profiled_keeps_layers_whose_decomposition_is_not_faster(tmp_path):
@@ -35,6 +42,32 @@ def test_profiled_keeps_layers_whose_decomposition_is_not_faster(tmp_path):
     assert any(layer.reason.startswith("not faster here") for layer in plan)
 
 
+def test_profiled_decides_chained_pairs_together(tmp_path):
+    """Each decomposition alone 3 % faster (not enough), but two in a row skip a full-width map between
+    them: decomposed together; a layer with no decomposed neighbour stays as it is."""
+    from nnunet_tucker.plan import chainable_pairs
+
+    network, shape = build("plain3d")
+    pairs = chainable_pairs(network)
+    assert pairs
+    timer = ScriptedTimer(tmp_path, lambda conv, c: 1.0 if c is None else 0.97, chain_saving=0.2)
+    plan = plan_compression(network, TuckerConfig(0.5, policy="profiled"), shape, timer)
+    in_pairs = {i for first, (following, _) in pairs.items() for i in (first, id(following))}
+    by_module = {id(network.get_submodule(p.name)): p for p in plan}
+    assert timer.pairs == len(pairs)
+    for module_id, p in by_module.items():
+        if module_id in in_pairs:
+            assert p.ranks is not None and p.reason.startswith("decomposed, chained pair 1.15x faster"), p
+        elif p.reason.startswith(("decomposed", "not faster")):
+            assert p.ranks is None and p.reason.startswith("not faster here"), p
+    none_saved = ScriptedTimer(tmp_path / "none", lambda conv, c: 1.0 if c is None else 0.97)
+    assert all(p.ranks is None for p in plan_compression(network, TuckerConfig(0.5, policy="profiled"), shape,
+                                                         none_saved))
+    faster_alone = ScriptedTimer(tmp_path / "alone", lambda conv, c: 1.0 if c is None else 0.5, chain_saving=0.2)
+    assert plan_compression(network, TuckerConfig(0.5, policy="profiled"), shape, faster_alone)
+    assert faster_alone.pairs == 0  # both decomposed anyway: nothing to decide together
+
+
 def test_profiled_prefers_larger_aligned_ranks_when_they_cost_no_time(tmp_path):
     network, shape = build("plain3d")
     timer = ScriptedTimer(tmp_path, lambda conv, c: 1.0 if c is None else 0.5)  # every decomposition alike
@@ -42,7 +75,8 @@ def test_profiled_prefers_larger_aligned_ranks_when_they_cost_no_time(tmp_path):
     paper = TuckerConfig(0.3, policy="paper", rank_min=2)
     auto = {p.name: p.ranks for p in plan_compression(network, paper, shape)}  # what profiled proposes
     decomposed = [p for p in plan if p.ranks]
-    assert decomposed and all(p.reason.startswith("decomposed, 2.00x faster") for p in decomposed)
+    assert decomposed and all(p.reason.startswith(("decomposed, 2.00x", "decomposed, chained pair 2.00x"))
+                              for p in decomposed)
     assert all(p.ranks[0] >= auto[p.name][0] and p.ranks[1] >= auto[p.name][1] for p in decomposed)
     assert any(p.ranks != auto[p.name] for p in decomposed)
 

@@ -107,6 +107,8 @@ def test_3mm_preset_matches_published_macs():
 def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
     from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
+    from nnunet_tucker import swap
+    from nnunet_tucker.layers import Factored
     from nnunet_tucker.swap import SkipReadingDecoder
 
     net, shape = build("plain3d")
@@ -114,13 +116,17 @@ def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
     compress_network(net, TuckerConfig(0.5, policy="auto", rank_min=4), shape)
     keys = set(net.state_dict())
     assert type(net.decoder) is SkipReadingDecoder and set(pickle.loads(pickle.dumps(net)).state_dict()) == keys
-    made = []
+    made, folded = [], []
     cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: made.append(1) or cat(*args, **kwargs))
+    monkeypatch.setattr(swap, "Factored", lambda *args: folded.append(1) or Factored(*args))
     with torch.no_grad():
         out = net(x)
         kept = sum(not isinstance(stage.convs[0].all_modules[0], TuckerConv) for stage in net.decoder.stages)
         assert len(made) == kept < len(net.decoder.stages)  # only stages whose first layer is kept concatenate
+        assert 0 < len(folded) == sum(isinstance(stage.convs[0].all_modules[0], TuckerConv)
+                                      and isinstance(up, TuckerConv)
+                                      for stage, up in zip(net.decoder.stages, net.decoder.transpconvs, strict=True))
         macs = count_macs(net, shape)[0]
         net.decoder.__class__ = UNetDecoder
         reference = net(x)

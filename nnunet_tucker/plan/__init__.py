@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -23,7 +24,7 @@ from ..calibrate import ChannelStatistics
 from ..config import TuckerConfig, TuckerConfigError
 from ..counting import count_macs
 from ..fit import channel_spectra
-from ..layers import FusedInstanceNorm, TuckerConv
+from ..layers import ELEMENTWISE, FusedInstanceNorm, TuckerConv
 from .ranks import (
     BudgetError,
     BudgetLayer,
@@ -122,7 +123,8 @@ def plan_compression(
     ranks rounded up to multiples of 8 and 16 (on `timer`'s device; a CPU `LayerTimer` if None)
     and keeps the fastest: the original unless a decomposition is at least `PROFILE_MARGIN`
     faster, and among decompositions within `TIE_MARGIN` of the fastest, the one with the
-    largest ranks (accuracy for free).
+    largest ranks (accuracy for free). On the CPU, two layers that run chained when both are
+    decomposed are then decided together, timed as a unit (`_fastest_pairs`).
     """
 
     own_names = _own_names(unwrap(network))
@@ -214,7 +216,7 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
 
 def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norms: dict,
                    timer: LayerTimer) -> list[LayerPlan]:
-    refined = []
+    refined, best = [], {}  # best: id(conv) -> (its fastest decomposition, seconds of that and of the original)
     for layer in plan:
         conv = network.get_submodule(layer.name)
         if layer.ranks is None or id(conv) not in shapes:
@@ -224,13 +226,51 @@ def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norm
         seconds = timer.seconds(conv, shapes[id(conv)], [None, *candidates], id(conv) in norms)
         fastest = min(seconds[c] for c in candidates)
         original = seconds[None]
+        ranks = max((c for c in candidates if seconds[c] <= fastest * (1 + TIE_MARGIN)),
+                    key=lambda c: (c[0] * c[1], c))
+        best[id(conv)] = ranks
         if fastest > original * (1 - PROFILE_MARGIN):
-            ranks, reason = None, f"not faster here ({fastest * 1e3:.1f} vs {original * 1e3:.1f} ms)"
+            refined.append(dataclasses.replace(
+                layer, ranks=None, reason=f"not faster here ({fastest * 1e3:.1f} vs {original * 1e3:.1f} ms)"))
         else:
-            ranks = max((c for c in candidates if seconds[c] <= fastest * (1 + TIE_MARGIN)),
-                        key=lambda c: (c[0] * c[1], c))
-            reason = f"decomposed, {original / seconds[ranks]:.2f}x faster here"
-        refined.append(dataclasses.replace(layer, ranks=ranks, reason=reason))
+            refined.append(dataclasses.replace(
+                layer, ranks=ranks, reason=f"decomposed, {original / seconds[ranks]:.2f}x faster here"))
+    if timer.device.type == "cpu":  # where decomposed neighbours run chained
+        refined = _fastest_pairs(network, refined, shapes, best, timer)
+    return refined
+
+
+def _fastest_pairs(network: nn.Module, plan: list[LayerPlan], shapes: dict, best: dict,
+                   timer: LayerTimer) -> list[LayerPlan]:
+    """`plan` with each pair of layers that run chained when both are decomposed (`chainable_pairs`)
+    decided together: the four combinations of original and fastest decomposition timed as a unit,
+    the fastest kept if it beats both original by `PROFILE_MARGIN` (of those within `TIE_MARGIN` of
+    it, the one that decomposes fewer layers), else both original. Pairs whose layers are both
+    decomposed already stay so (chained, they only get faster)."""
+    index = {id(network.get_submodule(layer.name)): i for i, layer in enumerate(plan)}
+    refined = list(plan)
+    for conv_id, (following, activation) in chainable_pairs(network).items():
+        if conv_id not in best or id(following) not in best:
+            continue
+        i, j = index[conv_id], index[id(following)]
+        if plan[i].ranks and plan[j].ranks:
+            continue
+        conv = network.get_submodule(plan[i].name)
+        seconds = timer.pair_seconds(conv, shapes[conv_id], best[conv_id], following, best[id(following)],
+                                     activation)
+        original = seconds[None, None]
+        fastest = min(seconds.values())
+        if fastest > original * (1 - PROFILE_MARGIN):
+            choice = (None, None)
+        else:
+            choice = min((c for c in seconds if seconds[c] <= fastest * (1 + TIE_MARGIN)),
+                         key=lambda c: (sum(r is not None for r in c), seconds[c]))
+        speedup = original / seconds[choice]
+        for k, ranks in zip((i, j), choice, strict=True):
+            reason = (f"decomposed, {'chained ' if all(choice) else ''}pair {speedup:.2f}x faster here" if ranks
+                      else f"kept, its pair {speedup:.2f}x faster so" if any(choice)
+                      else f"not faster here (pair at best {original / fastest:.2f}x)")
+            refined[k] = dataclasses.replace(plan[k], ranks=ranks, reason=reason)
     return refined
 
 
@@ -255,4 +295,27 @@ def instance_norms_after(network: nn.Module) -> dict[int, nn.Module]:
             for module, after in zip(steps, steps[1:], strict=False):
                 if isinstance(module, _ConvNd) and FusedInstanceNorm.applies_to(after):
                     found[id(module)] = after
+    return found
+
+
+def chainable_pairs(network: nn.Module) -> dict[int, tuple[_ConvNd, nn.Module]]:
+    """id(conv) -> (the conv after it, the activation between): consecutive blocks of a stack
+    (dynamic_network_architectures' `StackedConvBlocks`) whose first is (conv, instance norm,
+    elementwise activation) exactly, which run chained (`swap.ChainedConvBlocks`) when both
+    convolutions are decomposed. Pairs do not overlap: in a stack of three, the first two."""
+    found = {}
+    for stack in unwrap(network).modules():
+        if not isinstance(stack, StackedConvBlocks):
+            continue
+        blocks = list(stack.convs)
+        paired = set()
+        for block, following in zip(blocks, blocks[1:], strict=False):
+            if type(block) is not ConvDropoutNormReLU or type(following) is not ConvDropoutNormReLU:
+                continue
+            modules, conv = list(block.all_modules), following.all_modules[0]
+            if (len(modules) == 3 and isinstance(modules[0], _ConvNd) and FusedInstanceNorm.applies_to(modules[1])
+                    and type(modules[2]) in ELEMENTWISE and isinstance(conv, _ConvNd)
+                    and id(modules[0]) not in paired):
+                found[id(modules[0])] = (conv, modules[2])
+                paired.update((id(modules[0]), id(conv)))
     return found

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..config import default_cache_dir, file_lock
-from ..layers import FusedInstanceNorm, TuckerConv
+from ..layers import FusedInstanceNorm, TuckerConv, normalized_activated_gemm
 from ..memory import freed_memory_reused, reuse_freed_memory
 from .ranks import conv_spec
 
@@ -137,16 +137,43 @@ class LayerTimer:
         return {c: self.timings[keys[c]] for c in candidates}
 
     @staticmethod
-    def _key(conv: _ConvNd, shape: Sequence[int], candidate: tuple[int, int] | None) -> str:
+    def _key(conv: _ConvNd, shape: Sequence[int] | None, candidate: tuple[int, int] | None) -> str:
         s = conv_spec(conv)
         form = "original" if candidate is None else f"tucker{candidate[0]}x{candidate[1]}"
         return (f"{type(conv).__name__} {s.in_channels}->{s.out_channels} k{s.kernel_size} s{s.stride} "
                 f"p{tuple(conv.padding)} d{tuple(conv.dilation)} bias{conv.bias is not None} "
-                f"in{tuple(shape)} {form}")
+                f"in{tuple(shape) if shape is not None else '(after)'} {form}")
 
-    def _measure(self, conv: _ConvNd, shape: Sequence[int], candidates: Sequence, keys: dict,
-                 instance_norm: bool = False) -> None:
-        start = time.perf_counter()
+    def pair_seconds(
+        self, conv: _ConvNd, input_shape: Sequence[int], ranks: tuple[int, int], following: _ConvNd,
+        following_ranks: tuple[int, int], activation: nn.Module,
+    ) -> dict[tuple, float]:
+        """Seconds per call of `conv`, its instance norm, `activation`, then `following` and its instance
+        norm, for each (conv's form, following's form) of None (original) and the given ranks; both
+        decomposed run chained, as `swap.ChainedConvBlocks` runs them (on the CPU)."""
+        self.consulted = True
+        shape = profile_input_shape(input_shape, conv.stride)
+        combos = [(a, b) for a in (None, ranks) for b in (None, following_ranks)]
+        keys = {(a, b): f"{self._key(conv, shape, a)} +instancenorm {type(activation).__name__} "
+                        f"{self._key(following, None, b)} +instancenorm{' chained' if a and b else ''}"
+                for a, b in combos}
+        missing = [c for c in combos if keys[c] not in self.timings]
+        if missing:
+            a, b = self._forms(conv, [None, ranks], True), self._forms(following, [None, following_ranks], True)
+            act = copy.deepcopy(activation)
+
+            def unit(first: nn.Module, second: nn.Module):
+                if isinstance(first, TuckerConv) and isinstance(second, TuckerConv):
+                    return lambda x: second.from_rank_space(normalized_activated_gemm(
+                        first.core(first.to_rank_space(x)), first.last.weight, first.norm, act, second.first.weight))
+                return lambda x: second(act(first(x)))
+
+            self._time({c: unit(a[c[0]], b[c[1]]) for c in missing}, shape, keys)
+        return {c: self.timings[keys[c]] for c in combos}
+
+    def _forms(self, conv: _ConvNd, candidates: Sequence, instance_norm: bool) -> dict:
+        """Each candidate's module on the device: the original layer (None) or a `TuckerConv`, each
+        followed by a fresh instance norm if `instance_norm` (fused into the `TuckerConv`)."""
         factory = {"device": self.device, "dtype": torch.float32}
         original = copy.deepcopy(conv).to(**factory)
         forms: dict = {c: original if c is None else TuckerConv(original, *c) for c in candidates}
@@ -157,9 +184,18 @@ class LayerTimer:
                     forms[c] = nn.Sequential(form, norm)
                 else:
                     form.fuse_norm(FusedInstanceNorm(norm))
-        forms = {c: form.eval() for c, form in forms.items()}
-        x = torch.randn(tuple(shape), **factory)
-        best = {c: float("inf") for c in candidates}
+        return {c: form.eval() for c, form in forms.items()}
+
+    def _measure(self, conv: _ConvNd, shape: Sequence[int], candidates: Sequence, keys: dict,
+                 instance_norm: bool = False) -> None:
+        self._time(self._forms(conv, candidates, instance_norm), shape, keys)
+
+    def _time(self, forms: dict, shape: Sequence[int], keys: dict) -> None:
+        """Time each of `forms` (candidate -> callable) on a random input of `shape`, interleaved, the
+        minimum of `ROUNDS` after a warm-up round; stored under `keys`."""
+        start = time.perf_counter()
+        x = torch.randn(tuple(shape), device=self.device)
+        best = {c: float("inf") for c in forms}
         # nnU-Net predicts in fp16 autocast on CUDA, so that is what is timed there
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
         with torch.inference_mode(), autocast:
@@ -171,9 +207,9 @@ class LayerTimer:
                     _synchronize(self.device)
                     if round_index:
                         best[c] = min(best[c], time.perf_counter() - t0)
-        for c in candidates:
+        for c in forms:
             self.timings[keys[c]] = best[c]
-        self.measured += len(candidates)
+        self.measured += len(forms)
         self.seconds_spent += time.perf_counter() - start
 
 
