@@ -60,9 +60,13 @@ class TuckerConv(nn.Module):
         """The first GEMM (channels-last result)."""
         return _channels_last_gemm(x, self.first.weight)
 
+    def core_output(self, z: torch.Tensor) -> torch.Tensor:
+        """The core applied to what the first GEMM made of the input (channels-last)."""
+        return _core_conv(self.core, z)
+
     def from_rank_space(self, z: torch.Tensor) -> torch.Tensor:
         """The layer's output from what its first GEMM made of the input (channels-last)."""
-        core = _core_conv(self.core, z)
+        core = self.core_output(z)
         norm = self.norm
         # (on the meta device, MAC counting: statistics, like the instance norm's, are not counted)
         if norm is not None and not self.training and core.device.type != "meta":

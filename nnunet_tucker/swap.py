@@ -92,8 +92,8 @@ class SkipReadingDecoder(UNetDecoder):
             if not self._reads_parts(stage):
                 x = stage(torch.cat((up(lres_input), skip), 1))
             elif _factors_out(up, lres_input):  # the stage's first GEMM folds in the upsampling's last factor
-                x = stage(Concatenated((Factored(up.core(up.to_rank_space(lres_input)), up.last.weight, up.last.bias),
-                                        skip)))
+                upsampled = Factored(up.core_output(up.to_rank_space(lres_input)), up.last.weight, up.last.bias)
+                x = stage(Concatenated((upsampled, skip)))
             else:
                 x = stage(Concatenated((up(lres_input), skip)))
             if self.deep_supervision:
@@ -111,8 +111,7 @@ class SkipReadingDecoder(UNetDecoder):
             first = stage.convs[0].all_modules[0]
         except (AttributeError, IndexError, TypeError):
             return False
-        return (not self.training and isinstance(first, TuckerConv) and not first._forward_pre_hooks
-                and not first._forward_hooks)
+        return not self.training and isinstance(first, TuckerConv) and _unhooked(first)
 
 
 def chain_blocks(network: nn.Module) -> None:
@@ -132,13 +131,14 @@ class ChainedConvBlocks(StackedConvBlocks):
 
     def forward(self, x):
         blocks = list(self.convs)
-        if self.training or not isinstance(x, (torch.Tensor, Concatenated)) or _device(x).type != "cpu":
+        if (self.training or torch.is_grad_enabled() or not isinstance(x, (torch.Tensor, Concatenated))
+                or _device(x).type != "cpu"):
             return self.convs(x)
         rank_input = None  # what the block's first GEMM would make of its input, when the block before made it
         for block, following in zip(blocks, [*blocks[1:], None], strict=True):
             conv = block.all_modules[0]
             if _hands_on(block, following):
-                core = conv.core(conv.to_rank_space(x) if rank_input is None else rank_input)
+                core = conv.core_output(conv.to_rank_space(x) if rank_input is None else rank_input)
                 rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, block.all_modules[2],
                                                        following.all_modules[0].first.weight)
             elif rank_input is not None:
@@ -162,15 +162,19 @@ def _hands_on(block: nn.Module, following: nn.Module | None) -> bool:
     conv, following_conv = modules[0], following.all_modules[0]
     chainable = (len(modules) == 3 and isinstance(conv, TuckerConv) and conv.norm is modules[1]
                  and type(modules[2]) in ELEMENTWISE and isinstance(following_conv, TuckerConv))
-    involved = (block, block.all_modules, *modules, following, following.all_modules, following_conv)
-    return chainable and not any(m._forward_hooks or m._forward_pre_hooks for m in involved)
+    return chainable and _unhooked(block, block.all_modules, *modules, following, following.all_modules,
+                                   following_conv)
 
 
 def _factors_out(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether `conv` is an unhooked `TuckerConv` with no norm fused, at inference on real tensors (on
     the meta device, for MAC counting, layers run as they are)."""
     return (isinstance(conv, TuckerConv) and conv.norm is None and not conv.training and x.device.type != "meta"
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in conv.modules()))
+            and _unhooked(*conv.modules()))
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class RefitData(NamedTuple):

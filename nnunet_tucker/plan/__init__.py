@@ -216,7 +216,7 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
 
 def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norms: dict,
                    timer: LayerTimer) -> list[LayerPlan]:
-    refined, best = [], {}  # best: id(conv) -> (its fastest decomposition, seconds of that and of the original)
+    refined, best = [], {}  # best: id(conv) -> its fastest decomposition
     for layer in plan:
         conv = network.get_submodule(layer.name)
         if layer.ranks is None or id(conv) not in shapes:

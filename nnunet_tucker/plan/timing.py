@@ -165,7 +165,8 @@ class LayerTimer:
             def unit(first: nn.Module, second: nn.Module):
                 if isinstance(first, TuckerConv) and isinstance(second, TuckerConv):
                     return lambda x: second.from_rank_space(normalized_activated_gemm(
-                        first.core(first.to_rank_space(x)), first.last.weight, first.norm, act, second.first.weight))
+                        first.core_output(first.to_rank_space(x)), first.last.weight, first.norm, act,
+                        second.first.weight))
                 return lambda x: second(act(first(x)))
 
             self._time({c: unit(a[c[0]], b[c[1]]) for c in missing}, shape, keys)
