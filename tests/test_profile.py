@@ -120,6 +120,11 @@ def test_gemm_forms_match_plain_convolutions(memory_format):
     with torch.no_grad():
         plain = tucker.last(tucker.core(tucker.first(x)))
         assert scaled_error(tucker(x), plain) < 1e-5 and tucker(x).is_contiguous()
+        tucker.eval()  # at inference on the CPU the core goes to oneDNN directly
+        assert scaled_error(tucker(x), plain) < 1e-5 and tucker(x).is_contiguous()
+        single = TuckerConv(nn.Conv3d(1, 10, 3, padding=1), 1, 4).eval()  # PyTorch's native-kernel case
+        y = torch.randn(1, 1, 16, 16, 20).to(memory_format=memory_format)
+        assert scaled_error(single(y), single.last(single.core(single.first(y)))) < 1e-5
         head = nn.Conv3d(12, 3, 1)
         assert scaled_error(PointwiseConv(head)(x), head(x)) < 1e-5
 
