@@ -133,22 +133,21 @@ def _channels_last_gemm(x: torch.Tensor | Concatenated, weight: torch.Tensor) ->
     """1x1 convolution (no bias) of `x` (n, C, *spatial) with `weight` (R, C, 1...); channels-last result."""
     w = weight.flatten(1).t()
     parts = x if isinstance(x, Concatenated) else (x,)
-    weights = w.split([part.shape[1] for part in parts])
+    inputs, weights, shift = [], [], None  # a Factored part's last factor folded in: (h·Lᵀ + b)·W = h·(LᵀW) + b·W
+    for part, part_weight in zip(parts, w.split([part.shape[1] for part in parts]), strict=True):
+        if isinstance(part, Factored):
+            if part.bias is not None:
+                shift = part.bias @ part_weight if shift is None else shift + part.bias @ part_weight
+            part, part_weight = part.rank_map, part.weight.flatten(1).t() @ part_weight
+        inputs.append(part)
+        weights.append(part_weight)
     products = []
     for n in range(x.shape[0]):
-        out, shift = None, None
-        for part, part_weight in zip(parts, weights, strict=True):
-            if isinstance(part, Factored):  # (h·Lᵀ + b)·W = h·(LᵀW) + b·W
-                positions = _positions_by_channels(part.rank_map[n])
-                if part.bias is not None:
-                    shift = part.bias @ part_weight if shift is None else shift + part.bias @ part_weight
-                part_weight = part.weight.flatten(1).t() @ part_weight
-            else:
-                positions = _positions_by_channels(part[n])
-            if out is None:
-                out = torch.mm(positions, part_weight)
-            else:  # autocast skips out= ops: cast the operands to what it made of the first product (fp16 on CUDA)
-                torch.addmm(out, positions.to(out.dtype), part_weight.to(out.dtype), out=out)  # (counted as a GEMM)
+        out = torch.mm(_positions_by_channels(inputs[0][n]), weights[0])
+        for part, part_weight in zip(inputs[1:], weights[1:], strict=True):
+            # autocast skips out= ops: cast the operands to what it made of the first product (fp16 on CUDA)
+            positions, part_weight = _positions_by_channels(part[n]).to(out.dtype), part_weight.to(out.dtype)
+            torch.addmm(out, positions, part_weight, out=out)  # (counted as a GEMM)
         products.append(out if shift is None else out.add_(shift.to(out.dtype)))
     out = _per_sample(products)  # (n, V, R)
     return out.view(x.shape[0], *x.shape[2:], w.shape[1]).movedim(-1, 1)
