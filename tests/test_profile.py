@@ -81,6 +81,19 @@ def test_profiled_prefers_larger_aligned_ranks_when_they_cost_no_time(tmp_path):
     assert any(p.ranks != auto[p.name] for p in decomposed)
 
 
+def test_profiled_picks_the_fastest_alignment(tmp_path):
+    """Ranks rounded up to a multiple of 4 are candidates too (on CPUs, GEMMs with 10 output channels
+    run slower than with 12): picked where they are fastest, never below the requested ranks."""
+    network, shape = build("plain3d")
+    config = TuckerConfig(0.3, policy="profiled", rank_min=2)
+    requested = {p.name: p.ranks for p in plan_compression(network, TuckerConfig(0.3, policy="paper", rank_min=2),
+                                                           shape)}
+    timer = ScriptedTimer(tmp_path, lambda conv, c: 1.0 if c is None else 0.4 if c[0] % 8 and not c[0] % 4 else 0.5)
+    plan = [p for p in plan_compression(network, config, shape, timer) if p.ranks]
+    assert plan and all(p.ranks[0] >= requested[p.name][0] and p.ranks[1] >= requested[p.name][1] for p in plan)
+    assert any(p.ranks[0] % 8 and not p.ranks[0] % 4 and requested[p.name][0] % 4 for p in plan)
+
+
 def test_a_later_load_plans_from_the_saved_profile_alone(tmp_path):
     network, shape = build("plain3d")
     network.eval()

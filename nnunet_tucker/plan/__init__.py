@@ -120,7 +120,7 @@ def plan_compression(
     The ``paper`` and ``auto`` policies decide from shapes alone (so does ``profiled`` without
     `input_shape`, by the ``auto`` rules). ``profiled`` times, at each layer's input shape for
     `input_shape`, the original layer against its decomposition with the requested ranks and with
-    ranks rounded up to multiples of 8 and 16 (on `timer`'s device; a CPU `LayerTimer` if None)
+    ranks rounded up to multiples of 4, 8 and 16 (on `timer`'s device; a CPU `LayerTimer` if None)
     and keeps the fastest: the original unless a decomposition is at least `PROFILE_MARGIN`
     faster, and among decompositions within `TIE_MARGIN` of the fastest, the one with the
     largest ranks (accuracy for free). On the CPU, two layers that run chained when both are
@@ -198,6 +198,7 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
 
 PROFILE_MARGIN = 0.05  # a decomposition must beat the original by this much to replace it
 TIE_MARGIN = 0.02  # timings closer than this count as equal
+ALIGNMENTS = (4, 8, 16)  # ranks rounded up to these multiples are timed too
 
 
 def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[int],
@@ -222,7 +223,8 @@ def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norm
         if layer.ranks is None or id(conv) not in shapes:
             refined.append(layer)
             continue
-        candidates = list(dict.fromkeys([layer.ranks, *(aligned_ranks(layer.spec, layer.ranks, m) for m in (8, 16))]))
+        aligned = (aligned_ranks(layer.spec, layer.ranks, multiple) for multiple in ALIGNMENTS)
+        candidates = list(dict.fromkeys([layer.ranks, *aligned]))
         seconds = timer.seconds(conv, shapes[id(conv)], [None, *candidates], id(conv) in norms)
         fastest = min(seconds[c] for c in candidates)
         original = seconds[None]
