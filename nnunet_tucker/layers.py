@@ -170,7 +170,7 @@ def _normalization(positions: torch.Tensor, weight: torch.Tensor, norm: FusedIns
     the C output channels are never read twice. `weight` (C, R) float64; results in its dtype."""
     with torch.autocast(positions.device.type, enabled=False):  # statistics in fp32 at least
         as_float = positions.float()
-        mean = as_float.mean(dim=0).double()
+        mean = _column_sums(as_float).double() / positions.shape[0]
         covariance = torch.mm(as_float.t(), as_float).double() / positions.shape[0] - torch.outer(mean, mean)
         variance = ((weight @ covariance) * weight).sum(dim=1).clamp_min(0)
         scale = torch.rsqrt(variance + norm.eps)
@@ -181,6 +181,19 @@ def _normalization(positions: torch.Tensor, weight: torch.Tensor, norm: FusedIns
         if norm.bias is not None:
             shift = shift + norm.bias.double()
     return scaled, shift
+
+
+def _column_sums(positions: torch.Tensor) -> torch.Tensor:
+    """`positions` (V, R) summed over V. A row-major (V, R) summed as rows of 16·R values, then folded: CPUs
+    reduce rows of 12 or 20 values 2–7x slower than rows that fill their vector registers."""
+    if not positions.is_contiguous():
+        return positions.sum(dim=0)
+    whole = positions.shape[0] - positions.shape[0] % _FOLD
+    folded = positions[:whole].reshape(-1, _FOLD * positions.shape[1]).sum(dim=0)
+    return folded.view(_FOLD, -1).sum(dim=0) + positions[whole:].sum(dim=0)
+
+
+_FOLD = 16
 
 
 def _normalizing_gemm(x: torch.Tensor, weight: torch.Tensor, norm: FusedInstanceNorm) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.calibrate import collect_statistics
-from nnunet_tucker.layers import PointwiseConv, TuckerConv
+from nnunet_tucker.layers import FusedInstanceNorm, PointwiseConv, TuckerConv
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.plan.timing import MAX_PROFILE_VOXELS, LayerTimer, layer_shapes, profile_input_shape
 
@@ -157,6 +157,25 @@ def test_instance_norm_fused_into_the_last_gemm_gives_the_same_outputs():
                 m.p = 0.0
         slow = compressed(x)
     assert scaled_error(fast, slow) < 1e-4  # float32 rounding of two ways to normalise: ~1e-6
+
+
+def test_fused_instance_norm_statistics_of_any_voxel_count():
+    """The channel means come from rows of 16 positions folded: voxel counts that are no multiple of
+    16, and rank maps in either memory layout, normalise as the instance norm does."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv3d(6, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True)
+    nn.init.normal_(norm.weight)
+    tucker = TuckerConv(conv, 5, 3)
+    for p in tucker.parameters():
+        nn.init.normal_(p)
+    tucker.fuse_norm(FusedInstanceNorm(norm))
+    x = 3 + torch.randn(2, 6, 5, 7, 9)  # 315 voxels; an offset so that the means matter
+    with torch.no_grad():
+        reference = norm(tucker.last(tucker.core(tucker.first(x))))
+        tucker.eval()
+        assert scaled_error(tucker(x), reference) < 1e-4
+        channels_first = tucker.to_rank_space(x).contiguous()
+        assert scaled_error(tucker.from_rank_space(channels_first), reference) < 1e-4
 
 
 def test_real_timings_of_a_2d_network_with_instance_norms(tmp_path):
