@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 MAX_PROFILE_VOXELS = 1 << 17  # 64×64×32: per-voxel cost is settled by then; bounds profiling time
 ROUNDS = 3
 _INSTANCE_NORMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-FORMS_VERSION = 3  # bump when `TuckerConv`'s computation changes: earlier timings no longer apply
+FORMS_VERSION = 4  # bump when `TuckerConv`'s computation changes: earlier timings no longer apply
 
 
 def device_description(device: torch.device) -> str:
