@@ -33,6 +33,7 @@ from .layers import (
     FusedInstanceNorm,
     PointwiseConv,
     TuckerConv,
+    normalized_activated,
     normalized_activated_gemm,
 )
 from .plan import LayerPlan, instance_norms_after, unwrap
@@ -126,8 +127,9 @@ def chain_blocks(network: nn.Module) -> None:
 class ChainedConvBlocks(StackedConvBlocks):
     """`StackedConvBlocks` in which a decomposed block (conv, fused instance norm, elementwise
     activation) followed by another decomposed block hands it the rank-space input of its core
-    directly (`normalized_activated_gemm`), without writing the full-width map between them. On the
-    CPU at inference, with no hooks on the modules involved; else as `StackedConvBlocks`."""
+    directly (`normalized_activated_gemm`), without writing the full-width map between them, and
+    the last such block normalises and activates its output a chunk at a time (`normalized_activated`).
+    On the CPU at inference, with no hooks on the modules involved; else as `StackedConvBlocks`."""
 
     def forward(self, x):
         blocks = list(self.convs)
@@ -137,10 +139,13 @@ class ChainedConvBlocks(StackedConvBlocks):
         rank_input = None  # what the block's first GEMM would make of its input, when the block before made it
         for block, following in zip(blocks, [*blocks[1:], None], strict=True):
             conv = block.all_modules[0]
-            if _hands_on(block, following):
+            if _fuses(block):
                 core = conv.core_output(conv.to_rank_space(x) if rank_input is None else rank_input)
-                rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, block.all_modules[2],
-                                                       following.all_modules[0].first.weight)
+                if _starts_decomposed(following):
+                    rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, block.all_modules[2],
+                                                           following.all_modules[0].first.weight)
+                else:
+                    x, rank_input = normalized_activated(core, conv.last.weight, conv.norm, block.all_modules[2]), None
             elif rank_input is not None:
                 x = block.all_modules[1:](conv.from_rank_space(rank_input))
                 rank_input = None
@@ -153,17 +158,19 @@ def _device(x: torch.Tensor | Concatenated) -> torch.device:
     return (x[0] if isinstance(x, Concatenated) else x).device
 
 
-def _hands_on(block: nn.Module, following: nn.Module | None) -> bool:
-    """Whether `block` is (decomposed conv, its fused norm, elementwise activation) and `following`
-    starts with a decomposed conv, none of them hooked."""
-    if type(block) is not ConvDropoutNormReLU or type(following) is not ConvDropoutNormReLU:
+def _fuses(block: nn.Module) -> bool:
+    """Whether `block` is (decomposed conv, its fused norm, elementwise activation), none of them hooked."""
+    if type(block) is not ConvDropoutNormReLU:
         return False
     modules = list(block.all_modules)
-    conv, following_conv = modules[0], following.all_modules[0]
-    chainable = (len(modules) == 3 and isinstance(conv, TuckerConv) and conv.norm is modules[1]
-                 and type(modules[2]) in ELEMENTWISE and isinstance(following_conv, TuckerConv))
-    return chainable and _unhooked(block, block.all_modules, *modules, following, following.all_modules,
-                                   following_conv)
+    return (len(modules) == 3 and isinstance(modules[0], TuckerConv) and modules[0].norm is modules[1]
+            and type(modules[2]) in ELEMENTWISE and _unhooked(block, block.all_modules, *modules))
+
+
+def _starts_decomposed(block: nn.Module | None) -> bool:
+    """Whether `block` starts with a decomposed conv, neither hooked."""
+    return (type(block) is ConvDropoutNormReLU and isinstance(block.all_modules[0], TuckerConv)
+            and _unhooked(block, block.all_modules, block.all_modules[0]))
 
 
 def _factors_out(conv: nn.Module, x: torch.Tensor) -> bool:

@@ -141,12 +141,14 @@ def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
 
 def test_stacked_decomposed_blocks_chain_their_rank_space_maps_at_inference(monkeypatch):
     """Two decomposed blocks in a row: the first hands the second its first GEMM's output (chunked, the
-    full-width map between them never written); the same result, and as before when hooked or training."""
+    full-width map between them never written), the second normalises and activates its output chunk by
+    chunk; the same result (activations in place or not), and as before when hooked or training."""
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
     from nnunet_tucker import layers, swap
 
     monkeypatch.setattr(layers, "FUSED_CHUNK", 1000)  # several chunks, the last one short
+    monkeypatch.setattr(layers, "OUTPUT_CHUNK", 700)
     net, shape = build("plain3d")
     x = torch.randn(shape)
     compress_network(net, TuckerConfig(0.5, policy="paper", rank_min=4), shape)
@@ -154,19 +156,25 @@ def test_stacked_decomposed_blocks_chain_their_rank_space_maps_at_inference(monk
     stacks = [m for m in net.modules() if isinstance(m, StackedConvBlocks)]
     assert stacks and all(type(m) is swap.ChainedConvBlocks for m in stacks)
     assert set(pickle.loads(pickle.dumps(net)).state_dict()) == keys
-    chained = []
-    fused = layers.normalized_activated_gemm
+    chained, activated = [], []
+    fused, chunked = layers.normalized_activated_gemm, layers.normalized_activated
     monkeypatch.setattr(swap, "normalized_activated_gemm", lambda *a: chained.append(1) or fused(*a))
+    monkeypatch.setattr(swap, "normalized_activated", lambda *a: activated.append(1) or chunked(*a))
     net.eval()
     with torch.no_grad():
-        out = net(x)
-        assert len(chained) == len(stacks)  # every stack: two decomposed blocks
-        for m in stacks:
-            m.__class__ = StackedConvBlocks
-        reference = net(x)
-        assert scaled_error(out, reference) < 1e-5
-        for m in stacks:
-            m.__class__ = swap.ChainedConvBlocks
+        for inplace in (True, False):
+            for m in stacks:
+                for block in m.convs:
+                    block.nonlin.inplace = inplace
+            chained.clear(), activated.clear()
+            out = net(x)
+            assert len(chained) == len(activated) == len(stacks)  # every stack: two decomposed blocks
+            for m in stacks:
+                m.__class__ = StackedConvBlocks
+            reference = net(x)
+            assert scaled_error(out, reference) < 1e-5
+            for m in stacks:
+                m.__class__ = swap.ChainedConvBlocks
         seen = []
         stacks[0].convs[1].conv.register_forward_hook(lambda m, args, y: seen.append(y.shape))
         chained.clear()
