@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-_KEEP = 2**31 - 1  # largest free top of the heap kept rather than returned (mallopt takes an int)
+_KEEP = -1  # the free top of the heap is returned above this size: glibc stores it as a size_t, so -1 is never
+# (a C int's largest, 2 GiB, is less than a 3 mm forward pass frees at once: its next tile then faulted 0.9 GB in)
 _TOP_PAD = 256 << 20  # grow the heap in steps of at least this much (address space only until touched)
 _applied = False
 
