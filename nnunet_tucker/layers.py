@@ -183,6 +183,9 @@ def _normalization(positions: torch.Tensor, weight: torch.Tensor, norm: FusedIns
     return scaled, shift
 
 
+_FOLD = 16  # positions per row in `_column_sums`
+
+
 def _column_sums(positions: torch.Tensor) -> torch.Tensor:
     """`positions` (V, R) summed over V. A row-major (V, R) summed as rows of 16·R values, then folded: CPUs
     reduce rows of 12 or 20 values 2–7x slower than rows that fill their vector registers."""
@@ -191,9 +194,6 @@ def _column_sums(positions: torch.Tensor) -> torch.Tensor:
     whole = positions.shape[0] - positions.shape[0] % _FOLD
     folded = positions[:whole].reshape(-1, _FOLD * positions.shape[1]).sum(dim=0)
     return folded.view(_FOLD, -1).sum(dim=0) + positions[whole:].sum(dim=0)
-
-
-_FOLD = 16
 
 
 def _normalizing_gemm(x: torch.Tensor, weight: torch.Tensor, norm: FusedInstanceNorm) -> torch.Tensor:
