@@ -138,16 +138,16 @@ class ChainedConvBlocks(StackedConvBlocks):
             return self.convs(x)
         rank_input = None  # what the block's first GEMM would make of its input, when the block before made it
         for block, following in zip(blocks, [*blocks[1:], None], strict=True):
-            conv = block.all_modules[0]
             if _fuses(block):
+                conv, activation = block.all_modules[0], block.all_modules[2]
                 core = conv.core_output(conv.to_rank_space(x) if rank_input is None else rank_input)
                 if _starts_decomposed(following):
-                    rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, block.all_modules[2],
+                    rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, activation,
                                                            following.all_modules[0].first.weight)
                 else:
-                    x, rank_input = normalized_activated(core, conv.last.weight, conv.norm, block.all_modules[2]), None
-            elif rank_input is not None:
-                x = block.all_modules[1:](conv.from_rank_space(rank_input))
+                    x, rank_input = normalized_activated(core, conv.last.weight, conv.norm, activation), None
+            elif rank_input is not None:  # a decomposed block that takes its input in rank space, not fused
+                x = block.all_modules[1:](block.all_modules[0].from_rank_space(rank_input))
                 rank_input = None
             else:
                 x = block(x)
