@@ -1,5 +1,5 @@
 """Nothing lost: what `compress` refuses to touch, leftovers of killed runs, folds, exclude patterns,
-report and cache paths that cannot be written, and the start-up hook's weight."""
+report and cache paths that cannot be written."""
 
 from __future__ import annotations
 
@@ -198,17 +198,3 @@ def test_profile_that_cannot_be_cached_does_not_say_cached(tmp_path, caplog):
         plan_compression(network, TuckerConfig(0.5), input_shape, timer)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("profiled ")]
     assert len(lines) == 1 and lines[0].endswith("could not be written)") and "cached in" not in lines[0]
-
-
-def _modules_at_start(**env: str) -> set[str]:
-    code = "import sys; print(' '.join(sorted(sys.modules)))"
-    full_env = {**os.environ, **env}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, check=True)
-    return set(out.stdout.split())
-
-
-def test_start_up_hook_imports_only_its_own_modules_and_nothing_when_off():
-    off, on = _modules_at_start(TUCKER_HOOK="0"), _modules_at_start()
-    assert not {m for m in off if m.startswith("nnunet_tucker")}
-    added = on - off
-    assert added and all(m.startswith("nnunet_tucker") or m == "__future__" for m in added), sorted(added)
