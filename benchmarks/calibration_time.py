@@ -5,9 +5,9 @@
 Calibration patches are smoothed noise of the preset's patch size. Prints one JSON line per stage,
 in the order run: one plain forward pass over all patches (for scale), `collect_statistics`,
 `sample_targets`, the whitened decomposition (`convert_state_dict` without refit) and the refit
-(`swap._refit_in_order`, which samples its own targets: their time is included, and
+(`swap.convert._refit_in_order`, which samples its own targets: their time is included, and
 ``seconds_without_targets`` subtracts the `sample_targets` stage's). With ``--compare-old``, the old
-layer-by-layer refit (the reference in tests/test_calibrated.py: a pass up to each refitted layer
+layer-by-layer refit (the reference in tests/test_calibrate.py: a pass up to each refitted layer
 per patch) runs right after the new one, with their ratio and the largest difference between their
 weights, relative to the weights' scale. ``max_rss_gib`` is the process's peak so far. On 2 CPU
 cores, totalseg-3mm with 2 patches and ``--compare-old`` takes ~20 minutes.
@@ -30,16 +30,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nnunet_tucker import TuckerConfig, swap
+from nnunet_tucker import TuckerConfig
 from nnunet_tucker import calibrate as calibrate_module
 from nnunet_tucker.calibrate import collect_statistics, sample_targets
-from nnunet_tucker.nnunet.presets import build_preset
 from nnunet_tucker.plan import plan_compression
-from nnunet_tucker.swap import RefitData, _refit_in_order, convert_state_dict
+from nnunet_tucker.swap import RefitData, convert
+from nnunet_tucker.swap.convert import _refit_in_order, convert_state_dict
+from nnunet_tucker.tools.presets import build_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from networks import scaled_error  # noqa: E402
-from test_calibrated import _refit_layer_by_layer  # noqa: E402
+from test_calibrate import _refit_layer_by_layer  # noqa: E402
 
 
 def _report(stage: str, seconds: float, **extra) -> None:
@@ -108,7 +109,7 @@ def main() -> None:
     results, times = {}, {}
     parts: dict[str, float] = {}
     if args.breakdown:
-        _timing(swap, ["sample_targets", "responses", "refit_conv_weights"], parts)
+        _timing(convert, ["sample_targets", "responses", "refit_conv_weights"], parts)
         _timing(calibrate_module, ["_features", "_gram"], parts)
     for algorithm, run in algorithms.items():
         decomposed = dict(fitted)

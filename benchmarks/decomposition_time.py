@@ -16,9 +16,9 @@ import time
 import torch
 
 from nnunet_tucker import TuckerConfig
-from nnunet_tucker.nnunet.presets import build_preset
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.swap import convert_state_dict
+from nnunet_tucker.tools.presets import build_preset
 
 
 def main() -> None:

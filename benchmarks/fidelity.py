@@ -5,7 +5,7 @@ MACs the published rule vs budgeted ranks.
                                   [--cases 6] [--calibration-cases 4] [--out DIR]
 
 On the shipped demo model (nnU-Net trained on synthetic CT, folds 0 and 1) or another model trained
-on the phantoms (e.g. one with nnU-Net's own widths for this dataset: ``python -m nnunet_tucker.demo_model
+on the phantoms (e.g. one with nnU-Net's own widths for this dataset: ``python -m nnunet_tucker.tools.demo_model
 --out-dir full --features 32 64 128 256 320 --folds 0``, about 75 min on 2 cores; or a half-width one,
 ``--features 16 32 64 128 128``, 12 min):
 - for each rank ratio with the default policy (what ``TUCKER_RANK_RATIO`` alone asks for): the factors
@@ -37,13 +37,13 @@ import torch
 
 from nnunet_tucker import TuckerConfig
 from nnunet_tucker.counting import count_macs
-from nnunet_tucker.demo_model import demo_model_folder
-from nnunet_tucker.metrics import dice
-from nnunet_tucker.nnunet.evaluate import predict_folder
 from nnunet_tucker.nnunet.model_folder import load_trained_model
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.swap import swap_modules
-from nnunet_tucker.synthetic import LABELS, make_test_cases
+from nnunet_tucker.tools.demo_model import demo_model_folder
+from nnunet_tucker.tools.evaluate import predict_folder
+from nnunet_tucker.tools.metrics import dice
+from nnunet_tucker.tools.synthetic import LABELS, make_test_cases
 
 EVAL_SEED, CALIBRATION_SEED = 70, 80  # held-out phantom series, disjoint from training and each other
 

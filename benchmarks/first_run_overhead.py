@@ -26,8 +26,8 @@ import torch
 
 from nnunet_tucker import TuckerConfig
 from nnunet_tucker.nnunet.predictor import TuckerPredictor, finish_compression, input_shape_of
-from nnunet_tucker.nnunet.presets import write_preset_model_folder
-from nnunet_tucker.synthetic import make_phantom
+from nnunet_tucker.tools.presets import write_preset_model_folder
+from nnunet_tucker.tools.synthetic import make_phantom
 
 
 def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:

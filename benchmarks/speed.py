@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from nnunet_tucker import TuckerConfig
-from nnunet_tucker.benchmark import VariantTiming, benchmark, time_prediction, to_table, write_outputs
 from nnunet_tucker.config import POLICIES
-from nnunet_tucker.nnunet.presets import PRESETS, build_preset, write_preset_model_folder
-from nnunet_tucker.synthetic import make_phantom, write_nifti
+from nnunet_tucker.tools.benchmark import VariantTiming, benchmark, time_prediction, to_table, write_outputs
+from nnunet_tucker.tools.presets import PRESETS, build_preset, write_preset_model_folder
+from nnunet_tucker.tools.synthetic import make_phantom, write_nifti
 
 logger = logging.getLogger("speed")
 

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nnunet_tucker.nnunet.whole_run import run_whole_run
+from nnunet_tucker.tools.whole_run import run_whole_run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import MEASURED, folder_digest
 
-from nnunet_tucker.demo_model import DATASET_NAME, MODEL_FOLDER_NAME, demo_model_folder
-from nnunet_tucker.synthetic import make_test_cases
+from nnunet_tucker.tools.demo_model import DATASET_NAME, MODEL_FOLDER_NAME, demo_model_folder
+from nnunet_tucker.tools.synthetic import make_test_cases
 
 
 def pytest_sessionfinish(session):

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_tucker.demo_model import DATASET_ID
-from nnunet_tucker.synthetic import LABELS
+from nnunet_tucker.tools.demo_model import DATASET_ID
+from nnunet_tucker.tools.synthetic import LABELS
 
 CLASSES = {name: value for name, value in LABELS.items() if value > 0}
 MEASURED: list[str] = []  # per-class Dice lines, printed in the terminal summary

@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import dice_per_class, load_segmentations, logged, predict, record, run
 
-from nnunet_tucker.synthetic import make_test_cases
+from nnunet_tucker.tools.synthetic import make_test_cases
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def test_one_flag_predict_with_calibration(nnunet_env, cases, calibration, tmp_p
 
 
 def test_bad_calibration_folder_is_a_clear_error(model_folder, nnunet_env, tmp_path):
-    folder = tmp_path / "calibration"  # (every kind of bad folder: tests/test_calibration.py)
+    folder = tmp_path / "calibration"  # (every kind of bad folder: tests/test_calibration_images.py)
     folder.mkdir()
     message = "it is empty"
     result = run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(tmp_path / "out"),

@@ -9,9 +9,9 @@ import sys
 import pytest
 from helpers import log_lines, run
 
-from nnunet_tucker.nnunet.whole_run import TOTALSEG_TASK as TASK_FOLDER
-from nnunet_tucker.nnunet.whole_run import TOTALSEG_TRAINER as TRAINER
-from nnunet_tucker.nnunet.whole_run import totalseg_home
+from nnunet_tucker.tools.whole_run import TOTALSEG_TASK as TASK_FOLDER
+from nnunet_tucker.tools.whole_run import TOTALSEG_TRAINER as TRAINER
+from nnunet_tucker.tools.whole_run import totalseg_home
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ _EXPORTS = {
     "TuckerConfig": "nnunet_tucker.config",
     "TuckerConfigError": "nnunet_tucker.config",
     "compress_network": "nnunet_tucker.compress",
-    "CompressionReport": "nnunet_tucker.account",
+    "CompressionReport": "nnunet_tucker.report",
     "TuckerPredictor": "nnunet_tucker.nnunet.predictor",
 }
 
@@ -31,10 +31,10 @@ __all__ = [
 if TYPE_CHECKING:
     from typing import Any
 
-    from .account import CompressionReport
     from .compress import compress_network
     from .config import TuckerConfig, TuckerConfigError
     from .nnunet.predictor import TuckerPredictor
+    from .report import CompressionReport
 
 
 def __getattr__(name: str) -> Any:

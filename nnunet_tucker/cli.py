@@ -81,7 +81,7 @@ def _fail(message: str) -> int:
 def _load_network(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], dict | None, str]:
     """The network named by ``--preset`` or ``-m/-f/-chk``: (network, input shape, plans or None, source)."""
     if args.preset:
-        from .nnunet.presets import build_preset
+        from .tools.presets import build_preset
 
         network, input_shape = build_preset(args.preset)
         return network, input_shape, None, args.preset
@@ -119,7 +119,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .nnunet.evaluate import evaluate
+    from .tools.evaluate import evaluate
 
     flags = config_fields_from_args(args)
     config = None if args.compressed else resolve_config(read_env(), flags)
@@ -147,9 +147,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmark import benchmark, time_prediction, to_table, write_outputs
     from .config import TuckerConfig
     from .memory import freed_memory_reused
+    from .tools.benchmark import benchmark, time_prediction, to_table, write_outputs
 
     if args.whole_run:
         return _bench_whole_run(args)
@@ -194,7 +194,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_whole_run(args: argparse.Namespace) -> int:
-    from .nnunet.whole_run import run_whole_run
+    from .tools.whole_run import run_whole_run
 
     if args.preset != "totalseg-3mm" or args.e2e or args.fp16 or args.compile:
         return _fail("--whole-run times TotalSegmentator --fast and nnU-Net on a generated CT (on CUDA both autocast "
@@ -215,7 +215,7 @@ def _bench_whole_run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ demo
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .nnunet.demo import run_demo
+    from .tools.demo import run_demo
 
     result = run_demo(Path(args.output), args.rank_ratio or 0.5, overwrite=args.overwrite, verbose=args.verbose)
     return 1 if result["evaluation"].failing else 0
@@ -224,7 +224,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("-m", "--model", help="trained nnU-Net model folder (holds plans.json, fold_X/)")
-    from .nnunet.presets import PRESETS
+    from .tools.presets import PRESETS
 
     source.add_argument("--preset", choices=sorted(PRESETS), help="built-in TotalSegmentator architecture")
     parser.add_argument("-f", "--fold", default="0", help="fold whose weights to use (default 0)")

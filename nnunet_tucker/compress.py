@@ -13,10 +13,10 @@ import time
 import torch
 from torch import nn
 
-from .account import CompressionReport
 from .config import TuckerConfig
 from .counting import measure
 from .plan import LayerPlan, plan_compression, unwrap
+from .report import CompressionReport
 from .swap import convert_state_dict, swap_modules
 
 

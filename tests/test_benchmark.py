@@ -3,7 +3,7 @@ import json
 from networks import build
 
 from nnunet_tucker import TuckerConfig
-from nnunet_tucker.benchmark import benchmark, time_prediction, to_table, write_outputs
+from nnunet_tucker.tools.benchmark import benchmark, time_prediction, to_table, write_outputs
 
 
 def test_interleaved_timings_and_outputs(tmp_path):
@@ -23,7 +23,7 @@ def test_preset_model_folder_loads_in_nnunet(tmp_path):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_tucker.nnunet.presets import build_preset, write_preset_model_folder
+    from nnunet_tucker.tools.presets import build_preset, write_preset_model_folder
 
     folder = write_preset_model_folder("totalseg-3mm", tmp_path, seed=1)
     predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
@@ -39,8 +39,8 @@ def test_preset_model_folder_loads_in_nnunet(tmp_path):
 
 
 def test_time_prediction_end_to_end(tmp_path):
-    from nnunet_tucker.demo_model import demo_model_folder
-    from nnunet_tucker.synthetic import make_test_cases
+    from nnunet_tucker.tools.demo_model import demo_model_folder
+    from nnunet_tucker.tools.synthetic import make_test_cases
 
     make_test_cases(tmp_path / "images", 1, seed=3)
     timings = time_prediction(demo_model_folder(), tmp_path / "images", [TuckerConfig(0.5, policy="auto", rank_min=2)],

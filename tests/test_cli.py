@@ -38,7 +38,7 @@ def test_nothing_asked_for(capsys, monkeypatch):
 
 
 def test_report_model_folder_reads_plans_and_checkpoint(capsys):
-    from nnunet_tucker.demo_model import demo_model_folder
+    from nnunet_tucker.tools.demo_model import demo_model_folder
 
     assert main(["report", "-m", str(demo_model_folder()), "-f", "1", "--rank-ratio", "0.5", "--policy", "auto",
                  "--json"]) == 0

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_tucker.benchmark import VariantTiming
 from nnunet_tucker.nnunet import demo
-from nnunet_tucker.nnunet.evaluate import Evaluation, PredictionRun
+from nnunet_tucker.tools.benchmark import VariantTiming
+from nnunet_tucker.tools.evaluate import Evaluation, PredictionRun
 
 CLASSES = {"liver": 1, "spleen": 2, "kidney": 3}
 

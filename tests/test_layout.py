@@ -1,4 +1,5 @@
-"""The package's layout: no import circles, the pure math free of modules and nnU-Net, torch-free start-up."""
+"""The package's layout: three layers (steps, nnU-Net runtime, tools) under the commands, imports pointing inward
+only, no import circles, the pure math free of modules and nnU-Net, torch-free start-up."""
 
 import ast
 import subprocess
@@ -60,19 +61,41 @@ def test_no_module_imports_one_that_imports_it_back():
         visit(module)
 
 
+LAYERS = (  # from the inside out: each layer imports only from itself and the layers before it
+    ("steps", lambda m: not m.startswith(("nnunet_tucker.nnunet", "nnunet_tucker.tools", "nnunet_tucker.cli"))
+     and m != "nnunet_tucker"),
+    ("runtime", lambda m: m.startswith("nnunet_tucker.nnunet")),
+    ("tools", lambda m: m.startswith("nnunet_tucker.tools")),
+    ("commands", lambda m: m in ("nnunet_tucker", "nnunet_tucker.cli")),
+)
+
+
+def _layer(module: str) -> int:
+    (index,) = [i for i, (_, contains) in enumerate(LAYERS) if contains(module)]
+    return index
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {i}" for m, imports in graph.items() for i in imports if _layer(i) > _layer(m))
+
+
+def test_imports_point_inward_from_commands_to_tools_to_runtime_to_steps():
+    graph = _graph()
+    assert {name for name, _ in LAYERS} == {LAYERS[_layer(m)][0] for m in graph}  # every layer has modules
+    assert _upward_imports(graph) == []
+    assert _upward_imports({**graph, "nnunet_tucker.fit": {"nnunet_tucker.nnunet.cache"}}) == [
+        "nnunet_tucker.fit -> nnunet_tucker.nnunet.cache"]  # the check can fail
+
+
 def test_each_step_has_its_module_and_the_math_knows_no_modules_or_nnunet():
     graph = _graph()
-    for step in ("plan", "calibrate", "fit", "swap", "account"):
+    for step in ("plan", "calibrate", "fit", "swap", "report"):
         assert f"nnunet_tucker.{step}" in graph, step
     assert graph["nnunet_tucker.fit"] == set()  # tensors in, tensors out
     source = (PACKAGE / "fit.py").read_text()
     assert "nn.Module" not in source and "nnunetv2" not in source and "from torch import nn" not in source
     layers = graph["nnunet_tucker.layers"]
     assert layers == set(), layers  # the layer modules and their forward paths only
-    commands = ("nnunet_tucker", "nnunet_tucker.cli", "nnunet_tucker.benchmark", "nnunet_tucker.demo_model")
-    nnunet_free = [m for m in graph if not m.startswith("nnunet_tucker.nnunet") and m not in commands]
-    for module in nnunet_free:
-        assert not any(i.startswith("nnunet_tucker.nnunet") for i in graph[module]), module
     assert "nnunet_tucker.swap" not in graph["nnunet_tucker.nnunet.cache"]  # it stores and loads only
 
 

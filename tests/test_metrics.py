@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nnunet_tucker.metrics import compare_segmentations, dice, normalized_surface_distance
+from nnunet_tucker.tools.metrics import compare_segmentations, dice, normalized_surface_distance
 
 
 def test_dice():

@@ -11,7 +11,6 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_tucker.config import TuckerConfig
-from nnunet_tucker.demo_model import demo_model_folder
 from nnunet_tucker.nnunet.pipeline import (
     FastArgmaxLabelManager,
     FastArgmaxPlansManager,
@@ -20,7 +19,8 @@ from nnunet_tucker.nnunet.pipeline import (
     speed_up_pipeline,
 )
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
-from nnunet_tucker.synthetic import DEFAULT_SPACING, make_phantom
+from nnunet_tucker.tools.demo_model import demo_model_folder
+from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom
 
 SHAPE = (40, 80, 72)  # 2 x 2 x 2 overlapping tiles of the demo model's 32 x 64 x 64 patch
 
@@ -97,7 +97,7 @@ def test_an_uncompressed_predictor_keeps_nnunets_pipeline():
 def test_one_case_from_files_is_preprocessed_here_with_one_export_worker(tmp_path, monkeypatch):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_tucker.synthetic import write_nifti
+    from nnunet_tucker.tools.synthetic import write_nifti
 
     image, _, spacing = make_phantom(6, shape=SHAPE)
     (tmp_path / "in").mkdir()

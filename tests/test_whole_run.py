@@ -9,7 +9,7 @@ import pytest
 from nnunet_tucker.cli import main
 from nnunet_tucker.config import TuckerConfig
 from nnunet_tucker.nnunet import whole_run
-from nnunet_tucker.nnunet.whole_run import (
+from nnunet_tucker.tools.whole_run import (
     IN_PROCESS_STAGES,
     TOTALSEG_STAGES,
     StageClock,
@@ -43,8 +43,8 @@ def test_totalsegmentator_stages_come_from_its_own_lines():
 
 
 def test_in_process_stages_of_the_demo_model(tmp_path, monkeypatch):
-    from nnunet_tucker.demo_model import demo_model_folder
-    from nnunet_tucker.synthetic import make_phantom, write_nifti
+    from nnunet_tucker.tools.demo_model import demo_model_folder
+    from nnunet_tucker.tools.synthetic import make_phantom, write_nifti
 
     monkeypatch.setenv("TUCKER_CACHE_DIR", str(tmp_path / "cache"))
     image, _, spacing = make_phantom(9, shape=(40, 80, 72))

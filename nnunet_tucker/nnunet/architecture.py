@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from ..account import LayerRecord
 from ..plan import LayerPlan, plan_compression_from_ranks
+from ..report import LayerRecord
 from ..swap import swap_modules
 
 NETWORK_CLASS_NAME = f"{__name__}.TuckerNetwork"

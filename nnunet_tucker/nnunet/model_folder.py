@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..account import CompressionReport
 from ..config import TuckerConfig, creation_problem
+from ..report import CompressionReport
 from .architecture import COMPRESSED_KEY, compressed_architecture, is_compressed
 
 logger = logging.getLogger(__name__)

@@ -27,12 +27,12 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from torch import nn
 
 from .. import __version__
-from ..account import CompressionReport
 from ..calibrate import calibrate
 from ..compress import compress_network
 from ..config import TuckerConfig, default_cache_dir, file_lock, read_env, read_plans, report_path, resolve_config
 from ..plan import LayerPlan, plan_compression, unwrap
 from ..plan.timing import LayerTimer
+from ..report import CompressionReport
 from ..swap import RefitData, convert_state_dict, converted_shapes
 from .architecture import is_compressed
 from .cache import DecompositionCache, state_dict_digest, store_json

@@ -303,7 +303,7 @@ def instance_norms_after(network: nn.Module) -> dict[int, nn.Module]:
 def chainable_pairs(network: nn.Module) -> dict[int, tuple[_ConvNd, nn.Module]]:
     """id(conv) -> (the conv after it, the activation between): consecutive blocks of a stack
     (dynamic_network_architectures' `StackedConvBlocks`) whose first is (conv, instance norm,
-    elementwise activation) exactly, which run chained (`swap.ChainedConvBlocks`) when both
+    elementwise activation) exactly, which run chained (`swap.forms.ChainedConvBlocks`) when both
     convolutions are decomposed. Pairs do not overlap: in a stack of three, the first two."""
     found = {}
     for stack in unwrap(network).modules():

@@ -150,7 +150,7 @@ class LayerTimer:
     ) -> dict[tuple, float]:
         """Seconds per call of `conv`, its instance norm, `activation`, then `following` and its instance
         norm, for each (conv's form, following's form) of None (original) and the given ranks; both
-        decomposed run chained, as `swap.ChainedConvBlocks` runs them (on the CPU)."""
+        decomposed run chained, as `swap.forms.ChainedConvBlocks` runs them (on the CPU)."""
         self.consulted = True
         shape = profile_input_shape(input_shape, conv.stride)
         combos = [(a, b) for a in (None, ranks) for b in (None, following_ranks)]

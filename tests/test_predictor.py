@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from nnunet_tucker.config import TuckerConfig
-from nnunet_tucker.demo_model import demo_model_folder
 from nnunet_tucker.nnunet import predictor as predictor_module
 from nnunet_tucker.nnunet.calibration_images import CalibrationError, first_case_patches
 from nnunet_tucker.nnunet.model_folder import ModelFolderError, compress_model_folder
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
-from nnunet_tucker.synthetic import DEFAULT_SPACING, make_phantom
+from nnunet_tucker.tools.demo_model import demo_model_folder
+from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom
 
 CONFIG = TuckerConfig(0.5, policy="auto", calibration_patches=2)
 SHAPE = (40, 80, 64)  # 2 x 2 x 1 sliding-window tiles of the demo model's 32 x 64 x 64 patch

@@ -109,7 +109,7 @@ def test_evaluate_compares_only_the_cases_of_this_run(model_folder, nnunet_env, 
 
 
 def test_evaluate_reference_labels_must_match_the_cases(model_folder, nnunet_env, cases, tmp_path):
-    """(the other ways labels can fail to match: tests/test_safety.py)"""
+    """(the other ways labels can fail to match: tests/test_model_folder.py)"""
     labels = tmp_path / "labels"
     labels.mkdir()
     names = sorted(p.name.replace("_0000", "") for p in cases.glob("*_0000.nii.gz"))
@@ -135,7 +135,7 @@ def test_evaluate_refuses_a_compressed_folder_of_another_model(model_folder, nnu
     assert_one_line_error(result, "was compressed from")
     assert not (tmp_path / "ev" / "original").exists()
     forced = evaluate(nnunet_env, other, one_case, tmp_path / "ev", "-c", str(compressed), "--force")
-    assert forced.returncode == 0, forced.stderr  # (the source it came from is accepted: tests/test_safety.py)
+    assert forced.returncode == 0, forced.stderr  # (the source it came from is accepted: tests/test_model_folder.py)
 
 
 def test_bad_request_through_unchanged_nnunet_ends_in_one_line(nnunet_env, cases, tmp_path):

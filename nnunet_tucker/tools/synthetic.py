@@ -212,7 +212,7 @@ def make_raw_dataset(raw_root: Path, dataset_id: int, name: str, n_train: int, s
         "numTraining": n_train,
         "file_ending": ".nii.gz",
         "name": name,
-        "description": "Synthetic CT-like phantoms made by nnunet_tucker.synthetic",
+        "description": "Synthetic CT-like phantoms made by nnunet_tucker.tools.synthetic",
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     logger.info("Wrote %d training cases to %s", n_train, folder)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TuckerConfig
-from .model_folder import ModelFolderError
+from ..nnunet.model_folder import ModelFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def run_demo(output: Path, rank_ratio: float = 0.5, overwrite: bool = False, n_c
     progress = _Progress(4, verbose)
     with progress.step(f"making {n_cases} synthetic CT cases with labels, and {n_cases} unlabelled ones to "
                        "calibrate on"):
-        from ..demo_model import demo_model_folder
-        from ..synthetic import make_test_cases
+        from .demo_model import demo_model_folder
+        from .synthetic import make_test_cases
 
         images, calibration = output / "cases" / "images", output / "calibration" / "images"
         make_test_cases(images, n=n_cases, seed=0)
@@ -66,7 +66,7 @@ def run_demo(output: Path, rank_ratio: float = 0.5, overwrite: bool = False, n_c
     config = TuckerConfig(rank_ratio, policy=POLICY, calibration=str(calibration))
     with progress.step(f"compressing the small demo model at rank ratio {rank_ratio}, calibrated on the "
                        "unlabelled cases"):
-        from .model_folder import compress_model_folder
+        from ..nnunet.model_folder import compress_model_folder
 
         compressed = output / "compressed_model"
         compress_model_folder(model, compressed, config, folds=["0"])
@@ -95,7 +95,7 @@ def time_speed_preset(rank_ratio: float, rounds: int = SPEED_ROUNDS, preset: str
     by side in the same process: ([original, compressed] timings, meta)."""
     import torch
 
-    from ..benchmark import benchmark
+    from .benchmark import benchmark
     from .presets import PRESETS, build_preset
 
     with torch.random.fork_rng(devices=[]):
@@ -111,7 +111,7 @@ def time_speed_preset(rank_ratio: float, rounds: int = SPEED_ROUNDS, preset: str
 
 
 def _write_speed_json(timings: Sequence, meta: dict[str, Any], path: Path) -> list[Path]:
-    from ..benchmark import write_outputs
+    from .benchmark import write_outputs
 
     write_outputs(timings, meta, path, None)
     return [path]

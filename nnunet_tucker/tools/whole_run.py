@@ -127,8 +127,8 @@ def time_stages(
     from nnunetv2.inference import predict_from_raw_data
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
-    from .pipeline import nnunet_pipeline
-    from .predictor import TuckerPredictor
+    from ..nnunet.pipeline import nnunet_pipeline
+    from ..nnunet.predictor import TuckerPredictor
 
     clock = StageClock()
     if config.calibration is None:
@@ -253,7 +253,7 @@ def clinical_ct(path: Path, seed: int = 4242, shape: tuple[int, int, int] = CT_S
     interpolated up (a phantom made at full resolution takes minutes; timing does not need the detail)."""
     from scipy.ndimage import zoom
 
-    from ..synthetic import make_phantom, write_nifti
+    from .synthetic import make_phantom, write_nifti
 
     coarse_shape = tuple(max(1, round(n * s / 3.0)) for n, s in zip(shape, spacing, strict=True))
     image, _, _ = make_phantom(seed, coarse_shape, (3.0, 3.0, 3.0))

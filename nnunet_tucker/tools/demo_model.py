@@ -14,7 +14,7 @@ Everything is done by nnU-Net's own code, so the result is an ordinary nnU-Net m
    ``<out_dir>/Dataset990_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres``.
 
 ``out_dir`` is laid out like an nnUNet_results folder, so ``nnUNet_results=<out_dir> nnUNetv2_predict
--d 990 -c 3d_fullres -f 0 1`` uses it directly. ``python -m nnunet_tucker.demo_model`` regenerates
+-d 990 -c 3d_fullres -f 0 1`` uses it directly. ``python -m nnunet_tucker.tools.demo_model`` regenerates
 the shipped copy (see ``demo_model_folder``).
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_tucker.synthetic import make_raw_dataset
+from nnunet_tucker.tools.synthetic import make_raw_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_Phantom"
 CONFIGURATION = "3d_fullres"
 MODEL_FOLDER_NAME = f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}"
 FOLDS = (0, 1)
-SHIPPED_ROOT = Path(__file__).resolve().parent / "data" / "demo_model"
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo_model"
 
 # Narrow network: nnU-Net's own plan for the phantoms is [32, 64, 128, 256, 320].
 FEATURES_PER_STAGE_CAP = (8, 16, 32, 64, 64)
@@ -216,7 +216,7 @@ def build_demo_model(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: regenerate the shipped demo model (or build one elsewhere with --out-dir)."""
-    parser = argparse.ArgumentParser(prog="python -m nnunet_tucker.demo_model",
+    parser = argparse.ArgumentParser(prog="python -m nnunet_tucker.tools.demo_model",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=SHIPPED_ROOT,
                         help="nnUNet_results-like folder to write into (default: the shipped copy)")

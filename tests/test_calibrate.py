@@ -29,14 +29,8 @@ from nnunet_tucker.fit import Whitening, calibrated_tucker2, tucker2
 from nnunet_tucker.layers import TuckerConv
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.plan.ranks import BudgetLayer, ConvSpec, allocate_ranks, conv_spec
-from nnunet_tucker.swap import (
-    RefitData,
-    convert_state_dict,
-    decompose_conv_weights,
-    refit_conv_weights,
-    refittable,
-    swap_modules,
-)
+from nnunet_tucker.swap import RefitData, convert_state_dict, swap_modules
+from nnunet_tucker.swap.convert import decompose_conv_weights, refit_conv_weights, refittable
 
 
 def _correlated(n: int, channels: int, seed: int, size: int = 12) -> torch.Tensor:

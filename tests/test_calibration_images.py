@@ -9,14 +9,14 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_tucker.config import TuckerConfigError
-from nnunet_tucker.demo_model import demo_model_folder
 from nnunet_tucker.nnunet.calibration_images import (
     CalibrationError,
     calibration_cases,
     calibration_digest,
     load_calibration_patches,
 )
-from nnunet_tucker.synthetic import DEFAULT_SPACING, make_phantom, make_test_cases, write_nifti
+from nnunet_tucker.tools.demo_model import demo_model_folder
+from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom, make_test_cases, write_nifti
 
 PATCH = (32, 64, 64)  # the demo model's patch size; make_test_cases images are exactly one patch
 BIG = (40, 80, 64)  # 2 x 2 x 1 sliding-window tiles at step 0.5

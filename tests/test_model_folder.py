@@ -17,18 +17,18 @@ import pytest
 from networks import build
 
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError, report_path
-from nnunet_tucker.demo_model import demo_model_folder
-from nnunet_tucker.nnunet.evaluate import _check_source, evaluate
 from nnunet_tucker.nnunet.model_folder import (
     MANIFEST_NAME,
     ModelFolderError,
     compress_model_folder,
     load_trained_model,
 )
-from nnunet_tucker.nnunet.presets import build_preset
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.plan.timing import LayerTimer
-from nnunet_tucker.synthetic import DEFAULT_SPACING, make_test_cases, write_nifti
+from nnunet_tucker.tools.demo_model import demo_model_folder
+from nnunet_tucker.tools.evaluate import _check_source, evaluate
+from nnunet_tucker.tools.presets import build_preset
+from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_test_cases, write_nifti
 
 CONFIG = TuckerConfig(0.5, policy="auto", calibration="none")
 

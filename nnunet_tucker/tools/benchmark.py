@@ -26,11 +26,11 @@ from unittest import mock
 import torch
 from torch import nn
 
-from .compress import compress_network
-from .config import NO_CALIBRATION, TuckerConfig
-from .counting import count_macs, count_params
-from .memory import reuse_freed_memory
-from .plan import LayerTimer, plan_compression, unwrap
+from ..compress import compress_network
+from ..config import NO_CALIBRATION, TuckerConfig
+from ..counting import count_macs, count_params
+from ..memory import reuse_freed_memory
+from ..plan import LayerTimer, plan_compression, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def time_prediction(
     without a calibration folder is fitted to the weights alone (the same ranks, hence the same speed,
     except under a MAC budget), so that no timed run self-calibrates.
     """
-    from .nnunet.predictor import TuckerPredictor, input_shape_of
+    from ..nnunet.predictor import TuckerPredictor, input_shape_of
 
     dev = torch.device(device)
     use_folds = [f if f == "all" else int(f) for f in folds]

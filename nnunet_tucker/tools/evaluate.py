@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 from ..config import TuckerConfig
-from ..metrics import compare_segmentations
-from .model_folder import MANIFEST_NAME, ModelFolderError, sha256_of
-from .predictor import TuckerPredictor, calibration_phrase
+from ..nnunet.model_folder import MANIFEST_NAME, ModelFolderError, sha256_of
+from ..nnunet.predictor import TuckerPredictor, calibration_phrase
+from .metrics import compare_segmentations
 
 logger = logging.getLogger(__name__)
 

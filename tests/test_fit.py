@@ -8,7 +8,7 @@ from torch import nn
 from nnunet_tucker.fit import feasible_ranks, tucker2
 from nnunet_tucker.layers import TuckerConv
 from nnunet_tucker.plan.ranks import ConvSpec, choose_ranks, conv_spec, paper_rank
-from nnunet_tucker.swap import decompose_conv_weights
+from nnunet_tucker.swap.convert import decompose_conv_weights
 
 
 def test_full_rank_is_exact_and_error_is_reported():

@@ -8,9 +8,9 @@ from networks import build, scaled_error
 from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.counting import count_macs, count_params
 from nnunet_tucker.layers import TuckerConv
-from nnunet_tucker.nnunet.presets import build_preset
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.swap import convert_state_dict, converted_shapes, swap_modules
+from nnunet_tucker.tools.presets import build_preset
 
 
 def _relative_error(a, b):
@@ -107,9 +107,9 @@ def test_3mm_preset_matches_published_macs():
 def test_decoder_reads_skips_without_concatenating_at_inference(monkeypatch):
     from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-    from nnunet_tucker import swap
     from nnunet_tucker.layers import Factored
-    from nnunet_tucker.swap import SkipReadingDecoder
+    from nnunet_tucker.swap import forms as swap
+    from nnunet_tucker.swap.forms import SkipReadingDecoder
 
     net, shape = build("plain3d")
     x = torch.randn(shape)
@@ -145,7 +145,8 @@ def test_stacked_decomposed_blocks_chain_their_rank_space_maps_at_inference(monk
     chunk; the same result (activations in place or not), and as before when hooked or training."""
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
-    from nnunet_tucker import layers, swap
+    from nnunet_tucker import layers
+    from nnunet_tucker.swap import forms as swap
 
     monkeypatch.setattr(layers, "FUSED_CHUNK", 1000)  # several chunks, the last one short
     monkeypatch.setattr(layers, "OUTPUT_CHUNK", 700)
