@@ -1,15 +1,16 @@
 """Time the stages of calibration on a TotalSegmentator preset network with random weights.
 
     python benchmarks/calibration_time.py [--preset totalseg-3mm] [--patches 4] [--ratio 0.3] [--compare-old]
+                                          [--out FILE]
 
-Calibration patches are smoothed noise of the preset's patch size. Prints one JSON line per stage,
-in the order run: one plain forward pass over all patches (for scale), `collect_statistics`,
-`sample_targets`, the whitened decomposition (`convert_state_dict` without refit) and the refit
-(`swap.convert._refit_in_order`, which samples its own targets: their time is included, and
-``seconds_without_targets`` subtracts the `sample_targets` stage's). With ``--compare-old``, the old
-layer-by-layer refit (the reference in tests/test_calibrate.py: a pass up to each refitted layer
-per patch) runs right after the new one, with their ratio and the largest difference between their
-weights, relative to the weights' scale. ``max_rss_gib`` is the process's peak so far. On 2 CPU
+Calibration patches are smoothed noise of the preset's patch size. Prints one JSON line per stage
+(with ``--out``, also writes them as one JSON list to that file), in the order run: one plain forward pass
+over all patches (for scale), `collect_statistics`, `sample_targets`, the whitened decomposition
+(`convert_state_dict` without refit) and the refit (`swap.convert._refit_in_order`, which samples its own
+targets: their time is included, and ``seconds_without_targets`` subtracts the `sample_targets` stage's).
+With ``--compare-old``, the old layer-by-layer refit (the reference in tests/test_calibrate.py: a pass up
+to each refitted layer per patch) runs right after the new one, with their ratio and the largest
+difference between their weights, relative to the weights' scale. ``max_rss_gib`` is the process's peak so far. On 2 CPU
 cores, totalseg-3mm with 2 patches and ``--compare-old`` takes ~20 minutes.
 
 With ``--breakdown``, the refit line of the new refit also gives the seconds spent inside it in
@@ -42,11 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from networks import scaled_error  # noqa: E402
 from test_calibrate import _refit_layer_by_layer  # noqa: E402
 
+_LINES: list[dict] = []  # every line printed, for --out
+
 
 def _report(stage: str, seconds: float, **extra) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print(json.dumps({"stage": stage, "seconds": round(seconds, 2), **extra, "max_rss_gib": round(peak, 2)}),
-          flush=True)
+    line = {"stage": stage, "seconds": round(seconds, 2), **extra, "max_rss_gib": round(peak, 2)}
+    _LINES.append(line)
+    print(json.dumps(line), flush=True)
 
 
 def _timed(call):
@@ -81,8 +85,19 @@ def main() -> None:
     parser.add_argument("--compare-old", action="store_true", help="also time the old layer-by-layer refit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--breakdown", action="store_true", help="seconds of each part of the new refit")
+    parser.add_argument("--out", type=Path, help="also write every line, as one JSON list, to this file")
     args = parser.parse_args()
+    try:
+        _run(args)
+    finally:
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(_LINES, f, indent=1)
+                f.write("\n")
 
+
+def _run(args: argparse.Namespace) -> None:
     network, shape = build_preset(args.preset)
     generator = torch.Generator().manual_seed(args.seed)
     patches = F.avg_pool3d(torch.randn(args.patches, *shape[1:], generator=generator), 5, stride=1, padding=2)

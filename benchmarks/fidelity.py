@@ -2,7 +2,7 @@
 MACs the published rule vs budgeted ranks.
 
     python benchmarks/fidelity.py [--model FOLDER] [--folds 0 1] [--ratios 0.3] [--budgets 0.2 0.3]
-                                  [--cases 6] [--calibration-cases 4] [--out DIR]
+                                  [--cases 6] [--calibration-cases 4] [--out DIR] [--results FILE]
 
 On the shipped demo model (nnU-Net trained on synthetic CT, folds 0 and 1) or another model trained
 on the phantoms (e.g. one with nnU-Net's own widths for this dataset: ``python -m nnunet_tucker.tools.demo_model
@@ -18,16 +18,21 @@ on the phantoms (e.g. one with nnU-Net's own widths for this dataset: ``python -
   the estimated loss) and factors from one self-calibration case or from the calibration folder.
 Every variant predicts the same held-out synthetic cases through nnU-Net's predictor (TTA off);
 the table gives per-class Dice vs the uncompressed segmentation and vs the ground truth.
-Calibration images are other synthetic cases (their labels unused).
+Calibration images are other synthetic cases (their labels unused). Writes ``results.json`` to the work
+folder (``--out``) and, with ``--results``, the same JSON to that file (e.g.
+``benchmarks/results/fidelity_cpu.json``, from which the docs are rendered: benchmarks/render_readme.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", default=["0", "1"])
     parser.add_argument("--model", type=Path, default=demo_model_folder(), help="model folder (default: demo model)")
     parser.add_argument("--out", type=Path, help="folder for results.json and predictions (default: temporary)")
+    parser.add_argument("--results", type=Path, help="also write the results JSON to this file")
     args = parser.parse_args()
 
     model = args.model
@@ -153,8 +159,21 @@ def main() -> None:
             print_row(rows[-1])
 
     print("\n" + table(rows))
-    (work / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nresults: {work / 'results.json'}")
+    results = {
+        "command": f"python benchmarks/fidelity.py {shlex.join(sys.argv[1:])}".strip(),
+        "date": datetime.date.today().isoformat(),
+        "model": str(model), "folds": args.folds, "held_out_cases": args.cases,
+        "calibration_cases": args.calibration_cases, "threads": torch.get_num_threads(),
+        "measure": "per-class Dice, mean over the held-out synthetic cases, vs the uncompressed segmentation "
+                   "and vs ground truth; TTA off",
+        "rows": rows,
+    }
+    for path in [work / "results.json", *([args.results] if args.results else [])]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+            f.write("\n")
+        print(f"results: {path}")
 
 
 def print_row(row: dict) -> None:

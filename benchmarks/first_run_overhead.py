@@ -1,7 +1,7 @@
 """One-time overhead of a self-calibrating compressed run, and of the next run (from the cache).
 
     python benchmarks/first_run_overhead.py [--preset totalseg-3mm] [--ratio 0.3] [--shape 150 136 136]
-                                            [--patches N] [--out DIR]
+                                            [--patches N] [--out FILE] [--work-dir DIR]
 
 Writes the preset as a model folder (random weights), loads it with a `TuckerPredictor` asking for
 `TuckerConfig(ratio)` with the default policy (profiled) and calibration (the first case), and times
@@ -9,14 +9,19 @@ Writes the preset as a model folder (random weights), loads it with a `TuckerPre
 136 voxels is a 512 × 512 × 300 CT at 0.8 × 0.8 × 1.5 mm), i.e. what the first case of the first run
 waits for before nnU-Net predicts it: calibration statistics and targets, device profiling and planning,
 the fit and refit. Then a second load of the same model and config (what every later run pays), and one
-plain forward pass of a patch for scale. Prints one JSON object; the cache is a fresh temporary folder.
+plain forward pass of a patch for scale. Writes one JSON object to ``--out`` (default
+``benchmarks/results/first_run_overhead[_<preset>]_cpu_<threads>cores.json``, no preset part for totalseg-3mm)
+and prints it; the cache is a fresh folder in the work folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +34,16 @@ from nnunet_tucker.nnunet.predictor import TuckerPredictor, finish_compression, 
 from nnunet_tucker.tools.presets import write_preset_model_folder
 from nnunet_tucker.tools.synthetic import make_phantom
 
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_PRESET = "totalseg-3mm"
+
+
+def default_out(preset: str, threads: int) -> Path:
+    """``results/first_run_overhead_cpu_2cores.json`` for totalseg-3mm on 2 threads, ``..._1p5mm_...`` for
+    totalseg-1.5mm."""
+    part = "" if preset == DEFAULT_PRESET else "_" + preset.removeprefix("totalseg-").replace(".", "p")
+    return RESULTS / f"first_run_overhead{part}_cpu_{threads}cores.json"
+
 
 def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:
     start = time.perf_counter()
@@ -39,14 +54,17 @@ def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="totalseg-3mm")
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--shape", type=int, nargs=3, default=[150, 136, 136], help="preprocessed case (z y x)")
     parser.add_argument("--patches", type=int, help="calibration patches (default: the package's, 2)")
-    parser.add_argument("--out", type=Path, help="work folder (default: temporary)")
+    parser.add_argument("--out", type=Path, help="results file to write (default: benchmarks/results/"
+                        "first_run_overhead[_<preset>]_cpu_<threads>cores.json)")
+    parser.add_argument("--work-dir", type=Path, help="model folder and cache (default: temporary)")
     args = parser.parse_args()
 
-    work = args.out or Path(tempfile.mkdtemp(prefix="tucker_overhead_"))
+    out = args.out or default_out(args.preset, torch.get_num_threads())
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="tucker_overhead_"))
     os.environ["TUCKER_CACHE_DIR"] = str(work / "cache")
     model = write_preset_model_folder(args.preset, work / "results")
     config = TuckerConfig(args.ratio, calibration_patches=args.patches)
@@ -80,8 +98,15 @@ def main() -> None:
         "second_run_load_s": round(second_load, 1),
         "compressed_forward_of_one_patch_s": round(forward, 2),
         "macs_kept": round(report.macs_after / report.macs_before, 3),
+        "command": f"python benchmarks/first_run_overhead.py {shlex.join(sys.argv[1:])}".strip()
+                   + f" ({torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {datetime.date.today()})",
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
     print(json.dumps(result, indent=1))
+    print(f"written: {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
