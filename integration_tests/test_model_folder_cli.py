@@ -1,5 +1,6 @@
 """Nothing lost, nothing stale, through the real console scripts: refusals end in one line
-(``nnunet-tucker: error: ...``), exit code 2 for this package's commands, and touch nothing."""
+(``nnunet-tucker: error: ...``), exit code 2 (this package's commands and nnU-Net's through the hook), and
+touch nothing."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def last_line(stderr: str) -> str:
     return lines[-1] if lines else ""
 
 
-def assert_one_line_error(result, expected: str, code: int | None = 2) -> None:
-    assert result.returncode == code if code is not None else result.returncode != 0, result.stderr
+def assert_one_line_error(result, expected: str) -> None:
+    assert result.returncode == 2, result.stderr
     assert not any(line.startswith("Traceback ") for line in result.stderr.splitlines()), result.stderr
     line = last_line(result.stderr)
     assert line.startswith(ERROR) and expected in line, result.stderr
@@ -143,8 +144,16 @@ def test_bad_request_through_unchanged_nnunet_ends_in_one_line(nnunet_env, cases
     out = tmp_path / "out"
     result = predict(nnunet_env, cases, out, "-f", "0", check=False, TUCKER_RANK_RATIO="0.5",
                      TUCKER_EXCLUDE="nothing.*")
-    assert_one_line_error(result, "['nothing.*']", code=None)
+    assert_one_line_error(result, "['nothing.*']")  # exit code 2, as the package's own commands
     assert not list(out.glob("*.nii.gz"))
+
+
+def test_bad_flags_of_the_one_flag_command_end_in_the_same_one_line(nnunet_env, cases, tmp_path):
+    out = tmp_path / "out"
+    result = predict(nnunet_env, cases, out, "-f", "0", "-tucker_rank_ratio", "0.5", "-tucker_mac_budget", "0.3",
+                     script="nnUNetv2_predict_tucker", check=False)
+    assert_one_line_error(result, "give one of -tucker_rank_ratio and -tucker_mac_budget, not both")
+    assert not out.exists()
 
 
 def test_unwritable_report_path_stops_before_any_work(nnunet_env, cases, tmp_path):
@@ -152,7 +161,7 @@ def test_unwritable_report_path_stops_before_any_work(nnunet_env, cases, tmp_pat
     report.mkdir()
     out = tmp_path / "out"
     result = predict(nnunet_env, cases, out, "-f", "0", check=False, TUCKER_RANK_RATIO="0.5", TUCKER_REPORT=str(report))
-    assert_one_line_error(result, f"TUCKER_REPORT='{report}' is not allowed: {report} is a folder", code=None)
+    assert_one_line_error(result, f"TUCKER_REPORT='{report}' is not allowed: {report} is a folder")
     assert not list(out.glob("*.nii.gz")) and not list(tmp_path.rglob("*.tmp"))
 
 

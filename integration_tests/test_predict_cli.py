@@ -195,7 +195,7 @@ def test_invalid_ratio_stops_before_any_prediction(nnunet_env, cases, tmp_path):
     value = "1.5"  # (every kind of bad value: tests/test_config.py)
     out = tmp_path / "out"
     result = predict(nnunet_env, cases, out, "-f", "0", check=False, TUCKER_RANK_RATIO=value)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     message = f"nnunet-tucker: error: TUCKER_RANK_RATIO='{value}' is not allowed: it must be a number in (0, 1]"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1] == message and not any(line.startswith("Traceback ") for line in lines), result.stderr
@@ -210,6 +210,6 @@ def test_malformed_plans_field_is_named(nnunet_env, cases, workspace, model_fold
     (folder / "plans.json").write_text(json.dumps(plans))
     result = run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(tmp_path / "out"),
                   "-m", str(folder), "-f", "0", "-device", "cpu"], nnunet_env, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert logged(result.stderr, "error:", "plans.json: unknown key(s) ['ranks'] in 'tucker'"), result.stderr
     assert not list((tmp_path / "out").glob("*.nii.gz"))

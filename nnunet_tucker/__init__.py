@@ -13,7 +13,8 @@ __version__ = "0.3.0"
 
 _EXPORTS = {
     "TuckerConfig": "nnunet_tucker.config",
-    "TuckerConfigError": "nnunet_tucker.config",
+    "TuckerConfigError": "nnunet_tucker.errors",
+    "TuckerError": "nnunet_tucker.errors",
     "compress_network": "nnunet_tucker.compress",
     "CompressionReport": "nnunet_tucker.report",
     "TuckerPredictor": "nnunet_tucker.nnunet.predictor",
@@ -23,6 +24,7 @@ __all__ = [
     "CompressionReport",
     "TuckerConfig",
     "TuckerConfigError",
+    "TuckerError",
     "TuckerPredictor",
     "compress_network",
     "__version__",
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .compress import compress_network
-    from .config import TuckerConfig, TuckerConfigError
+    from .config import TuckerConfig
+    from .errors import TuckerConfigError, TuckerError
     from .nnunet.predictor import TuckerPredictor
     from .report import CompressionReport
 

@@ -25,11 +25,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from tqdm import tqdm
 
+from .errors import CalibrationError
 from .fit import Whitening
-
-
-class CalibrationDataError(ValueError):
-    """Calibration data that cannot be used (wrong channel count, not finite, empty)."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +159,7 @@ def fisher_probes(logits: torch.Tensor, regions: bool, generator: torch.Generato
 
 
 def _random_signs(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Independent random ±1 shaped like `like`: eight per random byte (5x faster than `bernoulli_`
+    """Independent random ±1 shaped like `like`: eight per random byte (faster than `bernoulli_`
     on CPUs, where the full-resolution logits of a 118-class model are 190 M values)."""
     count = like.numel()
     random = torch.randint(0, 256, (count // 8 + 1,), generator=generator, dtype=torch.uint8, device=like.device)
@@ -284,7 +281,7 @@ class _ChannelHooks:
     def result(self) -> dict[str, ChannelStatistics]:
         statistics = {name: acc.result(self.probes) for name, acc in self.accumulators.items() if acc.voxels}
         if not statistics:
-            raise CalibrationDataError("no calibration patches were given")
+            raise CalibrationError("no calibration patches were given")
         return statistics
 
 
@@ -351,11 +348,11 @@ def _probe(network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, h
         for batch in tqdm(list(_batches(patches, batch_size)), desc="calibrating: probing the network", unit="patch",
                           disable=None, leave=False):
             if expected is not None and batch.shape[1] != expected:
-                raise CalibrationDataError(
+                raise CalibrationError(
                     f"calibration patches have {batch.shape[1]} channel(s) but the network takes {expected}"
                 )
             if not torch.isfinite(batch).all():
-                raise CalibrationDataError("calibration patches contain NaN or infinite values")
+                raise CalibrationError("calibration patches contain NaN or infinite values")
             for hook in hooks:
                 hook.start(batch, probes)
             _probed_pass(network, batch, regions, generator, probes)
@@ -447,7 +444,7 @@ def responses(
         sums = patch_sums if sums is None else tuple(a + b for a, b in zip(sums, patch_sums, strict=True))
         samples += f.shape[0]
     if sums is None:
-        raise CalibrationDataError("no calibration patches reach this layer")
+        raise CalibrationError("no calibration patches reach this layer")
     *weighted, feature_sum, output_sum, weight = sums
     return ResponseStatistics(*(t / weight for t in weighted), feature_sum / samples, output_sum / samples, samples)
 
@@ -460,7 +457,7 @@ def _input_channels(network: nn.Module) -> int | None:
 def _batches(patches: Iterable[torch.Tensor] | torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
     if isinstance(patches, torch.Tensor):
         if patches.ndim < 3 or patches.shape[0] == 0:
-            raise CalibrationDataError(
+            raise CalibrationError(
                 f"calibration patches must be (N, C, *spatial) with N > 0, got {tuple(patches.shape)}"
             )
         yield from patches.split(batch_size)

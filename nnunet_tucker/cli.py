@@ -1,4 +1,8 @@
-"""Console scripts: ``nnunet-tucker`` (report, ...) and ``nnUNetv2_predict_tucker``. Thin: parse, call, print."""
+"""Console scripts: ``nnunet-tucker`` (report, ...) and ``nnUNetv2_predict_tucker``. Thin: parse, call, print.
+
+Both end on the package's own errors (`errors.TuckerError`: a bad setting, model folder, input or output
+folder) with one line, ``nnunet-tucker: error: <message>``, exit code 2; anything else keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ from typing import Any
 from .config import (
     NO_CALIBRATION,
     POLICIES,
-    TuckerConfigError,
     check_field,
     env_variables,
     read_env,
     read_plans,
     resolve_config,
 )
+from .errors import TuckerConfigError, TuckerError
 
 logger = logging.getLogger("nnunet_tucker")
 
@@ -72,7 +76,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str | TuckerError) -> int:
+    """Say what was wrong in one line on stderr; the exit code of a refused command (2)."""
     print(f"nnunet-tucker: error: {message}", file=sys.stderr)
     return 2
 
@@ -315,12 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from .nnunet.model_folder import ModelFolderError
-
     try:
         return args.run(args)
-    except (TuckerConfigError, ModelFolderError) as e:
-        return _fail(str(e))
+    except TuckerError as e:
+        return _fail(e)
 
 
 # --------------------------------------------------------------------------------- nnUNetv2_predict_tucker
@@ -328,7 +331,8 @@ def predict_entry_point(argv: list[str] | None = None) -> None:
     """``nnUNetv2_predict`` with the same flags, defaults and output, plus ``-tucker_*`` flags.
 
     The Tucker flags are validated, then exported as ``TUCKER_*`` variables (a flag overrides the
-    variable it names), and nnU-Net's own entry point runs with the remaining arguments.
+    variable it names), and nnU-Net's own entry point runs with the remaining arguments. A bad flag or
+    variable, or any other of the package's errors on the way, ends it with one line (exit code 2).
     """
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(add_help=False)
@@ -338,15 +342,20 @@ def predict_entry_point(argv: list[str] | None = None) -> None:
         parser.print_help()
         print()
     try:
-        fields = config_fields_from_args(args, nnunet_style=True)
-        read_env()  # a bad TUCKER_* variable is named now, not inside nnU-Net
-        if "rank_ratio" in fields and "mac_budget" in fields:
-            raise TuckerConfigError("give one of -tucker_rank_ratio and -tucker_mac_budget, not both")
-        if fields.get("calibration", NO_CALIBRATION) != NO_CALIBRATION and not Path(fields["calibration"]).is_dir():
-            raise TuckerConfigError(f"-tucker_calibration {fields['calibration']!r} is not a folder of images "
-                                    f"(nor {NO_CALIBRATION!r}, the weights alone)")
-    except TuckerConfigError as e:
-        parser.exit(2, f"nnUNetv2_predict_tucker: error: {e}\n")
+        _predict(args, rest)
+    except TuckerError as e:
+        sys.exit(_fail(e))
+
+
+def _predict(args: argparse.Namespace, rest: list[str]) -> None:
+    """`predict_entry_point` once the Tucker flags are parsed: check them, export them, run nnU-Net's command."""
+    fields = config_fields_from_args(args, nnunet_style=True)
+    read_env()  # a bad TUCKER_* variable is named now, not inside nnU-Net
+    if "rank_ratio" in fields and "mac_budget" in fields:
+        raise TuckerConfigError("give one of -tucker_rank_ratio and -tucker_mac_budget, not both")
+    if fields.get("calibration", NO_CALIBRATION) != NO_CALIBRATION and not Path(fields["calibration"]).is_dir():
+        raise TuckerConfigError(f"-tucker_calibration {fields['calibration']!r} is not a folder of images "
+                                f"(nor {NO_CALIBRATION!r}, the weights alone)")
     env = env_variables()
     for name, value in fields.items():
         os.environ[env[name]] = ",".join(value) if name == "exclude" else str(value)

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import TuckerConfigError  # raised here; importable from here as before
+
 POLICIES = ("profiled", "auto", "paper")
 NO_CALIBRATION = "none"  # the `calibration` value that asks for the fit to the weights alone
-
-
-class TuckerConfigError(ValueError):
-    """A compression setting has a value that is not allowed; the message names setting and value."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +100,8 @@ class TuckerConfig:
         ``"auto"`` also leaves layers as they are where decomposition cannot pay off (single-channel
         stems, full ranks, no multiply-accumulates saved); ``"profiled"`` (default) times every layer
         the published rule would decompose, on the device, against its original and keeps the
-        faster form (ranks rounded up to 8 or 16 where that costs no time); where the input shape
-        is not known it follows the ``auto`` rules.
+        faster form (ranks rounded up to a multiple of 4, 8 or 16, `plan.ALIGNMENTS`, where that costs
+        no time); where the input shape is not known it follows the ``auto`` rules.
     rank_min: lower bound of every rank.
     rank_multiple: ranks are rounded up to a multiple of this (hardware alignment, e.g. 8).
     hooi_iterations: HOOI refinement steps after the HOSVD start (0 = plain HOSVD).
@@ -227,29 +224,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["TUCKER_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "nnunet_tucker"
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[bool]:
-    """Hold an advisory lock on the file `path` (created if need be) while inside; yields whether one
-    is held: False where the OS has no advisory locks or the folder is not writable, and then each
-    process goes on alone. Processes that start together (``-num_parts``) so do shared work once."""
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path, "w")  # noqa: SIM115 (held until closed)
-    except OSError:
-        yield False
-        return
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield True
-    finally:
-        lock.close()  # releases the lock
 
 
 def creation_problem(path: Path) -> str | None:

@@ -44,7 +44,7 @@ def feasible_ranks(shape: tuple[int, ...], rank0: int, rank1: int) -> tuple[int,
 def eigh_descending(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (columns) of a symmetric matrix."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # LAPACK's eigh on a few hundred rows: 100x slower with threads on a busy CPU
+    torch.set_num_threads(1)  # LAPACK's eigh on a few hundred rows: threads gain nothing, and on a busy CPU stall
     try:
         eigenvalues, vectors = torch.linalg.eigh(symmetric)
     finally:
@@ -73,7 +73,7 @@ def tucker2(weight: torch.Tensor, rank0: int, rank1: int, hooi_iterations: int =
 
     Computed in float64 with tensorly's pytorch backend; returned in the weight's dtype.
     """
-    import tensorly as tl  # here, not at import: it pulls in scipy (~1.5 s at every nnU-Net start-up)
+    import tensorly as tl  # here, not at import: it pulls in scipy, which would slow every nnU-Net start-up
     from tensorly.decomposition import partial_tucker
 
     rank0, rank1 = feasible_ranks(tuple(weight.shape), rank0, rank1)
@@ -238,7 +238,7 @@ def refit_last(feature_cov: torch.Tensor, cross_cov: torch.Tensor, core: torch.T
 
 
 def _solve_positive_definite(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a⁻¹b for a symmetric positive definite `a`: by Cholesky (a few times faster than the LU of
-    `torch.linalg.solve` here, same result up to rounding); by LU where `a` is not positive definite."""
+    """a⁻¹b for a symmetric positive definite `a`: by Cholesky (faster than the LU of
+    `torch.linalg.solve`, same result up to rounding); by LU where `a` is not positive definite."""
     factor, info = torch.linalg.cholesky_ex(a)
     return torch.cholesky_solve(b, factor) if int(info) == 0 else torch.linalg.solve(a, b)

@@ -1,7 +1,7 @@
 """The decomposed convolution: 1x1 (C_in→R_in) → core (R_in→R_out, original kernel) → 1x1 (R_out→C_out).
 
-On CPUs, a 1x1 convolution of a channels-first volume runs 3-4x slower than the same product as a
-matrix multiplication, and small-channel 3D convolutions run ~1.6x faster channels-last. So the
+On CPUs, a 1x1 convolution of a channels-first volume runs slower than the same product as a
+matrix multiplication, and small-channel 3D convolutions run faster channels-last. So the
 1x1 stages run as GEMMs that read channels-first input and hand the core a channels-last tensor
 (and back) without copies; results equal the plain three convolutions up to float rounding.
 `PointwiseConv` applies the same to 1x1 convolutions that are kept (segmentation heads).
@@ -80,7 +80,7 @@ class TuckerConv(nn.Module):
 def _core_conv(core: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """`core`(z); a 3D convolution at inference on the CPU in float32 through oneDNN directly: PyTorch
     sends 3D inputs whose N·C·D·H is at most 20480 (one channel at full resolution, many channels at low
-    resolution) to its native convolution, 1.5–2.3x slower there."""
+    resolution) to its native convolution, which is slower there."""
     if (type(core) is nn.Conv3d and z.device.type == "cpu" and z.dtype == torch.float32 and not core.training
             and not torch.is_grad_enabled() and core.padding_mode == "zeros" and isinstance(core.padding, tuple)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
@@ -95,7 +95,7 @@ def _positions_by_channels(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(0, -1).reshape(-1, x.shape[0])
 
 
-# 2D `torch.mm` per sample: batched `matmul` on transposed operands is ~6x slower on CPU.
+# 2D `torch.mm` per sample: batched `matmul` on transposed operands is much slower on CPU.
 def _per_sample(products: list[torch.Tensor]) -> torch.Tensor:
     return products[0].unsqueeze(0) if len(products) == 1 else torch.stack(products)
 
@@ -158,7 +158,7 @@ def _channels_first_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     w = weight.flatten(1)
     if bias is None:
         products = [torch.mm(w, _positions_by_channels(sample).t()) for sample in x]
-    else:  # the bias as the product's start: one pass less over the output than adding it after (15 % faster)
+    else:  # the bias as the product's start: one pass less over the output than adding it after
         products = [torch.addmm(bias[:, None], w, _positions_by_channels(sample).t()) for sample in x]
     return _per_sample(products).view(x.shape[0], w.shape[0], *x.shape[2:])  # (n, C, *spatial)
 
@@ -188,7 +188,7 @@ _FOLD = 16  # positions per row in `_column_sums`
 
 def _column_sums(positions: torch.Tensor) -> torch.Tensor:
     """`positions` (V, R) summed over V. A row-major (V, R) summed as rows of 16·R values, then folded: CPUs
-    reduce rows of 12 or 20 values 2–7x slower than rows that fill their vector registers."""
+    reduce rows of 12 or 20 values much more slowly than rows that fill their vector registers."""
     if not positions.is_contiguous():
         return positions.sum(dim=0)
     whole = positions.shape[0] - positions.shape[0] % _FOLD
@@ -212,7 +212,7 @@ def normalized_activated(x: torch.Tensor, weight: torch.Tensor, norm: FusedInsta
                          activation: nn.Module) -> torch.Tensor:
     """`activation`(InstanceNorm(1x1 conv of `x` (n, R, *spatial) with `weight` (C, R, 1...))), channels-first,
     a chunk of positions at a time: the shift is the product's start and the activation acts on each chunk
-    while it is in cache (on CPUs 1.4x faster than a product, a pass to add the shift and one to activate).
+    while it is in cache (on CPUs faster than a product, a pass to add the shift and one to activate).
     `activation` must act on each value alone."""
     w = weight.flatten(1).double()
     products = []
@@ -239,8 +239,8 @@ def normalized_activated_gemm(x: torch.Tensor, weight: torch.Tensor, norm: Fused
                               activation: nn.Module, next_weight: torch.Tensor) -> torch.Tensor:
     """The first GEMM of the next `TuckerConv` (`next_weight` (R', C, 1...)) applied to
     `activation`(InstanceNorm(1x1 conv of `x` (n, R, *spatial) with `weight` (C, R, 1...))), a
-    chunk of positions at a time, so that the C-channel map between them is never written out
-    (on CPUs 2x faster at full resolution); channels-last result (n, R', *spatial), as
+    chunk of positions at a time, so that the C-channel map between them is never written out and
+    read back (the costliest pass at full resolution on CPUs); channels-last result (n, R', *spatial), as
     `_channels_last_gemm` gives. `activation` must act on each value alone."""
     w, following = weight.flatten(1).double(), next_weight.flatten(1).t()
     products = []

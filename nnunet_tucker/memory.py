@@ -2,13 +2,11 @@
 
 glibc's malloc serves every request above 32 MB from a fresh ``mmap`` and unmaps it on ``free``. A 3D
 U-Net's feature maps are that large (32 channels × 112×112×128 voxels are 205 MB), so on the CPU every
-layer of every tile writes into memory the kernel must first map and zero page by page: on 2 cores that
-was 20–47 % of a 3 mm TotalSegmentator forward pass (original 7.1–7.3 s → 5.0–5.7 s, ratio 0.3
-2.9 s → 1.9–2.0 s; benchmarks/results/speed_cpu_2cores.md). `reuse_freed_memory`
-asks glibc to serve such requests from its heap and to keep what is freed there for the next tile: the
-same bytes, used again. The price is memory: freed blocks stay with the process (until it exits) and the
-heap fragments, so the peak resident size is higher, though it does not grow from case to case (compressed 3 mm
-model, one 150×137×137 case predicted three times in process: 25.4 → 17.3 s per case, peak 3.85 → 5.25 GiB).
+layer of every tile writes into memory the kernel must first map and zero page by page, a large share of
+a forward pass on few cores (benchmarks/results/speed_cpu_2cores.md). `reuse_freed_memory` asks glibc to
+serve such requests from its heap and to keep what is freed there for the next tile: the same bytes, used
+again. The price is memory: freed blocks stay with the process (until it exits) and the heap fragments, so
+the peak resident size is higher, though it does not grow from case to case.
 ``TUCKER_MALLOC=default`` leaves glibc's behaviour alone.
 """
 
@@ -24,7 +22,7 @@ logger = logging.getLogger(__name__)
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _KEEP = -1  # the free top of the heap is returned above this size: glibc stores it as a size_t, so -1 is never
-# (a C int's largest, 2 GiB, is less than a 3 mm forward pass frees at once: its next tile then faulted 0.9 GB in)
+# (a C int's largest, 2 GiB, is less than a 3 mm forward pass frees at once: its next tile would fault the rest in)
 _TOP_PAD = 256 << 20  # grow the heap in steps of at least this much (address space only until touched)
 _applied = False
 

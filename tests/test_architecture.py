@@ -1,8 +1,10 @@
 import pytest
 import torch
 from networks import build
+from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
+from nnunet_tucker.layers import TuckerConv
 from nnunet_tucker.nnunet.architecture import NETWORK_CLASS_NAME, TuckerNetwork, compressed_architecture
 from nnunet_tucker.plan import plan_compression, plan_compression_from_ranks
 
@@ -48,7 +50,15 @@ def test_ranks_for_unknown_layers_are_rejected():
 
 
 def test_decomposed_layers_are_never_planned_again():
-    net, shape = build("plain3d")
-    compress_network(net, TuckerConfig(0.5, rank_min=2))
-    assert all("first" not in layer.name and "core" not in layer.name
-               for layer in plan_compression(net, TuckerConfig(0.5, rank_min=2)))
+    net, _ = build("plain3d")
+    config = TuckerConfig(0.5, rank_min=2)
+    kept = {layer.name for layer in plan_compression(net, config) if layer.ranks is None}
+    compress_network(net, config)
+    inside_decomposed = {inner for name, module in net.named_modules() if isinstance(module, TuckerConv)
+                         for inner, _ in module.named_modules(prefix=name)}
+    plain = {name for name, module in net.named_modules() if type(module) in (nn.Conv3d, nn.ConvTranspose3d)
+             and name not in inside_decomposed}
+    again = [layer.name for layer in plan_compression(net, config)]
+    assert plain and plain <= kept  # the stem (one input channel) is kept as it was: a plan of it is not empty
+    assert sorted(again) == sorted(plain)  # every convolution not decomposed is planned again, once
+    assert inside_decomposed and not set(again) & inside_decomposed

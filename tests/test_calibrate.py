@@ -13,7 +13,6 @@ from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.calibrate import (
     GRAM_BLOCKS_FROM,
     POSITION_WEIGHT_SHARE,
-    CalibrationDataError,
     ResponseStatistics,
     SampledOutputs,
     _features,
@@ -25,6 +24,7 @@ from nnunet_tucker.calibrate import (
     sample_targets,
 )
 from nnunet_tucker.config import TuckerConfigError
+from nnunet_tucker.errors import CalibrationError
 from nnunet_tucker.fit import Whitening, calibrated_tucker2, tucker2
 from nnunet_tucker.layers import TuckerConv
 from nnunet_tucker.plan import plan_compression
@@ -275,7 +275,7 @@ def test_gram_equals_the_full_product(n):
 ])
 def test_bad_calibration_patches_are_clear_errors(patches, message):
     network = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1))
-    with pytest.raises(CalibrationDataError, match=message):
+    with pytest.raises(CalibrationError, match=message):
         collect_statistics(network, patches)
 
 

@@ -81,10 +81,17 @@ def test_max_patches_is_honoured(predictor, images):
 
 @pytest.mark.parametrize("max_patches", [0, -2, 1.5, True, "4"])
 def test_bad_max_patches(predictor, images, max_patches):
-    with pytest.raises(CalibrationError, match="max_patches=.* must be an integer >= 1"):
+    with pytest.raises(TuckerConfigError, match="max_patches=.* must be an integer >= 1"):  # a setting
         load_calibration_patches(images, predictor, max_patches=max_patches)
     with pytest.raises(TuckerConfigError):
         calibration_digest(images, predictor.dataset_json, max_patches)
+
+
+def test_calibration_errors_are_input_errors_and_value_errors():
+    from nnunet_tucker.errors import InputError, TuckerError
+
+    assert issubclass(CalibrationError, InputError) and issubclass(CalibrationError, TuckerError)
+    assert issubclass(CalibrationError, ValueError) and not issubclass(CalibrationError, TuckerConfigError)
 
 
 def test_missing_folder_or_not_a_folder(predictor, tmp_path):

@@ -1,5 +1,9 @@
 import json
+import sys
 
+import pytest
+
+from nnunet_tucker import cli, errors
 from nnunet_tucker.cli import main
 
 
@@ -49,3 +53,61 @@ def test_report_model_folder_reads_plans_and_checkpoint(capsys):
 
 def test_bench_e2e_needs_a_model_folder(tmp_path):
     assert main(["bench", "--preset", "totalseg-3mm", "--e2e", str(tmp_path)]) == 2
+
+
+KINDS = ["TuckerError", "TuckerConfigError", "ModelFolderError", "InputError", "CalibrationError", "OutputFolderError"]
+
+
+def _one_error_line(stderr: str, message: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [f"nnunet-tucker: error: {message}"], stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_of_the_package_s_errors_ends_a_command_in_one_line(kind, capsys, monkeypatch):
+    error = getattr(errors, kind)
+    assert issubclass(error, errors.TuckerError) and (kind == "TuckerError" or issubclass(error, ValueError))
+
+    def refuse(args):
+        raise error(f"a {kind} in the report command")
+
+    monkeypatch.setattr(cli, "_cmd_report", refuse)
+    assert main(["report", "--preset", "totalseg-3mm"]) == 2
+    _one_error_line(capsys.readouterr().err, f"a {kind} in the report command")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_of_the_package_s_errors_ends_nnunet_s_predict_command_in_one_line(kind, capsys, monkeypatch):
+    from nnunetv2.inference import predict_from_raw_data
+
+    from nnunet_tucker.nnunet import hook
+
+    def refuse():
+        raise getattr(errors, kind)(f"a {kind} inside nnU-Net's command")
+
+    monkeypatch.setattr(hook, "patch_predictor_class", lambda cls: None)  # nnU-Net's class stays as it is here
+    monkeypatch.setattr(predict_from_raw_data, "predict_entry_point", refuse)
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_predict_tucker"])
+    with pytest.raises(SystemExit) as ended:
+        cli.predict_entry_point(["-i", "in", "-o", "out"])
+    assert ended.value.code == 2
+    _one_error_line(capsys.readouterr().err, f"a {kind} inside nnU-Net's command")
+
+
+def test_a_bad_flag_of_the_predict_command_is_one_line_and_nnunet_never_runs(capsys, monkeypatch):
+    from nnunetv2.inference import predict_from_raw_data
+
+    monkeypatch.setattr(predict_from_raw_data, "predict_entry_point", lambda: pytest.fail("nnU-Net ran"))
+    with pytest.raises(SystemExit) as ended:
+        cli.predict_entry_point(["-tucker_rank_ratio", "0.5", "-tucker_mac_budget", "0.3"])
+    assert ended.value.code == 2
+    _one_error_line(capsys.readouterr().err, "give one of -tucker_rank_ratio and -tucker_mac_budget, not both")
+
+
+def test_other_errors_are_not_caught(monkeypatch):
+    def bug(args):
+        raise ValueError("a bug, not a refusal")
+
+    monkeypatch.setattr(cli, "_cmd_report", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["report", "--preset", "totalseg-3mm"])

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nnunet_tucker.nnunet import demo
+from nnunet_tucker.tools import demo
 from nnunet_tucker.tools.benchmark import VariantTiming
 from nnunet_tucker.tools.evaluate import Evaluation, PredictionRun
 

@@ -17,6 +17,7 @@ import pytest
 from networks import build
 
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError, report_path
+from nnunet_tucker.errors import InputError, OutputFolderError
 from nnunet_tucker.nnunet.model_folder import (
     MANIFEST_NAME,
     ModelFolderError,
@@ -115,9 +116,26 @@ def test_evaluate_reference_labels_must_match_the_cases(results, tmp_path, probl
     else:
         labels = tmp_path / "missing"
         expected = "does not exist"
-    with pytest.raises(ModelFolderError, match=expected):
+    with pytest.raises(InputError, match=expected):  # the user's labels, not a model folder
         evaluate(results, images, tmp_path / "ev", config=CONFIG, labels=labels)
     assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_names_each_refusal_by_its_kind(results, tmp_path):
+    images, output = tmp_path / "images", tmp_path / "ev"
+    images.mkdir()
+    with pytest.raises(InputError, match="holds no nnU-Net input images"):
+        evaluate(results, images, output, config=CONFIG)
+    make_test_cases(images, 1, seed=0)
+    output.mkdir()
+    (output / "mine.txt").write_text("x")
+    with pytest.raises(OutputFolderError, match="is not empty; pass --overwrite"):
+        evaluate(results, images, output, config=CONFIG)
+    with pytest.raises(OutputFolderError, match="is a file; give a folder"):
+        evaluate(results, images, output / "mine.txt", config=CONFIG)
+    with pytest.raises(TuckerConfigError, match="not both or neither"):
+        evaluate(results, images, output, compressed=results, config=CONFIG)
+    assert (output / "mine.txt").read_text() == "x" and [p.name for p in output.iterdir()] == ["mine.txt"]
 
 
 @pytest.mark.parametrize("blocker", ["file as parent", "file as output"])

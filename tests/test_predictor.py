@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_tucker.config import TuckerConfig
+from nnunet_tucker.config import TuckerConfig, TuckerConfigError
 from nnunet_tucker.nnunet import predictor as predictor_module
 from nnunet_tucker.nnunet.calibration_images import CalibrationError, first_case_patches
-from nnunet_tucker.nnunet.model_folder import ModelFolderError, compress_model_folder
+from nnunet_tucker.nnunet.model_folder import compress_model_folder
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
 from nnunet_tucker.tools.demo_model import demo_model_folder
 from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom
@@ -81,6 +81,19 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
     assert third._tucker_pending
 
 
+def test_the_first_case_predicted_from_files_is_named_by_its_output_file(tmp_path):
+    from nnunet_tucker.tools.synthetic import write_nifti
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, case in ((3, "liver_012"), (4, "liver_013")):
+        write_nifti(images / f"{case}_0000.nii.gz", _image(seed)[0], DEFAULT_SPACING)
+    (tmp_path / "out").mkdir()  # (nnU-Net's sequential path assumes it exists)
+    predictor = _predictor()
+    predictor.predict_from_files_sequential(str(images), str(tmp_path / "out"))
+    assert predictor.tucker_report.extra["calibration"]["case"] == "liver_012"  # (sorted: the first predicted)
+
+
 def test_weights_only_is_asked_for_and_warned_about(caplog, cache):
     with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
         predictor = _predictor(TuckerConfig(0.5, policy="auto", calibration="none"))
@@ -135,7 +148,7 @@ def test_patches_are_the_first_case_s_sliding_window_tiles():
 
 
 def test_compress_asks_for_a_calibration_folder_or_none(tmp_path):
-    with pytest.raises(ModelFolderError, match="--calibration DIR .* or --calibration none"):
+    with pytest.raises(TuckerConfigError, match="--calibration DIR .* or --calibration none"):
         compress_model_folder(demo_model_folder(), tmp_path / "out", TuckerConfig(0.5))
     assert not (tmp_path / "out").exists()
     report = compress_model_folder(demo_model_folder(), tmp_path / "out", TuckerConfig(0.5, calibration="none"),

@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +22,7 @@ import torch
 from .. import __version__
 from ..calibrate import ChannelStatistics, statistics_digest
 from ..config import default_cache_dir
+from ..files import atomic_write
 from ..fit import FIT_VERSION
 from ..plan import LayerPlan
 
@@ -123,25 +122,16 @@ class DecompositionCache:
 
 def _store(path: Path, entry: dict) -> None:
     """torch.save `entry` to `path` atomically; a failure only warns."""
-    _write_atomically(path, lambda f: torch.save(entry, f))
+    _write(path, lambda f: torch.save(entry, f))
 
 
 def store_json(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path` atomically; a failure only warns."""
-    _write_atomically(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+    _write(path, json.dumps(data, indent=1))
 
 
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """`write` to a temporary file beside `path`, then rename it into place; a failure only warns."""
-    tmp = None
+def _write(path: Path, content: str | Callable[[IO[bytes]], Any]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        atomic_write(path, content)
     except OSError as e:  # a read-only or full disk must not stop a prediction
         logger.warning("could not write the cache entry %s (%s)", path, e)
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)

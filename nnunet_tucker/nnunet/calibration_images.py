@@ -31,7 +31,7 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
-from ..config import TuckerConfigError
+from ..errors import CalibrationError, TuckerConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ TILE_STEP_SIZE = 0.5
 # Bump when the choice of patches changes, so that statistics cached under the digest are recomputed.
 _DIGEST_VERSION = "nnunet_tucker calibration v2"  # v2: mirrored tiles fill up
 _NIFTI_ENDINGS = (".nii", ".nii.gz")
-
-
-class CalibrationError(TuckerConfigError):
-    """The calibration images cannot be used; the message names the folder or file and what is expected."""
 
 
 def _listing(names: Sequence[str], limit: int = 5) -> str:
@@ -209,7 +205,7 @@ def _round_robin(counts: Sequence[int], budget: int) -> list[int]:
 
 def _check_max_patches(max_patches: Any) -> None:
     if not isinstance(max_patches, int) or isinstance(max_patches, bool) or max_patches < 1:
-        raise CalibrationError(f"max_patches={max_patches!r} is not allowed: it must be an integer >= 1")
+        raise TuckerConfigError(f"max_patches={max_patches!r} is not allowed: it must be an integer >= 1")
 
 
 def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: int = 4) -> torch.Tensor:
@@ -243,8 +239,7 @@ def cut_patches(
     images (C, *spatial): each padded to at least the patch size as the sliding window pads it, the tiles
     taken round-robin over the images, evenly spaced within each. Where the images have fewer tiles, the
     rest are those tiles mirrored (last spatial axis first, as test-time mirroring shows them to a network):
-    a case smaller than two patches still gives the calibration a second view (measured on a phantom
-    model: as good as another case)."""
+    a case smaller than two patches still gives the calibration a second view of it."""
     _check_max_patches(max_patches)
     patch_size = [int(p) for p in patch_size]
     padded, tiles = [], []

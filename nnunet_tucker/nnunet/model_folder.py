@@ -28,16 +28,13 @@ import torch
 from torch import nn
 
 from ..config import TuckerConfig, creation_problem
+from ..errors import ModelFolderError, TuckerConfigError
 from ..report import CompressionReport
 from .architecture import COMPRESSED_KEY, compressed_architecture, is_compressed
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "tucker_manifest.json"
-
-
-class ModelFolderError(ValueError):
-    """A model folder or checkpoint that cannot be used; the message says which file and why."""
 
 
 @dataclass
@@ -154,7 +151,7 @@ def compress_model_folder(
     left behind at `target` when anything fails, and staging folders of interrupted runs are removed.
     """
     if config.calibration is None:
-        raise ModelFolderError(
+        raise TuckerConfigError(
             "compress predicts no images, so it has none to calibrate on by itself: pass --calibration DIR "
             "(a few unlabelled images in the model's input format, CASE_0000.nii.gz, ...; the fit keeps the "
             "prediction on them) or --calibration none (the weights alone: quality unverified)")

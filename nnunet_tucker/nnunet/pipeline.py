@@ -1,25 +1,41 @@
 """nnU-Net's CPU work around the network, done in less time with the same results, for the predictors
 this package compresses (`speed_up_pipeline`).
 
-Once the network is compressed, nnU-Net's own work around it costs as much as a third of a prediction
-(3 mm TotalSegmentator architecture, 118 outputs, 150×136×136 voxels, 8 tiles, 2 cores):
+Once the network is compressed, nnU-Net's own work around it is a large share of a prediction on the
+CPU, most of all for models with many outputs (TotalSegmentator's 118). Each step here does that work
+in fewer passes over memory or with fewer processes:
 
 - the sliding window adds each tile's Gaussian-weighted logits into an fp16 buffer
-  (``predicted_logits[sl] += prediction``, fp32 into a strided fp16 slice): ~0.8 s per tile. The same
-  operations one channel at a time keep the operands in cache: ~0.35 s.
-- the segmentation is numpy's ``argmax`` over the 118 fp16 channels: ~3.8 s. A running maximum over
-  the channels: ~0.7 s.
-- `predict_from_files` starts worker processes, each a fresh interpreter that imports torch and
-  nnU-Net (~4.5 s of CPU): one to preprocess even a single case, and as many exporters as asked for
+  (``predicted_logits[sl] += prediction``: fp32 into a strided fp16 slice, all channels at once). The
+  same operations one channel at a time keep their operands in cache.
+- the segmentation is numpy's ``argmax`` over the fp16 channels; a running maximum over the channels
+  (`first_argmax`) reads each channel once, in torch.
+- `predict_from_files` starts worker processes, each a fresh interpreter that imports torch and nnU-Net
+  before it does any work: one to preprocess even a single case, and as many exporters as asked for
   (TotalSegmentator asks for 6) even for one case. Here a single case is preprocessed in this process
   (by nnU-Net's own function), and there are no more export workers than cases.
-- every feature map and logits buffer above 32 MB is a fresh ``mmap`` that the kernel zeroes page by page
-  (`memory.reuse_freed_memory` keeps freed memory for reuse instead; process-wide, on the CPU).
+- every feature map and logits buffer above 32 MB would be a fresh ``mmap`` that the kernel zeroes page
+  by page (`memory.reuse_freed_memory` keeps freed memory for reuse instead; process-wide, on the CPU).
 
 All of it computes exactly what nnU-Net computes (the same fp32 products and sums, rounded to fp16 at
 the same points; ties go to the first channel, NaN falls back to numpy), so segmentations are identical
 voxel for voxel. nnU-Net's (or TotalSegmentator's) methods are called, not copied, wherever these steps
 are not involved (results on a GPU, region-based labels, several cases), and no file of theirs is modified.
+
+How, and why not as the start-up hook wraps nnU-Net's predictor class (docs/nnunet-integration.md):
+
+- the three predictor methods are set on the one predictor as bound methods (instance attributes), not
+  on its class: only a compressed predictor takes them (an uncompressed one in the same process, as in
+  side-by-side timings, keeps nnU-Net's), `nnunet_pipeline` takes them off again, and each looks up
+  nnU-Net's method on the class when called rather than holding the one it replaced, so that
+  TotalSegmentator's replacements of the class's ``predict_*`` methods, made after the hook ran, stay
+  in effect.
+- the label and plans managers change class (`FastArgmaxLabelManager`, `FastArgmaxPlansManager`,
+  subclasses that override one method each) instead: the managers travel pickled to the export worker
+  processes, and pickle cannot carry a method set on an instance (it stores a bound method as a name
+  to look up on the object again), while an object of a module-level class unpickles as that class in
+  a fresh interpreter; and there nnU-Net builds new label managers from the plans manager
+  (`PlansManager.get_label_manager`), which only the plans manager's class can change.
 """
 
 from __future__ import annotations

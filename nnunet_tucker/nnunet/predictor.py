@@ -12,9 +12,7 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +27,8 @@ from torch import nn
 from .. import __version__
 from ..calibrate import calibrate
 from ..compress import compress_network
-from ..config import TuckerConfig, default_cache_dir, file_lock, read_env, read_plans, report_path, resolve_config
+from ..config import TuckerConfig, default_cache_dir, read_env, read_plans, report_path, resolve_config
+from ..files import atomic_write, file_lock
 from ..plan import LayerPlan, plan_compression, unwrap
 from ..plan.timing import LayerTimer
 from ..report import CompressionReport
@@ -143,7 +142,7 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
     if not pending:
         return None
     config, source, report_file, record = pending
-    case = _case_name(data)
+    case = _case_name(predictor, data)
     with file_lock(record.with_suffix(".lock")), torch.inference_mode(False), torch.enable_grad():
         predictor.network.to(predictor.device)  # where nnU-Net will run it: calibrate there
         # another process may have calibrated this model meanwhile
@@ -189,18 +188,27 @@ def calibration_phrase(info: dict[str, Any] | None) -> str:
     return text + (f", at {info['utc']}, from the cache" if info.get("from_cache") else "")
 
 
-def _case_name(data: Any) -> str:
-    """The case `data` belongs to, as the prediction loop calling nnU-Net's predictor names its output
-    (``ofile`` in nnU-Net's and TotalSegmentator's loops, ``of`` in nnU-Net's sequential one), else its shape."""
-    frame = sys._getframe(1)
-    for _ in range(6):
-        if frame is None:
-            break
-        ofile = frame.f_locals.get("ofile", frame.f_locals.get("of"))
-        if isinstance(ofile, str) and ofile:
-            return Path(ofile).name
-        frame = frame.f_back
-    return f"the first image ({'×'.join(map(str, tuple(data.shape)))})"
+def note_output_files(predictor: nnUNetPredictor, lists: Any) -> None:
+    """Note the output files of the prediction run `predictor` starts, from what nnU-Net's
+    `_manage_input_and_output_lists` returned: (input files, truncated output file names in the order
+    the cases are predicted, or None, previous-stage segmentations). Called (by the start-up hook and
+    by `TuckerPredictor`) while a compression waits for the first case, which `_case_name` names so."""
+    outputs = lists[1] if isinstance(lists, tuple) and len(lists) == 3 else None
+    predictor._tucker_output_files = list(outputs) if isinstance(outputs, list) else None
+
+
+def _case_name(predictor: nnUNetPredictor, data: Any) -> str:
+    """The name of the first case `predictor` segments, whose preprocessed image is `data`: the name of
+    its output file, noted by `note_output_files` when the run predicts from files (nnU-Net's and
+    TotalSegmentator's `predict_from_files` and `predict_from_files_sequential`); else (arrays, as
+    `predict_single_npy_array` predicts, or an nnU-Net without the method noted) "the first image" and
+    its shape, logged at DEBUG. See docs/nnunet-integration.md."""
+    outputs = vars(predictor).pop("_tucker_output_files", None)
+    if outputs and isinstance(outputs[0], str) and outputs[0]:
+        return Path(outputs[0]).name
+    name = f"the first image ({'×'.join(map(str, tuple(data.shape)))})"
+    logger.debug("the first case's name is unknown (it was not predicted from files): it is called %s", name)
+    return name
 
 
 def _self_calibration_record(predictor: nnUNetPredictor, config: TuckerConfig) -> Path:
@@ -349,17 +357,10 @@ def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.T
 
 def _write_report(report: CompressionReport, path: Path) -> None:
     """Write the report as JSON to `path` atomically; a failure only warns (the prediction goes on)."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(report.to_json())
-        os.replace(tmp, path)
+        atomic_write(path, report.to_json())
     except OSError as e:
         logger.warning("could not write the report to %s (%s)", path, e)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 class TuckerPredictor(nnUNetPredictor):
@@ -386,6 +387,12 @@ class TuckerPredictor(nnUNetPredictor):
     def manual_initialization(self, *args: Any, **kwargs: Any):
         super().manual_initialization(*args, **kwargs)
         compress_predictor(self)
+
+    def _manage_input_and_output_lists(self, *args: Any, **kwargs: Any):
+        lists = super()._manage_input_and_output_lists(*args, **kwargs)
+        if getattr(self, "_tucker_pending", None):
+            note_output_files(self, lists)
+        return lists
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         finish_compression(self, data)

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -26,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from ..config import default_cache_dir, file_lock
+from ..config import default_cache_dir
+from ..files import atomic_write, file_lock
 from ..layers import FusedInstanceNorm, TuckerConv, normalized_activated_gemm
 from ..memory import freed_memory_reused, reuse_freed_memory
 from .ranks import conv_spec
@@ -112,11 +112,8 @@ class LayerTimer:
             return
         merged = {**self._read(), **self.timings}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.stem, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"device": self.description, "timings": merged}, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps({"device": self.description, "timings": merged}, indent=0,
+                                               sort_keys=True))
             self.saved = True
         except OSError as e:
             logger.warning("could not write the device profile %s (%s)", self.path, e)

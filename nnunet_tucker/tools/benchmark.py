@@ -2,7 +2,8 @@
 (`benchmark`) or nnU-Net's whole prediction of a folder of images (`time_prediction`).
 
 All variants run in one process, interleaved round by round (original, A, B, original, A, B, ...),
-so that the noise of a shared machine hits every variant alike. Speed-ups are ratios of medians.
+so that the noise of a shared machine hits every variant alike (`time_interleaved`, also the whole-run
+benchmark's timer). Speed-ups are ratios of medians.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from unittest import mock
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,19 +81,42 @@ def variant_name(config: TuckerConfig) -> str:
 
 
 def time_interleaved(
-    runs: dict[str, Callable[[], object]], device: torch.device, rounds: int, warmup: int
+    runs: Mapping[str, Callable[[], Any]], device: torch.device, rounds: int, warmup: int,
+    on_run: Callable[[str, float, Any, bool], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each of `runs`, `rounds` interleaved rounds after `warmup` untimed ones."""
+    """Seconds per call of each of `runs`, `rounds` interleaved rounds after `warmup` untimed ones: every
+    run once per round, in the order given (original, A, B, original, A, B, ...), each timed from a
+    synchronised `device` to a synchronised `device`. After every call, warm-up ones included,
+    ``on_run(name, seconds, what the call returned, whether the round is timed)`` if given."""
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(warmup + rounds):
+        timed = round_index >= warmup
         for name, run in runs.items():
             _synchronize(device)
             start = time.perf_counter()
-            run()
+            returned = run()
             _synchronize(device)
-            if round_index >= warmup:
-                seconds[name].append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if timed:
+                seconds[name].append(elapsed)
+            if on_run is not None:
+                on_run(name, elapsed, returned, timed)
     return seconds
+
+
+@contextlib.contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """The environment variables `variables` set while inside; after, each as it was before (or unset)."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def time_forward_passes(
@@ -191,7 +215,7 @@ def time_prediction(
         env = {"TUCKER_CACHE_DIR": str(cache_dir or tmp / "cache")}
         if compile:
             env["nnUNet_compile"] = "1"
-        stack.enter_context(mock.patch.dict(os.environ, env))
+        stack.enter_context(environment(**env))
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # nnU-Net prints a lot
         for config in [None, *configs]:
             name = "original" if config is None else variant_name(config)

@@ -9,10 +9,10 @@ Two proofs at one rank ratio:
 - speed, on the real architecture: the forward pass of the TotalSegmentator 3 mm network
   (random weights, no download), original and compressed timed side by side in interleaved
   rounds (`benchmark.benchmark`), with the MAC reduction and the speed-up. The small model's wall
-  time is start-up, so it says nothing of speed. This part uses the ``auto`` policy: the default,
-  ``profiled``, first times every layer form on the device (cached), which added 30 s to this part
-  on a busy 2-core machine and there let noise pick the forms; at ratio 0.5 ``auto`` gives the
-  network that ``profiled`` gives on an idle machine (4.97 M parameters, 116 GMACs).
+  time is start-up, so it says nothing of speed. This part uses the ``auto`` policy, which decides
+  from layer shapes alone: the default, ``profiled``, first times every layer form on the device
+  (cached), which lengthens the demo on its first run and, on a busy machine, lets timing noise pick
+  the forms.
 
 Each step shows as one progress line on stderr; nnU-Net's own prints, progress bars and warnings
 and the package's log lines are hidden unless `verbose`. The summary goes to stdout; the output
@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TuckerConfig
-from ..nnunet.model_folder import ModelFolderError
+from ..errors import OutputFolderError
 
 logger = logging.getLogger(__name__)
 
 SPEED_PRESET = "totalseg-3mm"
 SPEED_ROUNDS = 3  # interleaved rounds; speed-up = ratio of medians
-SPEED_WARMUP = 0  # no untimed round: the median of 3 already leaves out a slow first one, and it saves ~15 s
+SPEED_WARMUP = 0  # no untimed round: the median of 3 already leaves out a slow first one, and the demo stays short
 TOLERANCE = 0.05
 POLICY = "profiled"  # quality part: the default policy, what a user who sets only a ratio gets
 SPEED_POLICY = "auto"  # speed part: no device profiling (see above)
@@ -51,7 +51,7 @@ def run_demo(output: Path, rank_ratio: float = 0.5, overwrite: bool = False, n_c
     output = Path(output)
     if output.exists():
         if not overwrite:
-            raise ModelFolderError(f"{output} exists; pass --overwrite or choose another folder with -o")
+            raise OutputFolderError(f"{output} exists; pass --overwrite or choose another folder with -o")
         shutil.rmtree(output)
     progress = _Progress(4, verbose)
     with progress.step(f"making {n_cases} synthetic CT cases with labels, and {n_cases} unlabelled ones to "

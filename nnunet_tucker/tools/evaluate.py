@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import TuckerConfig
-from ..nnunet.model_folder import MANIFEST_NAME, ModelFolderError, sha256_of
+from ..errors import InputError, ModelFolderError, OutputFolderError, TuckerConfigError
+from ..nnunet.model_folder import MANIFEST_NAME, sha256_of
 from ..nnunet.predictor import TuckerPredictor, calibration_phrase
 from .metrics import compare_segmentations
 
@@ -242,20 +243,20 @@ def evaluate(
     """Predict `images` with the original model and with the compressed one (a compressed model
     folder, or `config` applied on the fly) and compare them per class; see `Evaluation`.
 
-    Everything that can be checked is checked before predicting (ModelFolderError): the output
-    folder is new or empty unless `overwrite` (then its predictions are replaced, so only this run's
-    cases are compared); every case has a reference label map of its image's size when `labels` is
-    given; a compressed folder was compressed from `original` (its manifest's checkpoint hashes)
-    unless `force`.
+    Everything that can be checked is checked before predicting: the output folder is new or empty
+    unless `overwrite` (then its predictions are replaced, so only this run's cases are compared;
+    else OutputFolderError); `images` holds input images and, when `labels` is given, every case has a
+    reference label map of its image's size (else InputError); a compressed folder was compressed from
+    `original` (its manifest's checkpoint hashes) unless `force` (else ModelFolderError).
     """
     if (compressed is None) == (config is None):
-        raise ValueError("give either a compressed model folder or a compression config, not both or neither")
+        raise TuckerConfigError("give either a compressed model folder or a compression config, not both or neither")
     images, output, original = Path(images), Path(output), Path(original)
     ending = json.loads((original / "dataset.json").read_text())["file_ending"] if (
         original / "dataset.json").is_file() else ".nii.gz"
     inputs = {p.name[: -len("_0000" + ending)]: p for p in sorted(images.glob(f"*_0000{ending}"))}
     if not images.is_dir() or not inputs:
-        raise ModelFolderError(f"{images} holds no nnU-Net input images (CASE_0000{ending}, ...)")
+        raise InputError(f"{images} holds no nnU-Net input images (CASE_0000{ending}, ...)")
     if labels is not None:
         _check_labels(Path(labels), inputs, ending)
     if compressed is not None and not force:
@@ -314,17 +315,17 @@ def _size(path: Path) -> tuple[int, ...]:
 def _check_labels(labels: Path, inputs: dict[str, Path], ending: str) -> None:
     """Every case has its reference `labels/CASE<ending>`, of its image's size."""
     if not labels.is_dir():
-        raise ModelFolderError(f"the reference labels folder {labels} does not exist")
+        raise InputError(f"the reference labels folder {labels} does not exist")
     missing = [case + ending for case in inputs if not (labels / (case + ending)).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelFolderError(f"{labels} has no reference label map for {len(missing)} of {len(inputs)} case(s): "
-                               f"{shown}; give labels for every case in the input folder, or no -r")
+        raise InputError(f"{labels} has no reference label map for {len(missing)} of {len(inputs)} case(s): "
+                         f"{shown}; give labels for every case in the input folder, or no -r")
     for case, image in inputs.items():
         label_size, image_size = _size(labels / (case + ending)), _size(image)
         if label_size != image_size:
-            raise ModelFolderError(f"{labels / (case + ending)} has size {label_size} but its image {image.name} has "
-                                   f"size {image_size}: the reference must be a label map of that image")
+            raise InputError(f"{labels / (case + ending)} has size {label_size} but its image {image.name} has "
+                             f"size {image_size}: the reference must be a label map of that image")
 
 
 def _check_source(compressed: Path, original: Path) -> None:
@@ -346,11 +347,11 @@ def _check_source(compressed: Path, original: Path) -> None:
 def _prepare_output(output: Path, overwrite: bool) -> None:
     """An output folder for this run only: new or empty, or with `overwrite` cleared of earlier predictions."""
     if output.is_file():
-        raise ModelFolderError(f"the output {output} is a file; give a folder")
+        raise OutputFolderError(f"the output {output} is a file; give a folder")
     if output.is_dir() and any(output.iterdir()):
         if not overwrite:
-            raise ModelFolderError(f"{output} is not empty; pass --overwrite to replace its predictions and "
-                                   "evaluation, or choose a new folder")
+            raise OutputFolderError(f"{output} is not empty; pass --overwrite to replace its predictions and "
+                                    "evaluation, or choose a new folder")
         for sub in ("original", "compressed"):
             shutil.rmtree(output / sub, ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)

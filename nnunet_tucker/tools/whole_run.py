@@ -10,8 +10,9 @@
 - `run_whole_run`: both on a generated clinical-size CT (512×512×300 at 0.8×0.8×1.5 mm) with the 3 mm
   TotalSegmentator architecture (random weights) as its local ``--fast`` model; table, JSON, PNG.
 
-Runs are interleaved round by round; figures are medians. Compressed variants are fitted to the weights
-alone: the same ranks, hence the same time, as a calibrated compression at a rank ratio.
+Runs are interleaved round by round (`benchmark.time_interleaved`); figures are medians. Compressed
+variants are fitted to the weights alone: the same ranks, hence the same time, as a calibrated
+compression at a rank ratio.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from unittest import mock
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import NO_CALIBRATION, TuckerConfig
+from .benchmark import environment, time_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +100,33 @@ class StageClock:
         self.seconds.clear()
 
 
-def _interleave(variants: dict[str, Callable[[], dict[str, float]]], rounds: int, warmup: int) -> list[StagedTiming]:
-    """Run every variant once per round, in turn; each run returns its seconds per stage."""
+@contextlib.contextmanager
+def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` (a class's method, a module's function) is `value` while inside; after, what it was."""
+    before = vars(owner)[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+
+
+def _interleave(variants: dict[str, Callable[[], dict[str, float]]], rounds: int, warmup: int,
+                device: str = "cpu") -> list[StagedTiming]:
+    """Run every variant once per round, in turn (`benchmark.time_interleaved`), each run logged; each
+    run returns its seconds per stage. The first variant is the one speed-ups are relative to."""
     timings = {name: StagedTiming(name) for name in variants}
-    for round_index in range(warmup + rounds):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            stages = run()
-            total = time.perf_counter() - start
-            logger.info("%s: %.1f s (%s)", name, total, ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
-            if round_index >= warmup:
-                timings[name].seconds.append(total)
-                for stage, seconds in stages.items():
-                    timings[name].stages[stage].append(seconds)
+
+    def record(name: str, total: float, stages: dict[str, float], timed: bool) -> None:
+        logger.info("%s: %.1f s (%s)", name, total, ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        if timed:
+            for stage, seconds in stages.items():
+                timings[name].stages[stage].append(seconds)
+
+    seconds = time_interleaved(variants, torch.device(device), rounds, warmup, on_run=record)
     result = list(timings.values())
     for timing in result:
+        timing.seconds = seconds[timing.name]
         timing.speedup = result[0].median / timing.median
     return result
 
@@ -137,9 +151,9 @@ def time_stages(
     variants = {"original": False, f"{name}, nnU-Net's pipeline": config, f"{name}": config}
     predictors = {}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(
+        stack.enter_context(_replaced(  # nnU-Net's preprocessing, timed as a stage
             DefaultPreprocessor, "run_case_npy", clock.wrap("preprocessing", DefaultPreprocessor.run_case_npy)))
-        stack.enter_context(mock.patch.object(
+        stack.enter_context(_replaced(  # nnU-Net's export, looked up in its module when called
             predict_from_raw_data, "convert_predicted_logits_to_segmentation_with_correct_shape",
             clock.wrap("logits to segmentation",
                        predict_from_raw_data.convert_predicted_logits_to_segmentation_with_correct_shape)))
@@ -168,7 +182,8 @@ def time_stages(
             stages = {stage: clock.seconds.get(stage, 0.0) for stage in IN_PROCESS_STAGES[:-1]}
             return {**stages, "other": max(0.0, total - sum(stages.values()))}
 
-        timings = _interleave({variant: functools.partial(run, variant) for variant in variants}, rounds, warmup)
+        timings = _interleave({variant: functools.partial(run, variant) for variant in variants}, rounds, warmup,
+                              device)
     a, b = (segmentations[v] for v in list(variants)[1:])
     check = {"voxels": int(a.size), "voxels_differing": int(np.count_nonzero(a != b)),
              "compared": list(variants)[1:], "image_shape": list(image.shape[1:])}
@@ -325,7 +340,7 @@ def run_whole_run(out_dir: Path, ratio: float = 0.3, rounds: int = 2, warmup: in
     config = TuckerConfig(ratio, policy=policy)
     with contextlib.ExitStack() as stack:
         work = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nnunet_tucker_whole_run_")))
-        stack.enter_context(mock.patch.dict(os.environ, {"TUCKER_CACHE_DIR": str(work / "cache")}))
+        stack.enter_context(environment(TUCKER_CACHE_DIR=str(work / "cache")))
         model = write_preset_model_folder("totalseg-3mm", work / "models")
         ct = work / "ct_0000.nii.gz"
         if not ct.exists():
