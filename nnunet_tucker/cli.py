@@ -153,9 +153,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .config import TuckerConfig
-    from .memory import freed_memory_reused
-    from .tools.benchmark import benchmark, time_prediction, to_table, write_outputs
+    from .tools.benchmark import time_prediction, write_outputs, write_sections
 
+    several = args.preset is not None and len(args.preset) > 1  # presets timed one after the other
+    args.preset = args.preset[0] if args.preset is not None and not several else args.preset
     if args.whole_run:
         return _bench_whole_run(args)
     args.ratios = args.ratios or [0.5, 0.3, 0.1]
@@ -164,12 +165,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _fail("--e2e times nnU-Net's prediction of a model folder: give -m MODEL_FOLDER")
     if args.e2e and args.fp16:
         return _fail("--fp16 does not apply to --e2e: nnU-Net's predictor autocasts on CUDA by itself")
+    if several and args.png:
+        return _fail("--png plots one network: give one --preset")
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = [
         TuckerConfig(ratio, policy=policy, rank_min=args.rank_min, rank_multiple=multiple)
         for policy in args.policies for ratio in args.ratios for multiple in args.rank_multiples
     ]
+    if several:
+        sections = []
+        for name in args.preset:
+            sections.append(_bench_forward(argparse.Namespace(**{**vars(args), "preset": name}), configs))
+            if args.json:  # after each: what was measured is kept if a later one fails
+                write_sections(sections, Path(args.json))
+        return 0
     if args.e2e:
         timings = time_prediction(args.model, args.e2e, configs, args.device, folds=(args.fold,),
                                   checkpoint_name=args.chk, rounds=args.rounds, warmup=args.warmup,
@@ -179,12 +189,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         what = {"measure": "prediction", "input_folder": str(args.e2e), "cases": cases, "fold": args.fold,
                 "tta": False}
         shape = f"{cases} case(s) from {args.e2e}, TTA off, fold {args.fold}"
+        meta = _bench_meta(args, source, what, shape, timings)
     else:
-        network, input_shape, _, source = _load_network(args)
-        timings = benchmark(network, input_shape, configs, args.device, args.rounds, args.warmup,
-                            autocast=args.fp16, compile=args.compile)
-        what = {"measure": "forward pass", "input_shape": list(input_shape)}
-        shape = f"input {tuple(input_shape)}"
+        timings, meta = _bench_forward(args, configs)
+    write_outputs(timings, meta, Path(args.json) if args.json else None, Path(args.png) if args.png else None)
+    return 0
+
+
+def _bench_forward(args: argparse.Namespace, configs: list) -> tuple[list, dict[str, Any]]:
+    """Forward passes of the network of ``--preset`` (one name) or ``-m``, timed and printed: (timings, meta)."""
+    from .tools.benchmark import benchmark
+
+    network, input_shape, _, source = _load_network(args)
+    timings = benchmark(network, input_shape, configs, args.device, args.rounds, args.warmup,
+                        autocast=args.fp16, compile=args.compile)
+    what = {"measure": "forward pass", "input_shape": list(input_shape)}
+    if args.preset:
+        from .tools.presets import PRESETS
+
+        what["description"] = PRESETS[args.preset].description
+    return timings, _bench_meta(args, source, what, f"input {tuple(input_shape)}", timings)
+
+
+def _bench_meta(args: argparse.Namespace, source: str, what: dict[str, Any], shape: str, timings: list
+                ) -> dict[str, Any]:
+    """What was timed, how, on what; printed with the table of `timings`."""
+    import torch
+
+    from .memory import freed_memory_reused
+    from .tools.benchmark import to_table
+
     meta = {
         "source": source, **what, "device": args.device, "threads": torch.get_num_threads(),
         "fp16_autocast": args.fp16, "torch_compile": args.compile, "rounds": args.rounds, "torch": torch.__version__,
@@ -193,9 +227,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                  f"{' compiled' if args.compile else ''}",
     }
     print(f"{meta['title']}, {shape}, {meta['threads']} threads, {args.rounds} interleaved rounds")
-    print(to_table(timings))
-    write_outputs(timings, meta, Path(args.json) if args.json else None, Path(args.png) if args.png else None)
-    return 0
+    print(to_table(timings), flush=True)
+    return meta
 
 
 def _bench_whole_run(args: argparse.Namespace) -> int:
@@ -226,12 +259,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if result["evaluation"].failing else 0
 
 
-def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_source_arguments(parser: argparse.ArgumentParser, several_presets: bool = False) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("-m", "--model", help="trained nnU-Net model folder (holds plans.json, fold_X/)")
     from .tools.presets import PRESETS
 
-    source.add_argument("--preset", choices=sorted(PRESETS), help="built-in TotalSegmentator architecture")
+    several = "; several: timed one after the other" if several_presets else ""
+    source.add_argument("--preset", choices=sorted(PRESETS), nargs="+" if several_presets else None,
+                        help="built-in architecture: TotalSegmentator's models (totalseg-*), nnU-Net's ResEnc "
+                             f"presets (resenc-m, resenc-l){several}")
     parser.add_argument("-f", "--fold", default="0", help="fold whose weights to use (default 0)")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
 
@@ -281,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time the original and compressed variants side by side (forward pass, "
                                          "or nnU-Net's whole prediction with --e2e)")
-    _add_source_arguments(bench)
+    _add_source_arguments(bench, several_presets=True)
     bench.add_argument("--e2e", metavar="INPUT_FOLDER",
                        help="time nnU-Net's prediction of this folder of images (needs -m; TTA off; model load and "
                             "compression timed apart) instead of the forward pass")

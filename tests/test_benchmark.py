@@ -123,3 +123,24 @@ def test_time_prediction_end_to_end(tmp_path):
     assert [row[:-1] for row in rows] == [_expected_cells(t) for t in timings]  # and the load time last:
     assert [row[-1] for row in rows] == [f"{t.load_seconds:.1f}" for t in timings]
     assert to_table(timings).splitlines()[0].split()[-2:] == ["load", "s"]
+
+
+def test_bench_times_several_presets_one_after_the_other_into_one_json(tmp_path, monkeypatch, capsys):
+    from nnunet_tucker import cli
+    from nnunet_tucker.tools import presets
+
+    built = []
+    monkeypatch.setattr(presets, "build_preset", lambda name: built.append(name) or build("plain3d"))
+    names = ["resenc-l", "totalseg-1.5mm-ribs"]
+    path = tmp_path / "presets.json"
+    assert cli.main(["bench", "--preset", *names, "--ratios", "0.5", "--policies", "auto", "--rank-min", "2",
+                     "--rounds", "1", "--warmup", "0", "--json", str(path)]) == 0
+    assert built == names
+    sections = json.loads(path.read_text())["sections"]
+    assert [s["source"] for s in sections] == names
+    for section, name in zip(sections, names, strict=True):
+        assert section["description"] == presets.PRESETS[name].description and section["rounds"] == 1
+        assert [v["name"] for v in section["variants"]] == ["original", "auto 0.5"]
+        assert section["variants"][1]["macs"] < section["variants"][0]["macs"]
+    assert capsys.readouterr().out.count("variant ") == 2  # a table each
+    assert cli.main(["bench", "--preset", *names, "--png", str(tmp_path / "p.png")]) == 2

@@ -270,25 +270,37 @@ def write_outputs(timings: Sequence[VariantTiming], meta: dict, json_path: Path 
     if json_path is not None:
         json_path.write_text(json.dumps({**meta, "variants": [t.to_dict() for t in timings]}, indent=2))
     if png_path is not None:
-        import matplotlib
+        _plot(timings, meta, png_path)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 4))
-        top = max(t.mac_reduction for t in timings)
-        ax.plot([1, top], [1, top], "--", color="grey", linewidth=1, label="speed-up = MAC reduction")
-        for i, t in enumerate(timings):
-            ax.scatter(t.mac_reduction, t.speedup)
-            ax.annotate(t.name, (t.mac_reduction, t.speedup), textcoords="offset points",
-                        xytext=(4, 4 if i % 2 else -10), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="red", linewidth=0.8)
-        ax.set_xlabel("MAC reduction (original / variant)")
-        ax.set_ylabel(f"speed-up (median {meta.get('measure', 'forward pass')})")
-        ax.set_title(textwrap.fill(meta.get("title", "forward pass"), 60), fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(png_path, dpi=120)
-        plt.close(fig)
+def write_sections(sections: Sequence[tuple[Sequence[VariantTiming], dict]], json_path: Path) -> None:
+    """One JSON of several networks timed one after the other (``bench --preset A B ...``): ``{"sections":
+    [...]}``, each section what `write_outputs` writes for one network."""
+    data = {"sections": [{**meta, "variants": [t.to_dict() for t in timings]} for timings, meta in sections]}
+    json_path.write_text(json.dumps(data, indent=2))
+
+
+def _plot(timings: Sequence[VariantTiming], meta: dict, png_path: Path) -> None:
+    """A plot of speed-up vs MAC reduction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    top = max(t.mac_reduction for t in timings)
+    ax.plot([1, top], [1, top], "--", color="grey", linewidth=1, label="speed-up = MAC reduction")
+    for i, t in enumerate(timings):
+        ax.scatter(t.mac_reduction, t.speedup)
+        ax.annotate(t.name, (t.mac_reduction, t.speedup), textcoords="offset points",
+                    xytext=(4, 4 if i % 2 else -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="red", linewidth=0.8)
+    ax.set_xlabel("MAC reduction (original / variant)")
+    ax.set_ylabel(f"speed-up (median {meta.get('measure', 'forward pass')})")
+    ax.set_title(textwrap.fill(meta.get("title", "forward pass"), 60), fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
