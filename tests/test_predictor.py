@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError
+from nnunet_tucker.nnunet import pipeline
 from nnunet_tucker.nnunet import predictor as predictor_module
 from nnunet_tucker.nnunet.calibration_images import CalibrationError, first_case_patches
 from nnunet_tucker.nnunet.model_folder import compress_model_folder
+from nnunet_tucker.nnunet.pipeline import FastArgmaxLabelManager
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
 from nnunet_tucker.tools.demo_model import demo_model_folder
 from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom
@@ -55,6 +58,8 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
         original = [dict(state) for state in first.list_of_parameters]
         assert first.tucker_report is None and first._tucker_pending  # waits for the first case
         assert all(torch.equal(a[k], b[k]) for a, b in zip(original, first.list_of_parameters, strict=True) for k in a)
+        # the faster pipeline from the start: nnU-Net's worker processes would start for the first case too
+        assert set(pipeline._METHODS) <= set(vars(first)) and type(first.label_manager) is FastArgmaxLabelManager
         segmentation = _predict(first, _image())
     report = first.tucker_report.to_dict()
     info = report["extra"]["calibration"]
@@ -63,6 +68,10 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
     assert set(report["extra"]["seconds"]) == {"statistics", "planning", "fitting"}
     assert any(m.startswith("rank_ratio=0.5 policy=auto: calibrating on the first case") for m in _lines(caplog))
     assert any("self-calibrated on the first image" in m for m in _lines(caplog))
+    progress = [m for m in _lines(caplog) if m.startswith("self-calibrating ")]  # which model, as it begins
+    assert len(progress) == 1 and re.fullmatch(r"self-calibrating Dataset990_Phantom \(model \d+ in this process\) on "
+                                               r"the first image \(1×40×80×64\): 2 patch\(es\) of 32×64×64, once "
+                                               r"per model", progress[0]), progress
     assert segmentation.shape == SHAPE and set(np.unique(segmentation)) <= {0, 1, 2, 3, 4}
     assert len(list(cache.glob("self-calibration-*.json"))) == 1
 
@@ -155,3 +164,12 @@ def test_compress_asks_for_a_calibration_folder_or_none(tmp_path):
                                    folds=["0"])
     manifest = json.loads((tmp_path / "out" / "tucker_manifest.json").read_text())
     assert "calibration" not in manifest and report.decomposed_layers > 0
+
+
+def test_models_are_named_by_their_dataset_folder_in_progress_lines():
+    predictor = _predictor()
+    name = predictor_module.model_name
+    dataset = "Dataset292_TotalSegmentator_part2_vertebrae_1532subj"
+    assert name(predictor, f"/r/{dataset}/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres") == dataset
+    assert name(predictor, "/models/my_model/") == "my_model"  # not nnU-Net's layout: the folder itself
+    assert name(predictor, None) == "Dataset990_Phantom"  # loaded otherwise: the plans' dataset name

@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import sys
 
 import pytest
+import torch
 
 from nnunet_tucker.cli import main
 from nnunet_tucker.config import TuckerConfig
@@ -125,3 +128,126 @@ def test_totalsegmentator_is_asked_for_its_own_device_name():
     assert whole_run._totalseg_device("cpu") == "cpu"
     assert whole_run._totalseg_device("cuda") == "gpu"
     assert whole_run._totalseg_device("cuda:1") == "gpu:1"
+
+
+def test_the_default_mode_s_part_models_are_where_the_installed_totalsegmentator_looks():
+    tasks = pytest.importorskip("totalsegmentator.map_tasks_config")
+    default = tasks.TASK_CONFIGS["total"]["sub_modes"]["default"]
+    assert default["trainer"] == whole_run.TOTALSEG_PARTS_TRAINER
+    folders = [tasks.TASK_ID_WEIGHTS_CONFIGS[task]["foldername"] for task in default["task_id"]]
+    assert folders == list(whole_run.TOTALSEG_PARTS.values())  # in the order TotalSegmentator runs them
+    labels = whole_run.totalseg_part_labels()
+    assert list(labels) == list(whole_run.TOTALSEG_PARTS)
+    assert all(sorted(classes) == list(range(1, len(classes) + 1)) for classes in labels.values())
+
+
+def test_a_part_model_is_the_source_network_with_the_part_s_classes(tmp_path):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_tucker.tools.demo_model import demo_model_folder
+
+    source = demo_model_folder()
+    source_weights = torch.load(source / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                                weights_only=False)["network_weights"]
+    for classes in (24, 3):  # more outputs than the demo model's 5, and fewer
+        labels = {value: f"organ_{value}" for value in range(1, classes + 1)}
+        folder = whole_run.part_model_folder(source, labels, tmp_path / str(classes), seed=1,
+                                             patch_size=[16, 32, 32], spacing=[8.0, 6.0, 6.0])
+        assert folder == tmp_path / str(classes) / source.parent.name / source.name
+        assert sorted(p.name for p in folder.iterdir()) == ["dataset.json", "fold_0", "plans.json"]
+        predictor = nnUNetPredictor(device=torch.device("cpu"))
+        predictor.initialize_from_trained_model_folder(str(folder), (0,))
+        assert predictor.label_manager.num_segmentation_heads == classes + 1
+        assert predictor.configuration_manager.patch_size == [16, 32, 32]
+        assert predictor.configuration_manager.spacing == [8.0, 6.0, 6.0]
+        weights = predictor.list_of_parameters[0]
+        for key, tensor in source_weights.items():
+            kept = min(classes + 1, tensor.shape[0])
+            if key.startswith("decoder.seg_layers."):
+                assert weights[key].shape[0] == classes + 1 and torch.equal(weights[key][:kept], tensor[:kept])
+            else:
+                assert torch.equal(weights[key], tensor)
+        assert json.loads((folder / "dataset.json").read_text())["labels"] == {
+            "background": 0, **{name: value for value, name in labels.items()}}
+
+
+def test_a_totalsegmentator_home_holds_the_fast_model_and_the_parts_under_their_trainers(tmp_path):
+    from nnunet_tucker.tools.demo_model import demo_model_folder
+
+    parts = {part: demo_model_folder() for part in ("organs", "ribs")}
+    home = whole_run.totalseg_home(tmp_path / "home", demo_model_folder(), parts=parts)
+    results = home / "nnunet" / "results"
+    expected = {(whole_run.TOTALSEG_TASK, whole_run.TOTALSEG_TRAINER),
+                (whole_run.TOTALSEG_PARTS["organs"], whole_run.TOTALSEG_PARTS_TRAINER),
+                (whole_run.TOTALSEG_PARTS["ribs"], whole_run.TOTALSEG_PARTS_TRAINER)}
+    found = {(p.parent.name, p.name.split("__")[0]) for p in results.glob("*/*__nnUNetPlans__3d_fullres")}
+    assert found == expected
+    for task, trainer in expected:
+        for checkpoint in (results / task / f"{trainer}__nnUNetPlans__3d_fullres").glob("fold_*/*.pth"):
+            assert torch.load(checkpoint, map_location="cpu", weights_only=False)["trainer_name"] == trainer
+    assert json.loads((home / "config.json").read_text())["send_usage_stats"] is False
+
+
+def test_a_measured_run_gives_its_lines_as_they_came_and_its_peak_memory():
+    code = ("import sys, time\nprint('Predicting part 1 of 2 ...')\ntime.sleep(0.6)\nblock = bytearray(200 << 20)\n"
+            "print('Predicting part 2 of 2 ...')\ntime.sleep(0.6)\nprint('  Predicted in 1.20s')\n"
+            "print('to stderr', file=sys.stderr)\nsys.exit(3)")
+    measured = whole_run.run_measured([sys.executable, "-c", code], {**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert measured.returncode == 3 and measured.stderr == "to stderr\n"
+    assert 0 < measured.cpu_seconds < measured.seconds  # it mostly slept
+    assert [line for _, line in measured.marks] == measured.stdout.splitlines() == [
+        "Predicting part 1 of 2 ...", "Predicting part 2 of 2 ...", "  Predicted in 1.20s"]
+    times = [at for at, _ in measured.marks]
+    assert times == sorted(times) and times[-1] <= measured.seconds
+    assert measured.peak_rss_mb >= 200  # the 200 MB block, written (bytearray zeroes it)
+    if measured.peak_tree_mb is not None:  # sampled while it slept (where /proc exists)
+        assert measured.peak_tree_mb >= 200
+    seconds = whole_run.part_seconds(measured.marks, ["organs", "ribs"])
+    assert list(seconds) == ["organs", "ribs"]
+    assert seconds["organs"] == pytest.approx(times[1] - times[0]) and seconds["ribs"] == pytest.approx(
+        times[2] - times[1])
+
+
+def test_the_compression_lines_of_a_default_mode_run_are_read_per_part():
+    folders = {"organs": "Dataset291_A", "ribs": "Dataset295_B"}
+    stderr = (
+        "nnunet-tucker: rank_ratio=0.3 policy=profiled: calibrating on the first case this run segments (once per "
+        "model) [/h/Dataset291_A/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres]\n"
+        "nnunet-tucker: profiled 120 layer forms on cpu in 13.3 s (cached in /c/profile-1.json)\n"
+        "nnunet-tucker: rank_ratio=0.3 policy=profiled: 40/52 convolutions decomposed, parameters 31M → 3M; "
+        "self-calibrated on s01, 2 patch(es); decomposed 1 fold(s) in 97.0 s "
+        "[/h/Dataset291_A/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres]\n"
+        "some other line [/h/Dataset295_B/x]\n"
+        "nnunet-tucker: rank_ratio=0.3 policy=profiled: 40/52 convolutions decomposed, parameters 31M → 3M; "
+        "self-calibrated on s01, 2 patch(es), at 2026-12-07T03:04:09+00:00, from the cache; cache hit "
+        "[/h/Dataset295_B/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres]\n")
+    assert whole_run.compression_lines(stderr, folders) == {
+        "compression_seconds": {"organs": 97.0, "ribs": 0.0},
+        "profile": {"layer_forms_timed": 120, "seconds": 13.3}}
+    assert whole_run.compression_lines("", folders) == {"compression_seconds": {},
+                                                         "profile": {"layer_forms_timed": 0, "seconds": 0.0}}
+
+
+def test_the_default_mode_table_sets_first_runs_against_first_runs_and_later_against_later():
+    def run(variant, index, seconds, compression):
+        stages = dict(zip(TOTALSEG_STAGES, (1.0, 2.0, seconds - 4.0, 1.0), strict=True))
+        return {"variant": variant, "round": index, "run": "first" if index == 0 else "later", "seconds": seconds,
+                "cpu_seconds": 1.5 * seconds,
+                "stages": stages, "parts": {"organs": seconds / 2, "ribs": seconds / 2},
+                "compression_seconds": compression, "profile": {"layer_forms_timed": 0, "seconds": 0.0},
+                "peak_rss_mb": 1000.0 + seconds, "peak_tree_mb": None}
+
+    records = [run("original", 0, 100.0, {}), run("ratio 0.3", 0, 80.0, {"organs": 30.0, "ribs": 20.0}),
+               run("original", 1, 90.0, {}), run("ratio 0.3", 1, 30.0, {"organs": 0.0, "ribs": 0.0}),
+               run("original", 2, 94.0, {}), run("ratio 0.3", 2, 34.0, {"organs": 0.0, "ribs": 0.0})]
+    rows = whole_run.summarize_default_mode(records)
+    assert [(r["variant"], r["run"], r["runs"]) for r in rows] == [
+        ("original", "first", 1), ("ratio 0.3", "first", 1), ("original", "later", 2), ("ratio 0.3", "later", 2)]
+    assert [r["seconds"] for r in rows] == [100.0, 80.0, 92.0, 32.0]
+    assert [r["speedup"] for r in rows] == pytest.approx([1.0, 1.25, 1.0, 92.0 / 32.0])
+    assert rows[3]["parts"] == {"organs": 16.0, "ribs": 16.0} and rows[3]["peak_rss_mb"] == 1034.0
+    table = whole_run.default_mode_markdown("five parts", rows)
+    stages = "| 1.0 | 2.0 | 76.0 | 1.0 | 80.0 | 1.25x | 120 | 1.05 GB | n/a |"  # whole run, CPU s, memory
+    assert f"| ratio 0.3 | first (self-calibration) {stages}" in table
+    assert "| ratio 0.3 | later (median of 2) | 1.0 | 2.0 | 28.0 | 1.0 | 32.0 | 2.88x | 48 | 1.01 GB | n/a |" in table
+    assert "| ratio 0.3 | first | 40.0 (30.0) | 40.0 (20.0) |" in table  # per part, of which self-calibration

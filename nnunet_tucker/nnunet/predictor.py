@@ -45,6 +45,10 @@ from .calibration_images import (
 from .pipeline import speed_up_pipeline
 
 logger = logging.getLogger("nnunet_tucker")
+# The models this process has self-calibrated, in order: a run of several models (TotalSegmentator's default
+# mode loads five, one after the other, each with its own predictor) calibrates each on its first case in turn,
+# and no predictor knows how many will follow, so progress counts those begun.
+_SELF_CALIBRATED: list[str] = []
 
 
 def _ensure_visible_logging() -> None:
@@ -122,9 +126,12 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
         compressed = _from_stored_self_calibration(predictor, config, source, record)
         if compressed is None:
             predictor._tucker_pending = (config, source, report_file, record)
-            logger.info("%s: calibrating on the first case this run segments (once per model; set "
-                        "TUCKER_CALIBRATION to a folder of images to choose others, or to 'none' for the weights "
-                        "alone)", config.describe())
+            # nnU-Net's worker processes would start for this first case too: the faster pipeline from now on
+            speed_up_pipeline(predictor)
+            hint = "" if _SELF_CALIBRATED else ("; set TUCKER_CALIBRATION to a folder of images to choose others, "
+                                                "or to 'none' for the weights alone")
+            logger.info("%s: calibrating on the first case this run segments (once per model%s)%s",
+                        config.describe(), hint, f" [{source}]" if source else "")
             return None
         return _apply(predictor, *compressed, source, report_file)
     if config.weights_only:
@@ -151,6 +158,10 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
             report, converted = compressed
         else:
             patches = first_case_patches(data, predictor, config.patches(first_case=True), case)
+            _SELF_CALIBRATED.append(model_name(predictor, source))
+            logger.info("self-calibrating %s (model %d in this process) on %s: %d patch(es) of %s, once per model",
+                        _SELF_CALIBRATED[-1], len(_SELF_CALIBRATED), case, len(patches),
+                        "×".join(map(str, patches.shape[2:])))
             info = {"on": "first case", "case": case, "patches": len(patches),
                     "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             calibration = Calibration(patches_digest(patches), lambda: patches, info)
@@ -158,6 +169,17 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
             store_json(record, {"key": calibration.key, "info": info})
     predictor._tucker_pending = None
     return _apply(predictor, report, converted, source, report_file)
+
+
+def model_name(predictor: nnUNetPredictor, source: str | None) -> str:
+    """A model's name for progress lines: the dataset folder of an nnU-Net model folder
+    (``Dataset292_.../nnUNetTrainer__nnUNetPlans__3d_fullres`` gives ``Dataset292_...``), another folder's own
+    name, or the plans' dataset name for a model not loaded from a folder."""
+    if source:
+        folder = Path(source)
+        return folder.parent.name if folder.name.count("__") == 2 and folder.parent.name else folder.name
+    plans = predictor.plans_manager.plans if predictor.plans_manager is not None else {}
+    return str(plans.get("dataset_name") or "the model")
 
 
 def _apply(predictor: nnUNetPredictor, report: CompressionReport, converted: list, source: str | None,
