@@ -59,6 +59,9 @@ class ChannelStatistics:
         return Whitening.of(self.input_cov, self.output_fisher, self.spatial_corr)
 
 
+CHUNK_ELEMENTS = 1 << 22  # the size of the statistics' temporaries (16 MB of float32)
+
+
 class _Accumulator:
     """Running sums for one convolution; the spatial correlation from lag products along each axis."""
 
@@ -73,17 +76,29 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().flatten(2).float()  # (n, C, V)
-        centred = flat - flat.mean(dim=2, keepdim=True)
-        self.input_cov += torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
+        mean = flat.mean(dim=2, keepdim=True)
         self.input_sum += flat.sum(dim=(0, 2)).double().cpu()
         self.voxels += flat.shape[0] * flat.shape[2]
+        # centred a chunk at a time: temporaries of CHUNK_ELEMENTS, not of the whole input (a 128³ full-resolution
+        # input of a decoder stage is 0.5 GB)
+        for part in flat.split(max(1, CHUNK_ELEMENTS // (flat.shape[0] * flat.shape[1])), dim=2):
+            centred = part - mean
+            self.input_cov += torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
         if self.transposed:
             return
-        centred = centred.view_as(x)
+        centre = mean.view(*mean.shape[:2], *[1] * (x.ndim - 2))
+        per_chunk = max(1, CHUNK_ELEMENTS // math.prod(x.shape[2:]))
+        for sample in range(x.shape[0]):
+            for first in range(0, x.shape[1], per_chunk):
+                channels = slice(first, first + per_chunk)
+                self._add_lags(x[sample:sample + 1, channels].detach().float() - centre[sample:sample + 1, channels])
+
+    def _add_lags(self, centred: torch.Tensor) -> None:
+        """Lag products along each axis of `centred` (1, c, *spatial), some of the channels."""
         squares = centred.square()
         total = float(squares.sum())
         for axis, (k, d) in enumerate(zip(self.kernel, self.dilation, strict=True)):
-            dim, n = 2 + axis, x.shape[2 + axis]
+            dim, n = 2 + axis, centred.shape[2 + axis]
             for lag in range(d, min((k - 1) * d, n - 1) + 1, d):
                 a, b = centred.narrow(dim, 0, n - lag), centred.narrow(dim, lag, n - lag)
                 # Σa² and Σb²: the total less the `lag` slices each leaves out (one pass less each)
@@ -178,8 +193,10 @@ def _probed_pass(network: nn.Module, batch: torch.Tensor, regions: bool, generat
     with torch.enable_grad():
         output = network(x)
         logits = output[0] if isinstance(output, (list, tuple)) else output
-        for i, v in enumerate(fisher_probes(logits, regions, generator, probes)):
-            torch.autograd.grad(logits, x, grad_outputs=v, retain_graph=i + 1 < probes)
+        del output
+        directions = list(fisher_probes(logits, regions, generator, probes))  # its softmax freed before the backward
+        while directions:
+            torch.autograd.grad(logits, x, grad_outputs=directions.pop(0), retain_graph=bool(directions))
 
 
 def collect_statistics(
@@ -214,7 +231,8 @@ class ResponseStatistics:
 @dataclass(frozen=True)
 class SampledOutputs:
     """The original output of one convolution at positions drawn from one patch: `coords` (one index
-    tensor per spatial axis), `outputs` (S, C_out) and `weights` (S,) how much an error there costs."""
+    tensor per spatial axis), `outputs` (S, C_out; float32, as the network computes them) and `weights` (S,)
+    how much an error there costs."""
 
     coords: tuple[torch.Tensor, ...]
     outputs: torch.Tensor
@@ -309,7 +327,7 @@ class _TargetHooks:
         coords = torch.unravel_index(chosen, spatial)
         index = (0, slice(None), *(c.to(output.device) for c in coords))
         fisher = torch.zeros(len(chosen), dtype=torch.float64)
-        self.sampled[name].append((coords, output[index].T.detach().double().cpu(), fisher))
+        self.sampled[name].append((coords, output[index].T.detach().float().cpu(), fisher))
 
         def add_gradient(g: torch.Tensor) -> None:
             fisher.add_(g[index].square().sum(dim=0).double().cpu())

@@ -6,7 +6,8 @@ layer of every tile writes into memory the kernel must first map and zero page b
 a forward pass on few cores (benchmarks/results/speed_cpu_2cores.md). `reuse_freed_memory` asks glibc to
 serve such requests from its heap and to keep what is freed there for the next tile: the same bytes, used
 again. The price is memory: freed blocks stay with the process (until it exits) and the heap fragments, so
-the peak resident size is higher, though it does not grow from case to case.
+the peak resident size is higher, though it does not grow from case to case. One-off work whose buffers
+differ in size from a forward pass's (calibration) runs with large buffers returned (`large_buffers_returned`).
 ``TUCKER_MALLOC=default`` leaves glibc's behaviour alone.
 """
 
@@ -16,6 +17,8 @@ import ctypes
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +27,15 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _KEEP = -1  # the free top of the heap is returned above this size: glibc stores it as a size_t, so -1 is never
 # (a C int's largest, 2 GiB, is less than a 3 mm forward pass frees at once: its next tile would fault the rest in)
 _TOP_PAD = 256 << 20  # grow the heap in steps of at least this much (address space only until touched)
+_MMAP_MAX_DEFAULT = 65536  # glibc's own
 _applied = False
+_mallopt = None
 
 
 def reuse_freed_memory() -> bool:
     """Serve large allocations from glibc's heap and keep freed memory for reuse, once per process.
     Returns whether the setting is in effect (False off glibc, or with ``TUCKER_MALLOC=default``)."""
-    global _applied
+    global _applied, _mallopt
     if _applied:
         return True
     if os.environ.get("TUCKER_MALLOC", "").strip().lower() == "default" or not sys.platform.startswith("linux"):
@@ -43,6 +48,7 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _applied = bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _KEEP) and mallopt(_M_TOP_PAD, _TOP_PAD))
+    _mallopt = mallopt if _applied else None
     if _applied:
         logger.debug("glibc malloc: large buffers from the heap, freed memory kept for reuse (TUCKER_MALLOC=default "
                      "to leave it alone)")
@@ -52,3 +58,19 @@ def reuse_freed_memory() -> bool:
 def freed_memory_reused() -> bool:
     """Whether `reuse_freed_memory` is in effect in this process."""
     return _applied
+
+
+@contextmanager
+def large_buffers_returned() -> Iterator[None]:
+    """Within: large buffers mapped afresh and returned to the system when freed, as glibc does by default,
+    where `reuse_freed_memory` is in effect (else nothing changes). For one-off work such as calibration: its
+    many buffers of other sizes than a forward pass's would stay with the process for good, fragmenting the
+    kept heap (a 1.5 mm TotalSegmentator model's first run held ~7 GB after calibrating, not ~4)."""
+    if _mallopt is None:
+        yield
+        return
+    _mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+    try:
+        yield
+    finally:
+        _mallopt(_M_MMAP_MAX, 0)

@@ -10,6 +10,7 @@ from networks import build, scaled_error
 from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
+from nnunet_tucker import calibrate as calibrate_module
 from nnunet_tucker.calibrate import (
     GRAM_BLOCKS_FROM,
     POSITION_WEIGHT_SHARE,
@@ -163,7 +164,7 @@ def test_refit_targets_hold_the_outputs_and_weigh_uncertain_positions_up():
     for target, patch in zip(targets["0"], x, strict=True):
         assert target.outputs.shape == (100, 2)
         with torch.no_grad():
-            expected = conv(patch[None])[(0, slice(None), *target.coords)].T.double()
+            expected = conv(patch[None])[(0, slice(None), *target.coords)].T
         assert torch.allclose(target.outputs, expected)
     weights = torch.cat([t.weights for t in targets["0"]])
     certain = torch.cat([t.coords[1] >= 4 for t in targets["0"]])
@@ -195,6 +196,19 @@ def test_one_pass_gives_both_statistics_and_targets():
             assert all(torch.equal(c, d) for c, d in zip(mine.coords, theirs.coords, strict=True))
             assert scaled_error(mine.outputs, theirs.outputs) < 1e-6
             assert scaled_error(mine.weights, theirs.weights) < 1e-6  # the same probes
+
+
+def test_statistics_taken_a_chunk_at_a_time_equal_those_of_the_whole_input(monkeypatch):
+    network, shape = build("plain3d")
+    x = F.avg_pool3d(torch.randn(2, *shape[1:]), 3, 1, 1)
+    monkeypatch.setattr(calibrate_module, "CHUNK_ELEMENTS", 1 << 40)  # one chunk per input
+    whole = collect_statistics(network, x)
+    monkeypatch.setattr(calibrate_module, "CHUNK_ELEMENTS", 100)  # several positions and channels per chunk
+    chunked = collect_statistics(network, x)
+    for name, s in whole.items():
+        for mine, theirs in ((chunked[name].input_cov, s.input_cov), (chunked[name].spatial_corr, s.spatial_corr),
+                             (chunked[name].input_mean, s.input_mean)):
+            assert scaled_error(mine, theirs) < 1e-5, name
 
 
 def _reference_features(conv: nn.Module, z: torch.Tensor, coords: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -492,7 +506,8 @@ def _refit_layer_by_layer(data, plan, refit, decomposed, errors, statistics, sta
                 with torch.no_grad(), pytest.raises(_Reached) as reached:
                     compressed(patch)
                 z = torch.einsum("ri,ni...->nr...", first, reached.value.x)[0]
-                f, t, w = _features(conv, z, list(target.coords)).double(), target.outputs, target.weights[:, None]
+                f, t = _features(conv, z, list(target.coords)).double(), target.outputs.double()
+                w = target.weights[:, None]
                 fc, tc = f - (w * f).sum(dim=0) / w.sum(), t - (w * t).sum(dim=0) / w.sum()
                 sums.append(((w * fc).T @ fc, (w * tc).T @ fc, f.sum(dim=0), t.sum(dim=0), w.sum(), len(f)))
             handle.remove()

@@ -11,8 +11,8 @@ import pytest
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
 
 _PROBE = r"""
-import ctypes, json, sys
-from nnunet_tucker.memory import reuse_freed_memory
+import contextlib, ctypes, json, sys
+from nnunet_tucker.memory import large_buffers_returned, reuse_freed_memory
 
 libc = ctypes.CDLL(None)
 if not hasattr(libc, "mallinfo"):  # not glibc (musl)
@@ -29,22 +29,25 @@ mallinfo.restype = MallInfo
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
 applied = reuse_freed_memory()
-before = mallinfo()
-buffer = libc.malloc(int(sys.argv[1]))  # address space only: never touched
-during = mallinfo()
-libc.free(buffer)
-after = mallinfo()
+within = large_buffers_returned() if sys.argv[2:] == ["returned"] else contextlib.nullcontext()
+with within:
+    before = mallinfo()
+    buffer = libc.malloc(int(sys.argv[1]))  # address space only: never touched
+    during = mallinfo()
+    libc.free(buffer)
+    after = mallinfo()
+again = libc.malloc(int(sys.argv[1]))  # after the context: as set before it
 print(json.dumps({"applied": applied, "allocated": bool(buffer), "mapped": during.hblkhd - before.hblkhd,
-                  "kept": after.fordblks}))
+                  "kept": after.fordblks, "mapped_after": mallinfo().hblkhd - after.hblkhd}))
 """
 
 
-def _probe(env_extra: dict, size: int = 64 << 20) -> dict:
-    """The probe's numbers for a buffer of `size` bytes, in a fresh interpreter; skips where the C library
-    is not glibc."""
+def _probe(env_extra: dict, size: int = 64 << 20, *mode: str) -> dict:
+    """The probe's numbers for a buffer of `size` bytes, in a fresh interpreter (`mode` "returned": within
+    `large_buffers_returned`); skips where the C library is not glibc."""
     env = {**os.environ, "TUCKER_HOOK": "0", **env_extra}
-    result = subprocess.run([sys.executable, "-c", _PROBE, str(size)], env=env, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([sys.executable, "-c", _PROBE, str(size), *mode], env=env, capture_output=True,
+                            text=True, check=True)
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     if probe is None:
         pytest.skip("not glibc")
@@ -68,6 +71,14 @@ def test_buffers_beyond_2_gib_stay_too():
     if not probe["allocated"]:
         pytest.skip("the system does not lend this much address space")
     assert probe["mapped"] < 1 << 20 and probe["kept"] >= size
+
+
+@glibc_only
+def test_one_off_work_returns_its_large_buffers_and_the_heap_is_kept_again_after():
+    probe = _probe({"TUCKER_MALLOC": ""}, 64 << 20, "returned")
+    assert probe["applied"] is True
+    assert probe["mapped"] >= 64 << 20 and probe["kept"] < 64 << 20  # mapped afresh, returned on free
+    assert probe["mapped_after"] < 1 << 20  # from the heap again
 
 
 @glibc_only

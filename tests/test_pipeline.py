@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import pickle
+from multiprocessing.pool import ThreadPool
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +17,7 @@ from nnunet_tucker.config import TuckerConfig
 from nnunet_tucker.nnunet.pipeline import (
     FastArgmaxLabelManager,
     FastArgmaxPlansManager,
+    _exports_on_threads,
     first_argmax,
     nnunet_pipeline,
     speed_up_pipeline,
@@ -87,6 +91,18 @@ def test_export_workers_get_the_fast_argmax_and_it_can_be_undone():
     assert "_internal_predict_sliding_window_return_logits" not in vars(predictor)
 
 
+def test_exports_on_threads_give_nnunet_a_pool_of_this_process_for_the_call_only():
+    import nnunetv2.inference.predict_from_raw_data as nnunet_prediction
+
+    with _exports_on_threads():
+        seen = nnunet_prediction.multiprocessing
+        with seen.get_context("spawn").Pool(2) as pool:
+            result = pool.apply_async(os.getpid)
+            assert result.get(timeout=10) == os.getpid() and all(w.is_alive() for w in pool._pool)
+        assert seen.TimeoutError is multiprocessing.TimeoutError  # the rest is the real module's
+    assert nnunet_prediction.multiprocessing is multiprocessing and isinstance(pool, ThreadPool)
+
+
 def test_an_uncompressed_predictor_keeps_nnunets_pipeline():
     predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=False)
     predictor.initialize_from_trained_model_folder(str(demo_model_folder()), (0,), "checkpoint_final.pth")
@@ -94,7 +110,8 @@ def test_an_uncompressed_predictor_keeps_nnunets_pipeline():
     assert "_internal_predict_sliding_window_return_logits" not in vars(predictor)
 
 
-def test_one_case_from_files_is_preprocessed_here_with_one_export_worker(tmp_path, monkeypatch):
+def test_one_case_from_files_is_preprocessed_and_exported_in_this_process(tmp_path, monkeypatch):
+    import nnunetv2.inference.predict_from_raw_data as nnunet_prediction
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_tucker.tools.synthetic import write_nifti
@@ -106,7 +123,8 @@ def test_one_case_from_files_is_preprocessed_here_with_one_export_worker(tmp_pat
     original = nnUNetPredictor.predict_from_data_iterator
 
     def spy(self, data_iterator, *args, **kwargs):
-        calls.append((data_iterator.__name__, args))
+        spawns = nnunet_prediction.multiprocessing.get_context("spawn").Pool  # what nnU-Net exports with
+        calls.append((data_iterator.__name__, args, getattr(spawns, "__self__", None)))
         return original(self, data_iterator, *args, **kwargs)
 
     monkeypatch.setattr(nnUNetPredictor, "predict_from_data_iterator", spy)
@@ -116,7 +134,10 @@ def test_one_case_from_files_is_preprocessed_here_with_one_export_worker(tmp_pat
     nnunet_pipeline(predictor)
     predictor.predict_from_files(str(tmp_path / "in"), str(tmp_path / "nnunet"), num_processes_preprocessing=1,
                                  num_processes_segmentation_export=1)
-    assert calls == [("_preprocessed_here", (False, 1)), ("preprocessing_iterator_fromfiles", (False, 1))]
-    assert "_tucker_cases" not in vars(predictor)
+    (fast_iterator, fast_args, fast_pool), (nnunet_iterator, nnunet_args, nnunet_pool) = calls
+    assert (fast_iterator, fast_args, nnunet_iterator, nnunet_args) == (
+        "_preprocessed_here", (False, 1), "preprocessing_iterator_fromfiles", (False, 1))
+    assert fast_pool is None and isinstance(nnunet_pool, multiprocessing.context.SpawnContext)  # threads, processes
+    assert "_tucker_cases" not in vars(predictor) and nnunet_prediction.multiprocessing is multiprocessing
     fast, reference = (np.asarray(nib.load(tmp_path / d / "case.nii.gz").dataobj) for d in ("fast", "nnunet"))
     assert np.array_equal(fast, reference) and len(np.unique(reference)) > 2

@@ -11,9 +11,10 @@ in fewer passes over memory or with fewer processes:
 - the segmentation is numpy's ``argmax`` over the fp16 channels; a running maximum over the channels
   (`first_argmax`) reads each channel once, in torch.
 - `predict_from_files` starts worker processes, each a fresh interpreter that imports torch and nnU-Net
-  before it does any work: one to preprocess even a single case, and as many exporters as asked for
-  (TotalSegmentator asks for 6) even for one case. Here a single case is preprocessed in this process
-  (by nnU-Net's own function), and there are no more export workers than cases.
+  before it does any work (seconds on a small machine): one to preprocess even a single case, and as many
+  exporters as asked for (TotalSegmentator asks for 6) even for one case. Here a single case is preprocessed
+  and exported in this process (by nnU-Net's own functions; the export on a thread of nnU-Net's pool), and
+  several cases get no more export workers than cases.
 - every feature map and logits buffer above 32 MB would be a fresh ``mmap`` that the kernel zeroes page
   by page (`memory.reuse_freed_memory` keeps freed memory for reuse instead; process-wide, on the CPU).
 
@@ -40,12 +41,16 @@ How, and why not as the start-up hook wraps nnU-Net's predictor class (docs/nnun
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import queue
 import threading
 import types
 from collections.abc import Iterator
+from multiprocessing.pool import ThreadPool
 from typing import Any
 
+import nnunetv2.inference.predict_from_raw_data as nnunet_prediction
 import numpy as np
 import torch
 from nnunetv2.configuration import default_num_processes
@@ -148,8 +153,8 @@ def _preprocessed_here(self: nnUNetPredictor, *lists: Any) -> Iterator[dict]:
 def _predict_from_data_iterator(self: nnUNetPredictor, data_iterator: Any, *args: Any, **kwargs: Any):
     """nnU-Net's (or TotalSegmentator's) method with no more export workers than cases, when the cases are
     known (`predict_from_files`): each worker is a fresh interpreter that imports torch and nnU-Net, which
-    on a small machine costs the prediction more than an idle worker could ever give back. nnU-Net caps
-    its preprocessing workers so."""
+    on a small machine costs the prediction more than an idle worker could ever give back (nnU-Net caps
+    its preprocessing workers so). A single case is exported in this process (`_exports_on_threads`)."""
     cases = vars(self).pop("_tucker_cases", None)
     if cases is not None:
         args = list(args)
@@ -158,7 +163,54 @@ def _predict_from_data_iterator(self: nnUNetPredictor, data_iterator: Any, *args
         else:
             requested = kwargs.get("num_processes_segmentation_export", default_num_processes)
             kwargs["num_processes_segmentation_export"] = max(1, min(requested, cases))
-    return getattr(type(self), _PREDICT_FROM_ITERATOR)(self, data_iterator, *args, **kwargs)
+    with _exports_on_threads() if cases == 1 else contextlib.nullcontext():
+        return getattr(type(self), _PREDICT_FROM_ITERATOR)(self, data_iterator, *args, **kwargs)
+
+
+class _ThreadPoolContext:
+    """A multiprocessing context whose ``Pool`` is a thread pool of this process (what it needs of a pool
+    nnU-Net's prediction methods use: ``apply_async``, results, ``_pool`` of workers that say
+    ``is_alive``); anything else is the real context's."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    @staticmethod
+    def Pool(processes: int | None = None, initializer: Any = None, initargs: tuple = (), **_: Any) -> ThreadPool:  # noqa: N802
+        return ThreadPool(processes, initializer, initargs)
+
+
+class _ThreadPoolMultiprocessing:
+    """The `multiprocessing` module with `_ThreadPoolContext` contexts."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(multiprocessing, name)
+
+    @staticmethod
+    def get_context(method: str | None = None) -> _ThreadPoolContext:
+        return _ThreadPoolContext(multiprocessing.get_context(method))
+
+
+_SWAP_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _exports_on_threads() -> Iterator[None]:
+    """Within: the export pool that nnU-Net's prediction methods (and TotalSegmentator's copy of them) start
+    as ``multiprocessing.get_context("spawn").Pool(n)`` of nnU-Net's module is a thread pool of this process:
+    the same export functions, called the same way, without starting an interpreter (which imports torch and
+    nnU-Net first: ~5 s per model on 2 cores) or pickling the logits to it. nnU-Net's module is given this
+    view of `multiprocessing` for the call only (docs/nnunet-integration.md)."""
+    with _SWAP_LOCK:
+        seen = nnunet_prediction.multiprocessing
+        nnunet_prediction.multiprocessing = _ThreadPoolMultiprocessing()
+        try:
+            yield
+        finally:
+            nnunet_prediction.multiprocessing = seen
 
 
 _METHODS = {_SLIDING_WINDOW: _sliding_window_logits, _ITERATOR_FROM_FILES: _data_iterator_from_files,

@@ -29,6 +29,7 @@ from ..calibrate import calibrate
 from ..compress import compress_network
 from ..config import TuckerConfig, default_cache_dir, read_env, read_plans, report_path, resolve_config
 from ..files import atomic_write, file_lock
+from ..memory import large_buffers_returned
 from ..plan import LayerPlan, plan_compression, unwrap
 from ..plan.timing import LayerTimer
 from ..report import CompressionReport
@@ -298,7 +299,8 @@ def compress_folds(
     statistics: list[dict | None] = [None] * len(folds)
     refit_on: list[Callable | None] = [None] * len(folds)
     if calibration is not None:
-        statistics, targets = _calibration_statistics(predictor, network, folds, calibration, cache)
+        with large_buffers_returned():
+            statistics, targets = _calibration_statistics(predictor, network, folds, calibration, cache)
         seconds["statistics"] = time.perf_counter() - start
         regions = predictor.label_manager.has_regions
         refit_on = [_network_with(network, state, calibration.patches, regions, sampled)
@@ -309,8 +311,9 @@ def compress_folds(
     seconds["planning"] = time.perf_counter() - planned
     fitted = time.perf_counter()
     try:
-        converted = [converted_weights(cache, state, plan, config.hooi_iterations, stats, refit)
-                     for state, stats, refit in zip(folds, statistics, refit_on, strict=True)]
+        with large_buffers_returned():
+            converted = [converted_weights(cache, state, plan, config.hooi_iterations, stats, refit)
+                         for state, stats, refit in zip(folds, statistics, refit_on, strict=True)]
     finally:
         network.load_state_dict(folds[0])
     seconds["fitting"] = time.perf_counter() - fitted
