@@ -209,21 +209,26 @@ def _normalizing_gemm(x: torch.Tensor, weight: torch.Tensor, norm: FusedInstance
 
 
 def normalized_activated(x: torch.Tensor, weight: torch.Tensor, norm: FusedInstanceNorm,
-                         activation: nn.Module) -> torch.Tensor:
-    """`activation`(InstanceNorm(1x1 conv of `x` (n, R, *spatial) with `weight` (C, R, 1...))), channels-first,
-    a chunk of positions at a time: the shift is the product's start and the activation acts on each chunk
-    while it is in cache (on CPUs faster than a product, a pass to add the shift and one to activate).
-    `activation` must act on each value alone."""
+                         activation: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`activation`(InstanceNorm(1x1 conv of `x` (n, R, *spatial) with `weight` (C, R, 1...)) + `residual`),
+    channels-first, a chunk of positions at a time: the shift (plus the `residual` (n, C, *spatial), any memory
+    layout: a residual block's skip) is the product's start and the activation acts on each chunk while it is
+    in cache (on CPUs faster than a product, then a pass for each). `activation` must act on each value alone."""
     w = weight.flatten(1).double()
     products = []
-    for sample in x:
+    for n, sample in enumerate(x):
         positions = _positions_by_channels(sample)  # (V, R)
+        skip = None if residual is None else _positions_by_channels(residual[n]).t()  # (C, V), a view
         scaled, shift = _normalization(positions, w, norm)
         scaled, shift = scaled.to(positions.dtype), shift.to(positions.dtype)[:, None]
         out = positions.new_empty(w.shape[0], positions.shape[0])  # out= products: the operands' dtype
         for start in range(0, positions.shape[0], OUTPUT_CHUNK):
-            chunk = out[:, start:start + OUTPUT_CHUNK]
-            activated = activation(torch.addmm(shift, scaled, positions[start:start + OUTPUT_CHUNK].t(), out=chunk))
+            rows = slice(start, start + OUTPUT_CHUNK)
+            if skip is None:
+                chunk = torch.addmm(shift, scaled, positions[rows].t(), out=out[:, rows])
+            else:  # the skip plus the shift as the product's start: a pass less than adding it after
+                chunk = torch.add(skip[:, rows], shift, out=out[:, rows]).addmm_(scaled, positions[rows].t())
+            activated = activation(chunk)
             if activated is not chunk:  # an activation that is not in place
                 chunk.copy_(activated)
         products.append(out)

@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 from networks import build, scaled_error
+from torch import nn
 
 from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.counting import count_macs, count_params
@@ -187,10 +188,12 @@ def test_stacked_decomposed_blocks_chain_their_rank_space_maps_at_inference(monk
     assert not chained
 
 
-def test_compressed_network_runs_under_autocast():
+@pytest.mark.parametrize("architecture", ["plain3d", "resenc3d"])
+def test_compressed_network_runs_under_autocast(architecture):
     """nnU-Net autocasts to fp16 on CUDA; CPU autocast to bfloat16 takes the same paths (the skip-reading
-    decoder's in-place product included) and must give the fp32 result to bfloat16 precision."""
-    net, shape = build("plain3d")
+    decoder's and the residual blocks' in-place products included) and must give the fp32 result to bfloat16
+    precision."""
+    net, shape = build(architecture)
     x = torch.randn(shape)
     compress_network(net, TuckerConfig(0.3, policy="paper", rank_min=4), shape)
     net.eval()
@@ -200,3 +203,95 @@ def test_compressed_network_runs_under_autocast():
             out = net(x)
     assert out.dtype == torch.bfloat16
     assert scaled_error(out.float(), reference) < 0.05
+
+
+def _close(actual, expected, tolerance=1e-5):
+    """Equal up to float rounding, relative to the output's scale."""
+    return torch.allclose(actual, expected, rtol=0, atol=tolerance * float(expected.abs().max()))
+
+
+def _plain_output(net, x, monkeypatch):
+    """`net`(x) with each decomposed layer as its three convolutions, each norm on its own and nnU-Net's own
+    block forwards (training mode, no forms; these networks have no dropout)."""
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(TuckerConv, "forward", lambda self, z: self.last(self.core(self.first(z))))
+        out = net.train()(x)
+    net.eval()
+    return out
+
+
+@pytest.fixture
+def counted_forms(monkeypatch):
+    """Calls of the chained GEMM and of the chunked output pass ("residual" where it adds a skip)."""
+    from nnunet_tucker import layers
+    from nnunet_tucker.swap import forms
+
+    monkeypatch.setattr(layers, "FUSED_CHUNK", 1000)  # several chunks, the last one short
+    monkeypatch.setattr(layers, "OUTPUT_CHUNK", 700)
+    calls = []
+    fused, chunked = layers.normalized_activated_gemm, layers.normalized_activated
+    monkeypatch.setattr(forms, "normalized_activated_gemm", lambda *a: calls.append("chained") or fused(*a))
+    monkeypatch.setattr(forms, "normalized_activated", lambda *a: calls.append(
+        "residual" if len(a) > 4 and a[4] is not None else "output") or chunked(*a))
+    return calls
+
+
+def test_residual_blocks_chain_and_add_their_skip_in_the_output_pass(monkeypatch, counted_forms):
+    """ResEnc's `BasicBlockD`s with both convolutions decomposed: conv1 hands conv2 its rank-space map, conv2
+    adds the skip (identity, or pooled 1x1 projection + norm in strided blocks) and activates in its output
+    pass; the plain result (activations in place or not); as before with grad, hooked or training."""
+    from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+
+    from nnunet_tucker.layers import PointwiseConv
+    from nnunet_tucker.swap.forms import ChainedResidualBlock
+
+    net, shape = build("resenc3d")
+    x = torch.randn(shape)
+    compress_network(net, TuckerConfig(0.5, policy="paper", rank_min=4), shape)
+    blocks = [m for m in net.modules() if isinstance(m, BasicBlockD)]
+    assert blocks and all(type(b) is ChainedResidualBlock for b in blocks)
+    projected = [b for b in blocks if isinstance(b.skip, nn.Sequential)]
+    assert 0 < len(projected) < len(blocks)  # identity skips too
+    assert all(isinstance(b.skip[-1].conv, PointwiseConv) and max(b.stride) > 1 for b in projected)
+    assert all(isinstance(c, TuckerConv) for b in blocks for c in (b.conv1.conv, b.conv2.conv))
+    stacks = len(net.decoder.stages) + 1  # one-block stacks (stem, decoder): their output pass
+    for inplace in (True, False):
+        for b in blocks:
+            b.conv1.nonlin.inplace = b.nonlin2.inplace = inplace
+        reference = _plain_output(net, x, monkeypatch)
+        counted_forms.clear()
+        with torch.no_grad():
+            out = net(x)
+        assert sorted(counted_forms) == sorted(["chained", "residual"] * len(blocks) + ["output"] * stacks)
+        assert _close(out, reference)
+    counted_forms.clear()
+    with torch.enable_grad():  # the plain forms, decoder included
+        assert _close(net(x).detach(), reference) and not counted_forms
+    seen = []
+    blocks[0].conv2.conv.register_forward_hook(lambda m, args, y: seen.append(1))
+    projected[0].nonlin2.register_forward_hook(lambda m, args, y: seen.append(2))
+    with torch.no_grad():
+        assert _close(net(x), reference)
+    assert seen == [1, 2]
+    assert counted_forms.count("chained") == len(blocks) - 1  # the hooked conv2 runs whole
+    assert counted_forms.count("residual") == len(blocks) - 2  # ... and so does the hooked activation's sum
+    counted_forms.clear()
+    net.train()
+    with torch.no_grad():
+        net(x)
+    assert not counted_forms
+
+
+def test_residual_block_with_one_decomposed_conv_keeps_what_applies(monkeypatch, counted_forms):
+    """conv2 kept: conv1's output pass is chunked, the sum as nnU-Net does it; conv1 kept: conv2 adds the skip."""
+    net, shape = build("resenc3d")
+    x = torch.randn(shape)
+    kept = ("encoder.stages.1.blocks.0.conv2.conv", "encoder.stages.2.blocks.1.conv1.conv")
+    compress_network(net, TuckerConfig(0.5, policy="paper", rank_min=4, exclude=kept), shape)
+    blocks = [m for m in net.modules() if type(m).__name__ == "ChainedResidualBlock"]
+    reference = _plain_output(net, x, monkeypatch)
+    with torch.no_grad():
+        out = net(x)
+    assert _close(out, reference)
+    assert counted_forms.count("chained") == len(blocks) - 2
+    assert counted_forms.count("residual") == len(blocks) - 1

@@ -28,7 +28,7 @@ class ScriptedTimer(LayerTimer):
             self.timings[keys[c]] = self.seconds_of(conv, c)
         self.measured += len(candidates)
 
-    def pair_seconds(self, conv, input_shape, ranks, following, following_ranks, activation):
+    def pair_seconds(self, conv, input_shape, ranks, following, following_ranks, activation, end=None):
         self.pairs += 1
         return {(a, b): self.seconds_of(conv, a) + self.seconds_of(following, b) - (self.chain_saving if a and b else 0)
                 for a in (None, ranks) for b in (None, following_ranks)}
@@ -42,17 +42,18 @@ def test_profiled_keeps_layers_whose_decomposition_is_not_faster(tmp_path):
     assert any(layer.reason.startswith("not faster here") for layer in plan)
 
 
-def test_profiled_decides_chained_pairs_together(tmp_path):
+@pytest.mark.parametrize("architecture", ["plain3d", "resenc3d"])  # stacked blocks; residual blocks' two
+def test_profiled_decides_chained_pairs_together(tmp_path, architecture):
     """Each decomposition alone 3 % faster (not enough), but two in a row skip a full-width map between
     them: decomposed together; a layer with no decomposed neighbour stays as it is."""
     from nnunet_tucker.plan import chainable_pairs
 
-    network, shape = build("plain3d")
+    network, shape = build(architecture)
     pairs = chainable_pairs(network)
     assert pairs
     timer = ScriptedTimer(tmp_path, lambda conv, c: 1.0 if c is None else 0.97, chain_saving=0.2)
     plan = plan_compression(network, TuckerConfig(0.5, policy="profiled"), shape, timer)
-    in_pairs = {i for first, (following, _) in pairs.items() for i in (first, id(following))}
+    in_pairs = {i for first, pair in pairs.items() for i in (first, id(pair.following))}
     by_module = {id(network.get_submodule(p.name)): p for p in plan}
     assert timer.pairs == len(pairs)
     for module_id, p in by_module.items():
@@ -66,6 +67,30 @@ def test_profiled_decides_chained_pairs_together(tmp_path):
     faster_alone = ScriptedTimer(tmp_path / "alone", lambda conv, c: 1.0 if c is None else 0.5, chain_saving=0.2)
     assert plan_compression(network, TuckerConfig(0.5, policy="profiled"), shape, faster_alone)
     assert faster_alone.pairs == 0  # both decomposed anyway: nothing to decide together
+
+
+def test_residual_blocks_pair_their_convolutions_timed_as_their_form_runs(tmp_path, monkeypatch):
+    """A residual block's conv1 → conv2 is a chained pair that ends in the activation after the skip's sum;
+    timed with the sum and that activation in a decomposed conv2's output pass, as `ChainedResidualBlock` runs."""
+    from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+
+    from nnunet_tucker.plan import chainable_pairs, timing
+
+    network, _ = build("resenc3d")
+    pairs = chainable_pairs(network)
+    blocks = [m for m in network.modules() if isinstance(m, BasicBlockD)]
+    assert blocks and all(pairs[id(b.conv1.conv)] == (b.conv2.conv, b.conv1.nonlin, b.nonlin2) for b in blocks)
+    ends = []
+    chunked = timing.normalized_activated
+    monkeypatch.setattr(timing, "normalized_activated", lambda *a: ends.append(a[3:]) or chunked(*a))
+    block, shape = blocks[-1], (1, 40, 4, 8, 8)
+    timer = LayerTimer("cpu", cache_dir=tmp_path)
+    seconds = timer.pair_seconds(block.conv1.conv, shape, (8, 8), block.conv2.conv, (8, 8), block.conv1.nonlin,
+                                 block.nonlin2)
+    assert len(seconds) == timer.measured == 4 and all(s > 0 for s in seconds.values())
+    assert len(ends) == 2 * (timing.ROUNDS + 1)  # conv2 decomposed, conv1 either: every call adds the skip
+    assert all(type(end) is nn.LeakyReLU and skip.shape == shape for end, skip in ends)
+    assert all(key.endswith("+residual LeakyReLU") for key in timer.timings)
 
 
 def test_profiled_prefers_larger_aligned_ranks_when_they_cost_no_time(tmp_path):

@@ -15,7 +15,9 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
@@ -251,7 +253,7 @@ def _fastest_pairs(network: nn.Module, plan: list[LayerPlan], shapes: dict, best
     decomposed already stay so (chained, they only get faster)."""
     index = {id(network.get_submodule(layer.name)): i for i, layer in enumerate(plan)}
     refined = list(plan)
-    for conv_id, (following, activation) in chainable_pairs(network).items():
+    for conv_id, (following, activation, end) in chainable_pairs(network).items():
         if conv_id not in best or id(following) not in best:
             continue
         i, j = index[conv_id], index[id(following)]
@@ -259,7 +261,7 @@ def _fastest_pairs(network: nn.Module, plan: list[LayerPlan], shapes: dict, best
             continue
         conv = network.get_submodule(plan[i].name)
         seconds = timer.pair_seconds(conv, shapes[conv_id], best[conv_id], following, best[id(following)],
-                                     activation)
+                                     activation, end)
         original = seconds[None, None]
         fastest = min(seconds.values())
         if fastest > original * (1 - PROFILE_MARGIN):
@@ -300,16 +302,33 @@ def instance_norms_after(network: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
-def chainable_pairs(network: nn.Module) -> dict[int, tuple[_ConvNd, nn.Module]]:
-    """id(conv) -> (the conv after it, the activation between): consecutive blocks of a stack
-    (dynamic_network_architectures' `StackedConvBlocks`) whose first is (conv, instance norm,
-    elementwise activation) exactly, which run chained (`swap.forms.ChainedConvBlocks`) when both
-    convolutions are decomposed. Pairs do not overlap: in a stack of three, the first two."""
+class ChainedPair(NamedTuple):
+    """A convolution's chained successor (`chainable_pairs`): `following`, the `activation` between them and,
+    in a residual block, `end`, the activation of `following`'s normalised output plus the skip."""
+
+    following: _ConvNd
+    activation: nn.Module
+    end: nn.Module | None = None
+
+
+def chainable_pairs(network: nn.Module) -> dict[int, ChainedPair]:
+    """id(conv) -> its `ChainedPair`: consecutive blocks of a stack (dynamic_network_architectures'
+    `StackedConvBlocks`) and the two blocks of a residual block (`BasicBlockD`, no stochastic depth or
+    squeeze-excitation) whose first is (conv, instance norm, elementwise activation) exactly, which run
+    chained (`swap.forms.ChainedConvBlocks`, `ChainedResidualBlock`) when both convolutions are decomposed;
+    a residual block's `end` where its second is (conv, instance norm) and the activation after the sum
+    elementwise. Pairs do not overlap: in a stack of three, the first two."""
     found = {}
-    for stack in unwrap(network).modules():
-        if not isinstance(stack, StackedConvBlocks):
+    for module in unwrap(network).modules():
+        if isinstance(module, StackedConvBlocks):
+            blocks, end = list(module.convs), None
+        elif isinstance(module, BasicBlockD) and not (module.apply_stochastic_depth or module.apply_se):
+            blocks, end = [module.conv1, module.conv2], module.nonlin2
+            second = list(module.conv2.all_modules) if type(module.conv2) is ConvDropoutNormReLU else []
+            if not (len(second) == 2 and FusedInstanceNorm.applies_to(second[1]) and type(end) in ELEMENTWISE):
+                end = None
+        else:
             continue
-        blocks = list(stack.convs)
         paired = set()
         for block, following in zip(blocks, blocks[1:], strict=False):
             if type(block) is not ConvDropoutNormReLU or type(following) is not ConvDropoutNormReLU:
@@ -318,6 +337,6 @@ def chainable_pairs(network: nn.Module) -> dict[int, tuple[_ConvNd, nn.Module]]:
             if (len(modules) == 3 and isinstance(modules[0], _ConvNd) and FusedInstanceNorm.applies_to(modules[1])
                     and type(modules[2]) in ELEMENTWISE and isinstance(conv, _ConvNd)
                     and id(modules[0]) not in paired):
-                found[id(modules[0])] = (conv, modules[2])
+                found[id(modules[0])] = ChainedPair(conv, modules[2], end)
                 paired.update((id(modules[0]), id(conv)))
     return found

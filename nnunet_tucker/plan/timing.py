@@ -27,7 +27,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..config import default_cache_dir
 from ..files import atomic_write, file_lock
-from ..layers import FusedInstanceNorm, TuckerConv, normalized_activated_gemm
+from ..layers import FusedInstanceNorm, TuckerConv, normalized_activated, normalized_activated_gemm
 from ..memory import freed_memory_reused, reuse_freed_memory
 from .ranks import conv_spec
 
@@ -143,28 +143,42 @@ class LayerTimer:
 
     def pair_seconds(
         self, conv: _ConvNd, input_shape: Sequence[int], ranks: tuple[int, int], following: _ConvNd,
-        following_ranks: tuple[int, int], activation: nn.Module,
+        following_ranks: tuple[int, int], activation: nn.Module, end: nn.Module | None = None,
     ) -> dict[tuple, float]:
         """Seconds per call of `conv`, its instance norm, `activation`, then `following` and its instance
-        norm, for each (conv's form, following's form) of None (original) and the given ranks; both
-        decomposed run chained, as `swap.forms.ChainedConvBlocks` runs them (on the CPU)."""
+        norm (then, with `end`, a residual block's sum with a skip and `end`), for each (conv's form,
+        following's form) of None (original) and the given ranks; run as `swap.forms.ChainedConvBlocks` and
+        `ChainedResidualBlock` run them on the CPU (both decomposed chained, a decomposed `following`
+        adding the skip and activating in its output pass)."""
         self.consulted = True
         shape = profile_input_shape(input_shape, conv.stride)
         combos = [(a, b) for a in (None, ranks) for b in (None, following_ranks)]
+        residual_key = "" if end is None else f" +residual {type(end).__name__}"
         keys = {(a, b): f"{self._key(conv, shape, a)} +instancenorm {type(activation).__name__} "
-                        f"{self._key(following, None, b)} +instancenorm{' chained' if a and b else ''}"
+                        f"{self._key(following, None, b)} +instancenorm{' chained' if a and b else ''}{residual_key}"
                 for a, b in combos}
         missing = [c for c in combos if keys[c] not in self.timings]
         if missing:
             a, b = self._forms(conv, [None, ranks], True), self._forms(following, [None, following_ranks], True)
-            act = copy.deepcopy(activation)
+            act, end = copy.deepcopy(activation), copy.deepcopy(end)
+            if end is not None:  # the skip: as the blocks' output
+                with torch.inference_mode():
+                    skip = torch.randn_like(b[None](a[None](torch.zeros(shape, device=self.device))))
 
             def unit(first: nn.Module, second: nn.Module):
-                if isinstance(first, TuckerConv) and isinstance(second, TuckerConv):
-                    return lambda x: second.from_rank_space(normalized_activated_gemm(
-                        first.core_output(first.to_rank_space(x)), first.last.weight, first.norm, act,
-                        second.first.weight))
-                return lambda x: second(act(first(x)))
+                def run(x):
+                    if not isinstance(second, TuckerConv):
+                        y = second(act(first(x)))
+                        return y if end is None else end(y.add_(skip))
+                    if isinstance(first, TuckerConv):  # chained
+                        z = normalized_activated_gemm(first.core_output(first.to_rank_space(x)), first.last.weight,
+                                                      first.norm, act, second.first.weight)
+                    else:
+                        z = second.to_rank_space(act(first(x)))
+                    if end is None:
+                        return second.from_rank_space(z)
+                    return normalized_activated(second.core_output(z), second.last.weight, second.norm, end, skip)
+                return run
 
             self._time({c: unit(a[c[0]], b[c[1]]) for c in missing}, shape, keys)
         return {c: self.timings[keys[c]] for c in combos}

@@ -1,11 +1,15 @@
 """Step 4, swap: the inference forms of nnU-Net's blocks around decomposed layers. A U-Net decoder hands decomposed
 stages their skips unconcatenated (`SkipReadingDecoder`), stacked decomposed blocks hand each other rank-space maps
-(`ChainedConvBlocks`). Each is the original class with another `forward` (the module's `__class__` is swapped):
+(`ChainedConvBlocks`), and so do a residual block's two, the second adding the skip in its output pass
+(`ChainedResidualBlock`). Each is the original class with another `forward` (the module's `__class__` is swapped):
 same parameters and state-dict keys, and the original computation in training, with hooks, or off the CPU."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
@@ -62,16 +66,23 @@ class SkipReadingDecoder(UNetDecoder):
             first = stage.convs[0].all_modules[0]
         except (AttributeError, IndexError, TypeError):
             return False
-        return not self.training and isinstance(first, TuckerConv) and _unhooked(first)
+        return (not self.training and not torch.is_grad_enabled() and isinstance(first, TuckerConv)
+                and _unhooked(first))
 
 
 def chain_blocks(network: nn.Module) -> None:
-    """Let each stack of conv blocks (dynamic_network_architectures' `StackedConvBlocks`) run a
-    decomposed block followed by another as `ChainedConvBlocks` does on the CPU at inference. Same
-    parameters and state-dict keys."""
+    """Let each stack of conv blocks (dynamic_network_architectures' `StackedConvBlocks`) and each residual
+    block (`BasicBlockD`) run decomposed blocks as `ChainedConvBlocks` and `ChainedResidualBlock` do on the
+    CPU at inference. Same parameters and state-dict keys."""
+    forms = {StackedConvBlocks: ChainedConvBlocks, BasicBlockD: ChainedResidualBlock}
     for module in unwrap(network).modules():
-        if type(module) is StackedConvBlocks:
-            module.__class__ = ChainedConvBlocks
+        if type(module) in forms:
+            module.__class__ = forms[type(module)]
+
+
+def _inference_on_cpu(module: nn.Module, x) -> bool:
+    return (not module.training and not torch.is_grad_enabled() and isinstance(x, (torch.Tensor, Concatenated))
+            and _device(x).type == "cpu")
 
 
 class ChainedConvBlocks(StackedConvBlocks):
@@ -82,39 +93,68 @@ class ChainedConvBlocks(StackedConvBlocks):
     On the CPU at inference, with no hooks on the modules involved; else as `StackedConvBlocks`."""
 
     def forward(self, x):
-        blocks = list(self.convs)
-        if (self.training or torch.is_grad_enabled() or not isinstance(x, (torch.Tensor, Concatenated))
-                or _device(x).type != "cpu"):
-            return self.convs(x)
-        rank_input = None  # what the block's first GEMM would make of its input, when the block before made it
-        for block, following in zip(blocks, [*blocks[1:], None], strict=True):
-            if _fuses(block):
-                conv, activation = block.all_modules[0], block.all_modules[2]
-                core = conv.core_output(conv.to_rank_space(x) if rank_input is None else rank_input)
-                if _starts_decomposed(following):
-                    rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, activation,
-                                                           following.all_modules[0].first.weight)
-                else:
-                    x, rank_input = normalized_activated(core, conv.last.weight, conv.norm, activation), None
-            elif rank_input is not None:  # a decomposed block that takes its input in rank space, not fused
-                x = block.all_modules[1:](block.all_modules[0].from_rank_space(rank_input))
-                rank_input = None
-            else:
-                x = block(x)
-        return x
+        return _chained(list(self.convs), x) if _inference_on_cpu(self, x) else self.convs(x)
+
+
+class ChainedResidualBlock(BasicBlockD):
+    """`BasicBlockD` (conv1 → norm → activation, conv2 → norm, + skip, activation) whose decomposed conv1 hands
+    conv2 its rank-space input (as `ChainedConvBlocks`) and whose decomposed conv2 adds the skip (identity,
+    or pooled 1x1 projection + norm, computed first) and activates in its output pass, a chunk at a time
+    (`normalized_activated`). On the CPU at inference, without stochastic depth or squeeze-excitation and
+    with no hooks on the modules involved; else as `BasicBlockD`."""
+
+    def forward(self, x):
+        if (not _inference_on_cpu(self, x) or not isinstance(x, torch.Tensor) or self.apply_stochastic_depth
+                or self.apply_se):
+            return super().forward(x)
+        return _chained([self.conv1, self.conv2], x, self.skip(x), self.nonlin2)
+
+
+def _chained(blocks: list[nn.Module], x, residual: torch.Tensor | None = None,
+             end: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """`blocks` run in turn, a decomposed block handing a following decomposed one its rank-space map; with
+    `residual`, `end`(their output + `residual`), added and activated in the last block's output pass where
+    that block is (decomposed conv, fused norm) and `end` an unhooked elementwise activation."""
+    rank_input = None  # what the block's first GEMM would make of its input, when the block before made it
+    for block, following in zip(blocks, [*blocks[1:], None], strict=True):
+        tail = end if following is None and residual is not None else None
+        activation = _fused_activation(block, tail)
+        if activation is not None:
+            conv = block.all_modules[0]
+            core = conv.core_output(conv.to_rank_space(x) if rank_input is None else rank_input)
+            if _starts_decomposed(following):
+                rank_input = normalized_activated_gemm(core, conv.last.weight, conv.norm, activation,
+                                                       following.all_modules[0].first.weight)
+                continue
+            if activation is tail:  # the residual block's sum and activation, done
+                return normalized_activated(core, conv.last.weight, conv.norm, activation, residual)
+            x = normalized_activated(core, conv.last.weight, conv.norm, activation)
+        elif rank_input is not None:  # a decomposed block that takes its input in rank space, not fused
+            x = block.all_modules[1:](block.all_modules[0].from_rank_space(rank_input))
+        else:
+            x = block(x)
+        rank_input = None
+    if residual is not None:
+        x += residual
+        x = end(x)
+    return x
 
 
 def _device(x: torch.Tensor | Concatenated) -> torch.device:
     return (x[0] if isinstance(x, Concatenated) else x).device
 
 
-def _fuses(block: nn.Module) -> bool:
-    """Whether `block` is (decomposed conv, its fused norm, elementwise activation), none of them hooked."""
+def _fused_activation(block: nn.Module, end: nn.Module | None = None) -> nn.Module | None:
+    """The activation that `block`'s decomposed conv applies in its output pass: the block's own if it is
+    (decomposed conv, its fused norm, elementwise activation), `end` if it is (decomposed conv, its fused norm)
+    and `end` is elementwise; none of them hooked. Else None."""
     if type(block) is not ConvDropoutNormReLU:
-        return False
+        return None
     modules = list(block.all_modules)
-    return (len(modules) == 3 and isinstance(modules[0], TuckerConv) and modules[0].norm is modules[1]
-            and type(modules[2]) in ELEMENTWISE and _unhooked(block, block.all_modules, *modules))
+    activation = modules[2] if len(modules) == 3 else end if len(modules) == 2 else None
+    return activation if (type(activation) in ELEMENTWISE and isinstance(modules[0], TuckerConv)
+                          and modules[0].norm is modules[1]
+                          and _unhooked(block, block.all_modules, *modules, activation)) else None
 
 
 def _starts_decomposed(block: nn.Module | None) -> bool:

@@ -23,7 +23,7 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
     kept 1x1 convolutions become `PointwiseConv` (same weights, computed as a GEMM), an instance
     norm right after a decomposed layer becomes a `FusedInstanceNorm` done in that layer's last GEMM,
     U-Net decoders hand decomposed stages their skips unconcatenated (`read_skips_in_place`), and stacked
-    decomposed blocks hand each other their rank-space maps (`chain_blocks`)."""
+    decomposed blocks and those of residual blocks hand each other their rank-space maps (`chain_blocks`)."""
     network = unwrap(network)
     norms = instance_norms_after(network)
     replacements: dict[int, nn.Module] = {}
