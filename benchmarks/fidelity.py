@@ -1,13 +1,16 @@
 """Fidelity without fine-tuning: weights only vs self-calibrated vs calibrated on a folder, and at equal
 MACs the published rule vs budgeted ranks.
 
-    python benchmarks/fidelity.py [--model FOLDER] [--folds 0 1] [--ratios 0.3] [--budgets 0.2 0.3]
-                                  [--cases 6] [--calibration-cases 4] [--out DIR] [--results FILE]
+    python benchmarks/fidelity.py [--model FOLDER|demo|resenc-demo] [--folds 0 1] [--ratios 0.3]
+                                  [--budgets 0.2 0.3] [--cases 6] [--calibration-cases 4] [--out DIR]
+                                  [--results FILE]
 
-On the shipped demo model (nnU-Net trained on synthetic CT, folds 0 and 1) or another model trained
-on the phantoms (e.g. one with nnU-Net's own widths for this dataset: ``python -m nnunet_tucker.tools.demo_model
---out-dir full --features 32 64 128 256 320 --folds 0``, about 75 min on 2 cores; or a half-width one,
-``--features 16 32 64 128 128``, 12 min):
+On the shipped demo model (``--model demo``, the default: nnU-Net's PlainConvUNet trained on synthetic CT,
+folds 0 and 1), the shipped residual-encoder demo model (``--model resenc-demo``: planned by nnUNetPlannerResEncM,
+BasicBlockD residual blocks, fold 0) or another model folder trained on the phantoms (e.g. one with nnU-Net's own
+widths for this dataset: ``python -m nnunet_tucker.tools.demo_model --out-dir full --features 32 64 128 256 320
+--folds 0``, about 75 min on 2 cores; or a half-width one, ``--features 16 32 64 128 128``, 12 min; add
+``--resenc`` for residual encoders). Folds: every ``fold_N`` of the model folder unless ``--folds`` says which:
 - for each rank ratio with the default policy (what ``TUCKER_RANK_RATIO`` alone asks for): the factors
   fitted to the weights alone (``calibration none``), self-calibrated (the default: on the first case a
   run segments, here one other unlabelled case, then from the cache), and calibrated on a folder of cases;
@@ -45,12 +48,23 @@ from nnunet_tucker.counting import count_macs
 from nnunet_tucker.nnunet.model_folder import load_trained_model
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.swap import swap_modules
-from nnunet_tucker.tools.demo_model import demo_model_folder
+from nnunet_tucker.tools.demo_model import demo_model_folder, resenc_demo_model_folder
 from nnunet_tucker.tools.evaluate import predict_folder
 from nnunet_tucker.tools.metrics import dice
 from nnunet_tucker.tools.synthetic import LABELS, make_test_cases
 
 EVAL_SEED, CALIBRATION_SEED = 70, 80  # held-out phantom series, disjoint from training and each other
+SHIPPED = {"demo": demo_model_folder, "resenc-demo": resenc_demo_model_folder}
+
+
+def model_folder(text: str) -> Path:
+    """`--model`: a model folder, or the name of a shipped one (`SHIPPED`)."""
+    return SHIPPED[text]() if text in SHIPPED else Path(text)
+
+
+def trained_folds(model: Path) -> list[str]:
+    """The folds of `model` that have a final checkpoint."""
+    return sorted(p.parent.name.removeprefix("fold_") for p in model.glob("fold_*/checkpoint_final.pth"))
 
 
 def paper_ratio_within(network: torch.nn.Module, input_shape: tuple[int, ...], budget: float,
@@ -67,7 +81,7 @@ def paper_ratio_within(network: torch.nn.Module, input_shape: tuple[int, ...], b
     low, high = 0.005, 1.0
     if share(low) > budget:
         raise SystemExit(f"the published rule cannot reach {budget:.0%} of the MACs on this model with "
-                         f"rank_min={rank_min}")
+                         f"rank_min={rank_min} (it keeps {share(low):.0%} at least); ask for larger --budgets")
     while high - low > 0.005:
         mid = (low + high) / 2
         low, high = (mid, high) if share(mid) <= budget else (low, mid)
@@ -93,13 +107,15 @@ def main() -> None:
     parser.add_argument("--calibration-patches", type=int, help="default: the package's (4 from a folder, "
                         "2 from the first case)")
     parser.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank, all variants (default 8)")
-    parser.add_argument("--folds", nargs="+", default=["0", "1"])
-    parser.add_argument("--model", type=Path, default=demo_model_folder(), help="model folder (default: demo model)")
+    parser.add_argument("--folds", nargs="+", help="default: every fold of the model folder")
+    parser.add_argument("--model", type=model_folder, default="demo",
+                        help=f"model folder, or a shipped model: {', '.join(SHIPPED)} (default: demo)")
     parser.add_argument("--out", type=Path, help="folder for results.json and predictions (default: temporary)")
     parser.add_argument("--results", type=Path, help="also write the results JSON to this file")
     args = parser.parse_args()
 
     model = args.model
+    args.folds = args.folds or trained_folds(model)
     work = args.out or Path(tempfile.mkdtemp(prefix="tucker_fidelity_"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ["TUCKER_CACHE_DIR"] = str(work / "cache")  # self-calibrations of this run only
@@ -121,8 +137,10 @@ def main() -> None:
             assert result.report["extra"]["calibration"]["from_cache"], "the self-calibration was not reused"
         return {"segs": read_segmentations(result.output_folder), "report": result.report, "seconds": result.seconds}
 
+    loaded = load_trained_model(model, folds=args.folds[:1])  # each budget's paper ratio, before any prediction
+    paper_ratios = {budget: paper_ratio_within(loaded.network, loaded.input_shape, budget, args.rank_min)[0]
+                    for budget in args.budgets}
     original = run("original", False)
-    loaded = load_trained_model(model, folds=args.folds[:1])
     rows = [{"variant": "original", "target": "100%", "macs": 1.0,
              "dice_vs_original": {n: 1.0 for n, label in LABELS.items() if label > 0},
              "dice_vs_truth": per_class_dice(original["segs"], truth)}]
@@ -137,7 +155,7 @@ def main() -> None:
             f"calibrated on {args.calibration_cases} cases": TuckerConfig(ratio, **low, **cal),
         }))
     for budget in args.budgets:
-        ratio, _ = paper_ratio_within(loaded.network, loaded.input_shape, budget, args.rank_min)
+        ratio = paper_ratios[budget]
         targets.append((f"{budget:.0%} MACs", {
             f"paper (ratio {ratio:.3f})": TuckerConfig(ratio, policy="paper", **low, **none),
             "paper + calibration": TuckerConfig(ratio, policy="paper", **low, **cal),

@@ -1,16 +1,23 @@
-"""Fixtures of the integration tests: the shipped trained demo model in a temporary nnU-Net results
-tree (checked byte for byte afterwards) and synthetic test cases."""
+"""Fixtures of the integration tests: the shipped trained demo models (plain and residual-encoder) in a
+temporary nnU-Net results tree (checked byte for byte afterwards) and synthetic test cases."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import MEASURED, folder_digest
 
-from nnunet_tucker.tools.demo_model import DATASET_NAME, MODEL_FOLDER_NAME, demo_model_folder
+from nnunet_tucker.tools.demo_model import (
+    DATASET_NAME,
+    MODEL_FOLDER_NAME,
+    RESENC_MODEL_FOLDER_NAME,
+    demo_model_folder,
+    resenc_demo_model_folder,
+)
 from nnunet_tucker.tools.synthetic import make_test_cases
 
 
@@ -36,15 +43,27 @@ def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("nnunet")
 
 
-@pytest.fixture(scope="session")
-def model_folder(workspace) -> Path:
-    """The shipped demo model (or the folder in $NNUNET_TUCKER_TEST_MODEL) as it sits in a user's
-    nnUNet_results; checked byte for byte after the session."""
-    target = workspace / "results" / DATASET_NAME / MODEL_FOLDER_NAME
-    shutil.copytree(os.environ.get("NNUNET_TUCKER_TEST_MODEL") or demo_model_folder(), target)
+def _installed(workspace: Path, source: Path | str, name: str) -> Iterator[Path]:
+    """A copy of model folder `source` as it sits in a user's nnUNet_results (as `name`), checked byte for
+    byte when the fixture ends."""
+    target = workspace / "results" / DATASET_NAME / name
+    shutil.copytree(source, target)
     before = folder_digest(target)
     yield target
     assert folder_digest(target) == before, "a test modified the user's model folder"
+
+
+@pytest.fixture(scope="session")
+def model_folder(workspace) -> Iterator[Path]:
+    """The shipped demo model (or the folder in $NNUNET_TUCKER_TEST_MODEL), installed (`_installed`)."""
+    yield from _installed(workspace, os.environ.get("NNUNET_TUCKER_TEST_MODEL") or demo_model_folder(),
+                          MODEL_FOLDER_NAME)
+
+
+@pytest.fixture(scope="session")
+def resenc_model_folder(workspace) -> Iterator[Path]:
+    """The shipped residual-encoder demo model (nnUNetResEncUNetMPlans), installed beside the plain one."""
+    yield from _installed(workspace, resenc_demo_model_folder(), RESENC_MODEL_FOLDER_NAME)
 
 
 @pytest.fixture(scope="session")

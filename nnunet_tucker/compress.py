@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import torch
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from torch import nn
 
 from .config import TuckerConfig
@@ -41,7 +42,16 @@ def compress_network(
         decomposed = convert_state_dict(network.state_dict(), plan, config.hooi_iterations)
     state, errors = decomposed
     seconds = time.perf_counter() - start
+    residual = _in_residual_blocks(network)
     swap_modules(network, plan)
     network.load_state_dict(state)
     after = measure(network, input_shape)
-    return CompressionReport.build(plan, errors, before, after, config, seconds, input_shape)
+    return CompressionReport.build(plan, errors, before, after, config, seconds, input_shape, residual)
+
+
+def _in_residual_blocks(network: nn.Module) -> frozenset[str]:
+    """Qualified names of the modules inside residual blocks (dynamic_network_architectures' `BasicBlockD`
+    and `BottleneckD`, those of nnU-Net's residual encoders)."""
+    return frozenset(f"{name}.{inner}" for name, block in network.named_modules(remove_duplicate=False)
+                     if isinstance(block, (BasicBlockD, BottleneckD))
+                     for inner, _ in block.named_modules(remove_duplicate=False) if inner)

@@ -33,6 +33,7 @@ class LayerRecord:
     macs_before: int | None
     macs_after: int | None
     relative_error: float | None
+    in_residual_block: bool = False  # inside a residual block (e.g. ResEnc's BasicBlockD: conv1, conv2, skip)
 
 
 def _macs_of(aliases: Sequence[str], measured: Measurement) -> int | None:
@@ -77,7 +78,9 @@ class CompressionReport:
         config: TuckerConfig,
         seconds: float,
         input_shape: Sequence[int] | None = None,
+        in_residual_blocks: frozenset[str] = frozenset(),
     ) -> CompressionReport:
+        """`in_residual_blocks`: names of the modules inside residual blocks (a layer counts if any alias is one)."""
         records = []
         for layer in plan:
             params_before, params_after = _layer_params(layer)
@@ -96,6 +99,7 @@ class CompressionReport:
                     macs_before=_macs_of(layer.aliases, before),
                     macs_after=_macs_of(layer.aliases, after),
                     relative_error=errors.get(layer.name),
+                    in_residual_block=any(a in in_residual_blocks for a in (layer.name, *layer.aliases)),
                 )
             )
         return cls(
@@ -114,13 +118,17 @@ class CompressionReport:
         return sum(1 for layer in self.layers if layer.ranks is not None)
 
     def summary(self) -> str:
-        """One line: ratio, policy, parameters and MACs before → after."""
+        """One line: ratio, policy, convolutions decomposed (and of those in residual blocks, where the network
+        has any), parameters and MACs before → after."""
         from .config import TuckerConfig
 
+        residual = [layer for layer in self.layers if layer.in_residual_block]
         text = (
             f"{TuckerConfig(**self.config).describe()}: "
             f"{self.decomposed_layers}/{len(self.layers)} convolutions decomposed, "
-            f"parameters {self.params_before / 1e6:.2f}M → {self.params_after / 1e6:.2f}M "
+            + (f"{sum(1 for layer in residual if layer.ranks is not None)}/{len(residual)} in residual blocks, "
+               if residual else "")
+            + f"parameters {self.params_before / 1e6:.2f}M → {self.params_after / 1e6:.2f}M "
             f"({_pct(self.params_after, self.params_before)})"
         )
         if self.macs_before is not None and self.macs_after is not None:

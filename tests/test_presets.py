@@ -184,6 +184,10 @@ def test_compressed_residual_encoder_computes_what_the_three_convolutions_comput
         block_convs = [m for b in compressed.modules() if isinstance(b, block) for m in b.modules()]
         assert any(isinstance(m, TuckerConv) and m.norm is not None for m in block_convs)
         assert any(isinstance(m, FusedInstanceNorm) for m in block_convs)
+        residual = [layer for layer in report.layers if layer.in_residual_block]  # and the log line counts them
+        decomposed = sum(isinstance(m, TuckerConv) for m in block_convs)
+        assert sum(layer.ranks is not None for layer in residual) == decomposed
+        assert f" convolutions decomposed, {decomposed}/{len(residual)} in residual blocks, " in report.summary()
     x = torch.randn(shape)
     with torch.no_grad():
         fast = compressed(x)

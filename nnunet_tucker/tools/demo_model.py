@@ -1,21 +1,28 @@
-"""Build the small demo model shipped with the package: a genuine nnU-Net v2 model trained on phantoms.
+"""Build the small demo models shipped with the package: genuine nnU-Net v2 models trained on phantoms.
 
 Everything is done by nnU-Net's own code, so the result is an ordinary nnU-Net model folder:
 
 1. ``synthetic.make_raw_dataset`` writes Dataset990_Phantom into a temporary nnUNet_raw;
 2. ``nnUNetv2_plan_and_preprocess`` (run as a subprocess) fingerprints, plans and preprocesses
-   ``3d_fullres``;
-3. the 3d_fullres architecture in the plans is narrowed (fewer features per stage) so that training
-   and inference are quick on a CPU; the preprocessed data do not depend on it;
-4. a subclass of ``nnUNetTrainer`` (short schedule, AdamW, no mirroring) trains folds 0 and 1
-   in-process on the CPU: about 5 minutes per fold on 2 idle cores;
+   ``3d_fullres`` with the variant's planner: nnU-Net's default (``PlainConvUNet``, plans
+   nnUNetPlans) or, with ``--resenc``, its residual-encoder preset ``nnUNetPlannerResEncM``
+   (``ResidualEncoderUNet`` of ``BasicBlockD``s, 1-3-4-6-6 blocks per encoder stage as planned,
+   plans nnUNetResEncUNetMPlans);
+3. the 3d_fullres architecture in the plans is narrowed (fewer features per stage) and the batch size
+   capped at 2 (the default planner's for this dataset; ResEnc M drops the 5 % cap on the share of
+   the dataset a batch covers and plans 16), so that training and inference are quick on a CPU; the
+   preprocessed data do not depend on either;
+4. a subclass of ``nnUNetTrainer`` (short schedule, AdamW, no mirroring) trains the variant's folds
+   in-process on the CPU: about 5 minutes per fold on 2 idle cores (plain: folds 0 and 1; ResEnc:
+   fold 0);
 5. dataset.json, plans.json and the final checkpoints, stripped of optimizer state and training
    logs and relabelled as trained by 'nnUNetTrainer' (same network builder), are moved to
-   ``<out_dir>/Dataset990_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres``.
+   ``<out_dir>/Dataset990_Phantom/nnUNetTrainer__<plans>__3d_fullres``.
 
 ``out_dir`` is laid out like an nnUNet_results folder, so ``nnUNet_results=<out_dir> nnUNetv2_predict
--d 990 -c 3d_fullres -f 0 1`` uses it directly. ``python -m nnunet_tucker.tools.demo_model`` regenerates
-the shipped copy (see ``demo_model_folder``).
+-d 990 -c 3d_fullres -f 0 1`` (ResEnc: ``-p nnUNetResEncUNetMPlans -f 0``) uses it directly.
+``python -m nnunet_tucker.tools.demo_model [--resenc]`` regenerates the shipped copies (see
+``demo_model_folder`` and ``resenc_demo_model_folder``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,12 +50,35 @@ logger = logging.getLogger(__name__)
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_Phantom"
 CONFIGURATION = "3d_fullres"
-MODEL_FOLDER_NAME = f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}"
-FOLDS = (0, 1)
 SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "data" / "demo_model"
 
-# Narrow network: nnU-Net's own plan for the phantoms is [32, 64, 128, 256, 320].
-FEATURES_PER_STAGE_CAP = (8, 16, 32, 64, 64)
+
+@dataclass(frozen=True)
+class Variant:
+    """One demo model: the nnU-Net planner that plans it (None: the default), the plans it writes, the cap of
+    its features per stage and the folds trained."""
+
+    planner: str | None
+    plans_name: str
+    features_cap: tuple[int, ...]
+    folds: tuple[int, ...]
+
+    @property
+    def model_folder_name(self) -> str:
+        return f"nnUNetTrainer__{self.plans_name}__{CONFIGURATION}"
+
+
+# nnU-Net's own plans for the phantoms have features [32, 64, 128, 256, 320] (both planners). Plain: capped
+# at [8, 16, 32, 64, 64]. ResEnc M keeps the 1-3-4-6-6 residual blocks it plans per encoder stage; with 64
+# features its 12 deepest blocks would hold 80 % of the parameters (12.8 MB per fold), so they are capped at
+# 32 too (4.3 MB per fold; those stages run on 4x8x8 and 4x4x4 voxels and add little to the compute).
+PLAIN = Variant(None, "nnUNetPlans", (8, 16, 32, 64, 64), (0, 1))
+RESENC = Variant("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans", (8, 16, 32, 32, 32), (0,))
+MODEL_FOLDER_NAME = PLAIN.model_folder_name
+RESENC_MODEL_FOLDER_NAME = RESENC.model_folder_name
+FEATURES_PER_STAGE_CAP = PLAIN.features_cap
+FOLDS = PLAIN.folds
+BATCH_SIZE_CAP = 2
 # Checkpoint entries nnU-Net's predictor reads, plus the epoch count for the record.
 CHECKPOINT_KEYS = ("network_weights", "trainer_name", "init_args", "inference_allowed_mirroring_axes",
                    "current_epoch")
@@ -56,6 +87,12 @@ CHECKPOINT_KEYS = ("network_weights", "trainer_name", "init_args", "inference_al
 def demo_model_folder() -> Path:
     """Path of the model folder shipped inside the package (dataset.json, plans.json, fold_0, fold_1)."""
     return SHIPPED_ROOT / DATASET_NAME / MODEL_FOLDER_NAME
+
+
+def resenc_demo_model_folder() -> Path:
+    """Path of the shipped residual-encoder model folder (ResEnc M plans, narrowed; dataset.json, plans.json,
+    fold_0): ``nnUNetv2_predict -d 990 -c 3d_fullres -p nnUNetResEncUNetMPlans -f 0``."""
+    return SHIPPED_ROOT / DATASET_NAME / RESENC_MODEL_FOLDER_NAME
 
 
 @contextmanager
@@ -74,9 +111,12 @@ def _environment(**values: str) -> Iterator[None]:
 
 
 def _narrow_architecture(plans_file: Path, cap: Sequence[int] = FEATURES_PER_STAGE_CAP) -> list[int]:
-    """Cap features_per_stage of the 3d_fullres plan in place; return the new feature counts."""
+    """Cap features_per_stage and the batch size (`BATCH_SIZE_CAP`) of the 3d_fullres plan in place; return the
+    new feature counts."""
     plans = json.loads(plans_file.read_text())
-    arch = plans["configurations"][CONFIGURATION]["architecture"]
+    configuration = plans["configurations"][CONFIGURATION]
+    configuration["batch_size"] = min(configuration["batch_size"], BATCH_SIZE_CAP)
+    arch = configuration["architecture"]
     features = arch["arch_kwargs"]["features_per_stage"]
     if len(features) > len(cap):
         raise RuntimeError(f"nnU-Net planned {len(features)} stages, at most {len(cap)} expected")
@@ -126,12 +166,12 @@ def _trainer_class(epochs: int, iterations_per_epoch: int, val_iterations_per_ep
     return nnUNetTrainerDemo
 
 
-def _train_fold(trainer_class: type, fold: int) -> list[float]:
+def _train_fold(trainer_class: type, plans_name: str, fold: int) -> list[float]:
     """Train one fold on the CPU (needs the nnUNet_* environment variables); return the last pseudo Dice."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
-    plans = load_json(str(preprocessed / "nnUNetPlans.json"))
+    plans = load_json(str(preprocessed / f"{plans_name}.json"))
     plans["continue_training"] = False  # nnUNetTrainer pops this key
     trainer = trainer_class(plans, CONFIGURATION, fold, load_json(str(preprocessed / "dataset.json")), _CPU)
     trainer.run_training()
@@ -163,17 +203,20 @@ def build_demo_model(
     lr: float = 2e-3,
     n_proc_da: int = 1,
     overwrite: bool = False,
-    features_cap: Sequence[int] = FEATURES_PER_STAGE_CAP,
-    folds: Sequence[int] = FOLDS,
+    features_cap: Sequence[int] | None = None,
+    folds: Sequence[int] | None = None,
+    variant: Variant = PLAIN,
 ) -> Path:
     """Generate phantoms, plan, preprocess and train `folds`; return the new model folder.
 
-    The model folder is ``out_dir/Dataset990_Phantom/nnUNetTrainer__nnUNetPlans__3d_fullres``. All
-    intermediate files live in a temporary directory; the finished folder is moved into place at the
-    end, replacing an existing one only if ``overwrite``. ``n_proc_da`` is nnU-Net's number of data
-    augmentation worker processes (nnUNet_n_proc_DA).
+    The model folder is ``out_dir/Dataset990_Phantom/<variant.model_folder_name>``; `features_cap` and `folds`
+    default to the variant's. All intermediate files live in a temporary directory; the finished folder is moved
+    into place at the end, replacing an existing one only if ``overwrite``. ``n_proc_da`` is nnU-Net's number of
+    data augmentation worker processes (nnUNet_n_proc_DA).
     """
-    target = Path(out_dir) / DATASET_NAME / MODEL_FOLDER_NAME
+    features_cap = variant.features_cap if features_cap is None else features_cap
+    folds = variant.folds if folds is None else folds
+    target = Path(out_dir) / DATASET_NAME / variant.model_folder_name
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
     torch.manual_seed(seed)
@@ -188,23 +231,23 @@ def build_demo_model(
             subprocess.run(
                 [sys.executable, "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
                  "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", "2", "-npfp", "2",
-                 "--verify_dataset_integrity"],
+                 "--verify_dataset_integrity", *(["-pl", variant.planner] if variant.planner else [])],
                 check=True,
             )
-            features = _narrow_architecture(paths["nnUNet_preprocessed"] / DATASET_NAME / "nnUNetPlans.json",
-                                            features_cap)
+            plans_file = paths["nnUNet_preprocessed"] / DATASET_NAME / f"{variant.plans_name}.json"
+            features = _narrow_architecture(plans_file, features_cap)
             logger.info("Planned and preprocessed in %.0f s; features per stage %s",
                         time.perf_counter() - start, features)
 
             trainer_class = _trainer_class(epochs, iterations_per_epoch, val_iterations_per_epoch, lr)
             for fold in folds:
                 start = time.perf_counter()
-                dice = _train_fold(trainer_class, fold)
+                dice = _train_fold(trainer_class, variant.plans_name, fold)
                 logger.info("Fold %d trained in %.0f s; pseudo Dice per class %s", fold,
                             time.perf_counter() - start, [round(d, 3) for d in dice])
 
         exported = tmp_path / "export"
-        trained = f"{trainer_class.__name__}__nnUNetPlans__{CONFIGURATION}"
+        trained = f"{trainer_class.__name__}__{variant.plans_name}__{CONFIGURATION}"
         _export(paths["nnUNet_results"] / DATASET_NAME / trained, exported, folds)
         if target.exists():
             shutil.rmtree(target)
@@ -215,21 +258,24 @@ def build_demo_model(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: regenerate the shipped demo model (or build one elsewhere with --out-dir)."""
+    """Command line: regenerate a shipped demo model (or build one elsewhere with --out-dir)."""
     parser = argparse.ArgumentParser(prog="python -m nnunet_tucker.tools.demo_model",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=SHIPPED_ROOT,
                         help="nnUNet_results-like folder to write into (default: the shipped copy)")
+    parser.add_argument("--resenc", action="store_true",
+                        help="the residual-encoder model (nnUNetPlannerResEncM) instead of the plain one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training phantoms")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    parser.add_argument("--features", type=int, nargs="+", default=list(FEATURES_PER_STAGE_CAP),
-                        help="cap of the features per stage (default: the shipped model's)")
-    parser.add_argument("--folds", type=int, nargs="+", default=list(FOLDS), help="folds to train (default 0 1)")
+    caps = {name: " ".join(map(str, v.features_cap)) for name, v in (("plain", PLAIN), ("ResEnc", RESENC))}
+    parser.add_argument("--features", type=int, nargs="+", help="cap of the features per stage (default: the "
+                        f"shipped model's, plain {caps['plain']}, ResEnc {caps['ResEnc']})")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds to train (default: plain 0 1, ResEnc 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         build_demo_model(args.out_dir, seed=args.seed, overwrite=args.overwrite, features_cap=args.features,
-                         folds=args.folds)
+                         folds=args.folds, variant=RESENC if args.resenc else PLAIN)
     except FileExistsError as e:
         parser.error(str(e))
 
