@@ -27,6 +27,8 @@ WHOLE_RUN = "whole_run_cpu/whole_run.json"
 FIRST_RUN = "first_run_overhead_cpu_2cores.json"
 FIRST_RUN_1P5MM = "first_run_overhead_1p5mm_cpu_2cores.json"
 WHOLE_RUN_TOTAL = "whole_run_total_cpu/whole_run_total.json"  # TotalSegmentator's default mode, five models
+PRESETS = "speed_presets_cpu_2cores.json"  # forward pass, 1.5 mm part and ResEnc M/L (bench --json)
+WHOLE_RUN_PREDICT = "whole_run_predict_cpu/whole_run_predict.json"  # nnUNetv2_predict, ResEnc L
 FIDELITY = "fidelity_cpu.json"  # copy of the newest section of fidelity_cpu.md
 GPU_FORWARD = "whole_run_cuda_h200/forward_cuda_3mm.json"
 GPU_WHOLE_RUN = "whole_run_cuda_h200/whole_run.json"
@@ -73,6 +75,8 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
     total_later = [total_runs[v, "later"] for v in ("original", f"ratio {total['config']['rank_ratio']}")]
     total_first = [total_runs[v, "first"] for v in ("original", f"ratio {total['config']['rank_ratio']}")]
     runs = speed["runs"]
+    presets = [next(s for s in load(PRESETS, results)["sections"] if s["source"] == name)
+               for name in ("totalseg-1.5mm-organs", "resenc-l")]
     ts_original, ts_compressed = whole["totalsegmentator"]
     in_process = _by_name(whole["in_process"])
     in_original, in_compressed = in_process["original"], in_process[f"ratio {whole['config']['rank_ratio']}"]
@@ -90,6 +94,11 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
         f"{_span([r['median_s']['0.3'] for r in runs], 2)} s ({speed['gmacs_kept']['0.3']} GMACs, "
         f"{speed['fewer_macs']['0.3']}× fewer) | **{_span([r['speedup']['0.3'] for r in runs], 2)}×** "
         f"(ratio 0.1: {_span([r['speedup']['0.1'] for r in runs], 2)}×) | [speed]({to_results}/{SPEED}) |",
+        *[f"| one forward pass, {name} ({_shape(section['input_shape'][2:])} patch) | {original['median']:.2f} s | "
+          f"{compressed['median']:.2f} s ({compressed['macs'] / 1e9:.1f} GMACs, {compressed['mac_reduction']:.1f}× "
+          f"fewer) | **{compressed['speedup']:.2f}×** | [presets]({to_results}/{PRESETS}) |"
+          for name, section in zip(("TotalSegmentator 1.5 mm part", "nnU-Net ResEnc L"), presets, strict=True)
+          for original, compressed in [section["variants"]]],
         f"| `{ts_original['name']} -d {whole['device']}`, {_shape(whole['ct_shape_zyx'][::-1])} CT, whole process | "
         f"{ts_original['median']:.1f} s | {ts_compressed['median']:.1f} s | **{ts_compressed['speedup']:.2f}×** | "
         f"[whole run]({to_results}/{WHOLE_RUN}) |",

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_tucker.agreement import describe_worst
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError
 from nnunet_tucker.nnunet import pipeline
 from nnunet_tucker.nnunet import predictor as predictor_module
-from nnunet_tucker.nnunet.calibration_images import CalibrationError, first_case_patches
+from nnunet_tucker.nnunet.calibration_images import CalibrationError, first_case_patches, held_out_tiles
 from nnunet_tucker.nnunet.model_folder import compress_model_folder
 from nnunet_tucker.nnunet.pipeline import FastArgmaxLabelManager
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
@@ -24,6 +25,7 @@ from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom
 
 CONFIG = TuckerConfig(0.5, policy="auto", calibration_patches=2)
 SHAPE = (40, 80, 64)  # 2 x 2 x 1 sliding-window tiles of the demo model's 32 x 64 x 64 patch
+LARGE = (64, 160, 128)  # 3 x 4 x 3 tiles: held-out ones through the organs
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +40,8 @@ def _predictor(config=CONFIG) -> TuckerPredictor:
     return predictor
 
 
-def _image(seed: int = 3) -> np.ndarray:
-    image, _, _ = make_phantom(seed, shape=SHAPE)
+def _image(seed: int = 3, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
+    image, _, _ = make_phantom(seed, shape=shape)
     return image[None].astype(np.float32)
 
 
@@ -74,6 +76,11 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
                                                r"per model", progress[0]), progress
     assert segmentation.shape == SHAPE and set(np.unique(segmentation)) <= {0, 1, 2, 3, 4}
     assert len(list(cache.glob("self-calibration-*.json"))) == 1
+    agreement = info["agreement"]  # measured on tiles it was not fitted on, said in one line
+    assert agreement["tiles"] == 2 and set(agreement["classes"]) <= {"liver", "spleen", "kidney", "bone"}
+    measured = [m for m in _lines(caplog) if m.startswith("agreement with the original on ")]
+    assert measured == [f"agreement with the original on 2 held-out tile(s) of {info['case']}: "
+                        f"{describe_worst(agreement)}"]
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
@@ -85,6 +92,9 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first.list_of_parameters, second.list_of_parameters, strict=True)
                for k in a)
     assert any(", from the cache; cache hit" in m for m in _lines(caplog))
+    assert extra["calibration"]["agreement"] == agreement  # and what it measured then
+    assert [m for m in _lines(caplog) if m.startswith("agreement with the original on ")] == [
+        measured[0] + " (measured when it was calibrated)"]
 
     third = _predictor(TuckerConfig(0.3, policy="auto", calibration_patches=2))  # another config: its own
     assert third._tucker_pending
@@ -154,6 +164,47 @@ def test_patches_are_the_first_case_s_sliding_window_tiles():
     small = first_case_patches(image[:, :10, :20, :30], predictor, 4, "case_x")  # padded as the window pads
     assert small.shape == (4, 1, 32, 64, 64) and float(small[0, 0, 31, 63, 63]) == 0.0
     assert torch.equal(small[1], small[0].flip(-1)) and torch.equal(small[3], small[0].flip(-3))  # one tile, mirrored
+
+
+def test_held_out_tiles_share_no_voxel_with_the_fitting_tiles():
+    predictor = _predictor()
+    image = torch.arange(1, np.prod(SHAPE) + 1, dtype=torch.float32).reshape(1, *SHAPE)  # every voxel its own value
+    fitting = first_case_patches(image, predictor, 2, "case_x")
+    tiles, masks = held_out_tiles(image, predictor.configuration_manager.patch_size, 2)
+    assert tiles.shape == (2, 1, 32, 64, 64) and masks.shape == (2, 32, 64, 64) and masks.any(dim=(1, 2, 3)).all()
+    held_out = set(tiles[:, 0][masks].tolist())
+    assert held_out.isdisjoint(fitting.flatten().tolist()) and 0.0 not in held_out  # nor padding
+    # where the fitting tiles cover the whole case, there is nothing held out
+    tiles, masks = held_out_tiles(image[:, :32, :64], predictor.configuration_manager.patch_size, 2)
+    assert tiles.shape == (0, 1, 32, 64, 64) and masks.shape == (0, 32, 64, 64)
+
+
+def test_an_uncompressed_network_agrees_with_the_original_everywhere(caplog):
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        predictor = _predictor(TuckerConfig(1.0, policy="auto", calibration_patches=2))
+        _predict(predictor, _image(shape=LARGE))
+    agreement = predictor.tucker_report.extra["calibration"]["agreement"]
+    assert agreement["tiles"] == 2 and set(agreement["classes"]) == {"liver", "spleen", "kidney", "bone"}
+    assert agreement["voxel_agreement"] == pytest.approx(1.0, abs=1e-3)  # float rounding at near-ties only
+    assert all(c["dice"] == pytest.approx(1.0, abs=1e-2) for c in agreement["classes"].values()), agreement
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_class_far_from_the_original_is_warned_about_with_the_setting_to_raise(caplog, monkeypatch):
+    def diverging(predictor, network, states, tiles):  # the compressed maps (second call) lose the liver
+        maps = label_maps(predictor, network, states, tiles)
+        calls.append(len(calls))
+        return maps if len(calls) == 1 else [torch.where(m == 1, 0, m) for m in maps]
+
+    calls: list[int] = []
+    label_maps = predictor_module.label_maps
+    monkeypatch.setattr(predictor_module, "label_maps", diverging)
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        _predict(_predictor(), _image(shape=LARGE))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("class liver keeps only 0.000 Dice of the original's "
+                                                         "segmentation on held-out tiles (below 0.95): raise "
+                                                         "TUCKER_RANK_RATIO (now 0.5), or calibrate"), warnings
 
 
 def test_compress_asks_for_a_calibration_folder_or_none(tmp_path):

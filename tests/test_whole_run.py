@@ -16,8 +16,10 @@ from nnunet_tucker.config import TuckerConfig
 from nnunet_tucker.tools import whole_run
 from nnunet_tucker.tools.whole_run import (
     IN_PROCESS_STAGES,
+    PREDICT_STAGES,
     TOTALSEG_STAGES,
     StageClock,
+    predict_stages,
     stacked_bars,
     time_stages,
     to_markdown,
@@ -45,6 +47,18 @@ def test_totalsegmentator_stages_come_from_its_own_lines():
     assert stages["resampling"] == pytest.approx(3.94) and stages["prediction (nnU-Net)"] == pytest.approx(45.7)
     assert stages["saving"] == pytest.approx(0.4)
     assert stages["start-up and other"] == pytest.approx(62.0 - 3.94 - 45.7 - 0.4)
+
+
+def test_nnunet_predict_stages_come_from_the_first_of_each_of_its_own_lines():
+    marks = [(4.0, "There are 1 cases in the source folder"), (4.1, "There are 1 cases that I would like to predict"),
+             (9.0, "Predicting case_000:"), (9.0, "perform_everything_on_device: False"),
+             (30.0, "sending off prediction to background worker for resampling and export"),
+             (30.1, "done with case_000"), (33.0, "Segmentation export complete.")]
+    stages = predict_stages(marks, 34.5)
+    assert list(stages) == list(PREDICT_STAGES)
+    assert [round(v, 6) for v in stages.values()] == [4.0, 5.0, 21.0, 3.0, 1.5]
+    with pytest.raises(RuntimeError, match="no line starting 'Segmentation export complete.'"):
+        predict_stages(marks[:-1], 34.5)
 
 
 def test_interleaved_rounds_keep_the_timed_rounds_and_give_ratios_of_medians(monkeypatch, caplog):

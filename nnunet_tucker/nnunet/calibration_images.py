@@ -39,6 +39,7 @@ TILE_STEP_SIZE = 0.5
 # Bump when the choice of patches changes, so that statistics cached under the digest are recomputed.
 _DIGEST_VERSION = "nnunet_tucker calibration v2"  # v2: mirrored tiles fill up
 _NIFTI_ENDINGS = (".nii", ".nii.gz")
+HELD_OUT_TILES = 2  # tiles of the first case that a self-calibrated compression is measured on
 
 
 def _listing(names: Sequence[str], limit: int = 5) -> str:
@@ -280,6 +281,41 @@ def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patc
                                "of the data the model sees. Set TUCKER_CALIBRATION to a folder of images of your "
                                "own, or to 'none' (weights only)")
     return cut_patches([data], configuration.patch_size, max_patches)
+
+
+def held_out_tiles(data: np.ndarray | torch.Tensor, patch_size: Sequence[int], fitting: int,
+                   k: int = HELD_OUT_TILES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `k` tiles of one preprocessed case (C, *spatial) to measure a compression fitted on the first
+    `fitting` patches `cut_patches` cuts from it: tiles at other positions of the sliding window (padded as it
+    pads), each with the mask of its voxels that lie inside the case and outside every fitting tile. Of the tiles
+    with at least half as many such voxels as the freest one, those nearest the middle of the case (where the
+    anatomy is, not the air at its corners), the window's order on ties. Returns (patches (N, C, *patch), masks
+    (N, *patch)), N = 0 where the fitting tiles cover the case."""
+    patch_size = [int(p) for p in patch_size]
+    image = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    padded, inside = pad_nd_image(image.astype(np.float32, copy=False), patch_size, "constant",
+                                  {"constant_values": 0}, return_slicer=True)
+    tiles = _tiles(padded, patch_size)
+    fitted = set(_evenly_spaced(len(tiles), min(len(tiles), fitting)))  # as cut_patches chooses for one image
+    free = np.zeros(padded.shape[1:], dtype=bool)
+    free[tuple(inside[1:])] = True
+    for j in fitted:
+        free[tiles[j][1:]] = False
+    counts = {j: int(free[tile[1:]].sum()) for j, tile in enumerate(tiles) if j not in fitted}
+    most = max(counts.values(), default=0)
+    middle = [(s.start + s.stop) / 2 for s in inside[1:]]
+
+    def distance(j: int) -> float:
+        return sum((((t.start + t.stop) / 2 if isinstance(t, slice) else t) - m) ** 2
+                   for t, m in zip(tiles[j][1:], middle, strict=True))
+
+    candidates = [j for j, count in counts.items() if most and 2 * count >= most]
+    chosen = sorted(sorted(candidates, key=lambda j: (distance(j), j))[:k])
+    patches = np.zeros((len(chosen), padded.shape[0], *patch_size), dtype=np.float32)
+    masks = np.zeros((len(chosen), *patch_size), dtype=bool)
+    for i, j in enumerate(chosen):
+        patches[i], masks[i] = padded[tiles[j]], free[tiles[j][1:]]
+    return torch.from_numpy(patches), torch.from_numpy(masks)
 
 
 def patches_digest(patches: torch.Tensor) -> str:

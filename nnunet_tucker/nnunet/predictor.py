@@ -25,6 +25,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from torch import nn
 
 from .. import __version__
+from ..agreement import describe_worst, measure_agreement
 from ..calibrate import calibrate
 from ..compress import compress_network
 from ..config import TuckerConfig, default_cache_dir, read_env, read_plans, report_path, resolve_config
@@ -40,6 +41,7 @@ from .calibration_images import (
     calibration_cases,
     calibration_digest,
     first_case_patches,
+    held_out_tiles,
     load_calibration_patches,
     patches_digest,
 )
@@ -50,6 +52,8 @@ logger = logging.getLogger("nnunet_tucker")
 # mode loads five, one after the other, each with its own predictor) calibrates each on its first case in turn,
 # and no predictor knows how many will follow, so progress counts those begun.
 _SELF_CALIBRATED: list[str] = []
+# Below this Dice of any class against the original on held-out tiles, a self-calibration warns.
+AGREEMENT_WARNING = 0.95
 
 
 def _ensure_visible_logging() -> None:
@@ -165,8 +169,16 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
                         "×".join(map(str, patches.shape[2:])))
             info = {"on": "first case", "case": case, "patches": len(patches),
                     "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            tiles, masks = held_out_tiles(data, predictor.configuration_manager.patch_size,
+                                          config.patches(first_case=True))
+            network = unwrap(predictor.network)
+            original = label_maps(predictor, network, predictor.list_of_parameters, tiles)
             calibration = Calibration(patches_digest(patches), lambda: patches, info)
             report, converted = compress_folds(predictor, config, source, calibration)
+            compressed = label_maps(predictor, network, [state for state, _ in converted], tiles)
+            info["agreement"] = {"case": case, **measure_agreement(original, compressed, masks,
+                                                                   class_names(predictor))}
+            report.extra["calibration"]["agreement"] = info["agreement"]
             store_json(record, {"key": calibration.key, "info": info})
     predictor._tucker_pending = None
     return _apply(predictor, report, converted, source, report_file)
@@ -196,9 +208,67 @@ def _apply(predictor: nnUNetPredictor, report: CompressionReport, converted: lis
     )
     logger.info("%s; %s; %s%s", report.summary(), calibration_phrase(report.extra.get("calibration")), timing,
                 f" [{source}]" if source else "")
+    _log_agreement(report)
     if report_file is not None:
         _write_report(report, report_file)
     return report
+
+
+def _log_agreement(report: CompressionReport) -> None:
+    """The agreement line of a self-calibrated compression (measured then, or read from the cache), and a
+    warning that names the class and the setting to raise where a class falls below `AGREEMENT_WARNING`."""
+    info = report.extra.get("calibration") or {}
+    agreement = info.get("agreement")
+    if agreement is None:
+        return
+    when = " (measured when it was calibrated)" if info.get("from_cache") else ""
+    if not agreement["tiles"]:
+        logger.info("agreement with the original not measured: the fitting tiles cover all of %s%s; check with "
+                    "nnunet-tucker evaluate on cases of your own", agreement["case"], when)
+        return
+    logger.info("agreement with the original on %d held-out tile(s) of %s: %s%s", agreement["tiles"],
+                agreement["case"], describe_worst(agreement), when)
+    if agreement["worst"] is not None and agreement["worst"][1] < AGREEMENT_WARNING:
+        config = TuckerConfig(**report.config)
+        setting = (f"TUCKER_MAC_BUDGET (now {config.mac_budget})" if config.mac_budget is not None
+                   else f"TUCKER_RANK_RATIO (now {config.rank_ratio})")
+        logger.warning("class %s keeps only %.3f Dice of the original's segmentation on held-out tiles (below "
+                       "%.2f): raise %s, or calibrate on a folder of your own cases (TUCKER_CALIBRATION)",
+                       agreement["worst"][0], agreement["worst"][1], AGREEMENT_WARNING, setting)
+
+
+def label_maps(predictor: nnUNetPredictor, network: nn.Module, states: list[dict], tiles: torch.Tensor
+               ) -> list[torch.Tensor]:
+    """nnU-Net's segmentation of each of `tiles` (N, C, *patch) on its own: the logits of `network` averaged
+    over the fold weights `states` (as nnU-Net averages folds), its nonlinearity, argmax or region order. The
+    network is left with the first fold's weights."""
+    maps = []
+    with torch.no_grad():
+        for tile in tiles:
+            total = None
+            for state in states:
+                network.load_state_dict(state)
+                logits = network(tile[None].to(predictor.device))[0].float()
+                total = logits if total is None else total.add_(logits)
+            probabilities = predictor.label_manager.apply_inference_nonlin(total / len(states))
+            maps.append(predictor.label_manager.convert_probabilities_to_segmentation(probabilities).cpu())
+            del total, probabilities
+    if states:
+        network.load_state_dict(states[0])
+    return maps
+
+
+def class_names(predictor: nnUNetPredictor) -> dict[int, str]:
+    """Label value -> class name of the segmentations `predictor` makes (dataset.json's labels; regions by
+    their value in ``regions_class_order``), background and the ignore label left out."""
+    labels = predictor.dataset_json["labels"]
+    manager = predictor.label_manager
+    if manager.has_regions:
+        names = [name for name, value in labels.items() if value not in (0, [0], (0,))
+                 and value != manager.ignore_label]
+        return dict(zip((int(v) for v in manager.regions_class_order), names, strict=False))
+    return {int(value): name for name, value in labels.items()
+            if isinstance(value, int) and value != 0 and value != manager.ignore_label}
 
 
 def calibration_phrase(info: dict[str, Any] | None) -> str:

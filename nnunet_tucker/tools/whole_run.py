@@ -734,3 +734,116 @@ def run_whole_run_total(out_dir: Path, ratio: float = 0.3, rounds: int = 1, poli
     (out_dir / "whole_run_total.md").write_text(markdown + "\n")
     (out_dir / "whole_run_total.json").write_text(json.dumps({**meta, "summary": rows, "runs": records}, indent=2))
     return {"markdown": markdown, "summary": rows, "runs": records}
+
+
+# ---- nnU-Net's own nnUNetv2_predict on one case: first run and later runs ----
+
+PREDICT_STAGES = ("start-up and model load", "preprocessing", "network", "export", "exit")
+# nnU-Net's stdout lines (predict_from_raw_data) that end each stage but the last, for one case
+_PREDICT_MARKS = ("There are ", "Predicting ", "sending off prediction", "Segmentation export complete.")
+
+
+def predict_stages(marks: Sequence[tuple[float, str]], total: float) -> dict[str, float]:
+    """Seconds per stage (`PREDICT_STAGES`) of one ``nnUNetv2_predict`` run on one case, from the arrival of
+    nnU-Net's own stdout lines (`_PREDICT_MARKS`, the first of each); the last stage ends at `total`."""
+    ends = []
+    for prefix in _PREDICT_MARKS:
+        at = next((at for at, line in marks if line.strip().startswith(prefix)), None)
+        if at is None:
+            raise RuntimeError(f"nnUNetv2_predict printed no line starting {prefix!r}")
+        ends.append(at)
+    bounds = [0.0, *ends, total]
+    return {stage: bounds[i + 1] - bounds[i] for i, stage in enumerate(PREDICT_STAGES)}
+
+
+def run_whole_run_predict(out_dir: Path, preset: str = "resenc-l", ratio: float = 0.3, rounds: int = 1,
+                          policy: str = "profiled", case_shape: tuple[int, int, int] = (192, 224, 224),
+                          tta: bool = False, work_dir: Path | None = None,
+                          invocation: str | None = None) -> dict:
+    """``nnUNetv2_predict`` (nnU-Net's unchanged CLI, a subprocess) of one generated case of `case_shape` (z, y, x)
+    voxels at the preset's spacing, with `preset` as a model folder of random weights: the original against
+    ``TUCKER_RANK_RATIO=ratio`` (self-calibrated on the case), interleaved; round 0 is each variant's first run
+    (the compressed one from an empty cache), then `rounds` later rounds from the cache. By stage
+    (`predict_stages`), with the peak memory of every run; writes whole_run_predict.json and .md to `out_dir`."""
+    from .presets import PRESETS, write_preset_model_folder
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = TuckerConfig(ratio, policy=policy)
+    p = PRESETS[preset]
+    records: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        work = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nnunet_tucker_predict_")))
+        folder = write_preset_model_folder(preset, work / "results")
+        plans = json.loads((folder / "plans.json").read_text())
+        spacing = tuple(plans["configurations"]["3d_fullres"]["spacing"])
+        images = work / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        clinical_ct(images / "case_000_0000.nii.gz", shape=case_shape, spacing=spacing)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("TUCKER_", "nnUNet_"))}
+        base.update(nnUNet_results=str(work / "results"), nnUNet_raw=str(work), nnUNet_preprocessed=str(work),
+                    PYTHONUNBUFFERED="1")
+        cache = work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        name = f"ratio {ratio}"
+        compressed = {**base, "TUCKER_RANK_RATIO": str(ratio), "TUCKER_POLICY": policy, "TUCKER_CACHE_DIR": str(cache)}
+        command = ["nnUNetv2_predict", "-i", str(images), "-d", p.dataset_name, "-c", "3d_fullres", "-f", "0",
+                   "-p", p.plans_name, "-device", "cpu", *([] if tta else ["--disable_tta"])]
+
+        def run(env: dict[str, str], variant: str) -> MeasuredRun:
+            target = work / "out" / variant.replace(" ", "_")
+            shutil.rmtree(target, ignore_errors=True)
+            measured = run_measured([*command, "-o", str(target)], env)
+            if measured.returncode != 0:
+                raise RuntimeError(f"nnUNetv2_predict failed ({measured.returncode}):\n{measured.stderr[-3000:]}")
+            return measured
+
+        def record(variant: str, seconds: float, measured: MeasuredRun, timed: bool) -> None:
+            round_index = sum(r["variant"] == variant for r in records)
+            lines = compression_lines(measured.stderr, {"model": folder.parent.name})
+            entry = {"variant": variant, "round": round_index, "run": "first" if round_index == 0 else "later",
+                     "seconds": measured.seconds, "cpu_seconds": round(measured.cpu_seconds, 1),
+                     "stages": predict_stages(measured.marks, measured.seconds),
+                     "compression_seconds": lines["compression_seconds"].get("model"),
+                     "profile_seconds": lines["profile"]["seconds"],
+                     "peak_rss_mb": round(measured.peak_rss_mb, 1),
+                     "peak_tree_mb": None if measured.peak_tree_mb is None else round(measured.peak_tree_mb, 1),
+                     "log": [line for line in measured.stderr.splitlines() if line.startswith("nnunet-tucker: ")]}
+            records.append(entry)
+            logger.info("%s, %s run: %.1f s (%s), peak RSS %.0f MB", variant, entry["run"], measured.seconds,
+                        ", ".join(f"{k} {v:.1f}" for k, v in entry["stages"].items()), measured.peak_rss_mb)
+
+        time_interleaved({"original": functools.partial(run, base, "original"),
+                          name: functools.partial(run, compressed, name)},
+                         torch.device("cpu"), 1 + rounds, 0, on_run=record)
+    rows = []
+    for run_kind in ("first", "later"):
+        for variant in ("original", name):
+            chosen = [r for r in records if r["variant"] == variant and r["run"] == run_kind]
+            if chosen:
+                rows.append({"variant": variant, "run": run_kind, "runs": len(chosen),
+                             "seconds": statistics.median(r["seconds"] for r in chosen),
+                             "stages": {s: statistics.median(r["stages"][s] for r in chosen) for s in PREDICT_STAGES},
+                             "compression_seconds": chosen[0]["compression_seconds"],
+                             "peak_rss_mb": max(r["peak_rss_mb"] for r in chosen),
+                             "peak_tree_mb": max((r["peak_tree_mb"] or 0.0) for r in chosen) or None})
+    for row in rows:
+        row["speedup"] = next(r for r in rows if r["run"] == row["run"])["seconds"] / row["seconds"]
+    case = "×".join(map(str, case_shape[::-1]))
+    title = (f"nnUNetv2_predict, {preset} ({p.description}), one {case} case at "
+             f"{'×'.join(map(str, spacing[::-1]))} mm, -device cpu{'' if tta else ' --disable_tta'}")
+    head = ["variant", "run", *PREDICT_STAGES, "whole run", "speed-up", "peak RSS", "peak memory, tree (PSS)"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        run_name = row["run"] + (f" (compressed and self-calibrated in {row['compression_seconds']:.1f} s)"
+                                 if row["compression_seconds"] else "")
+        tree = f"{row['peak_tree_mb'] / 1024:.2f} GB" if row["peak_tree_mb"] else "n/a"
+        stages = " | ".join(f"{row['stages'][s]:.1f}" for s in PREDICT_STAGES)
+        lines.append(f"| {row['variant']} | {run_name} | {stages} | {row['seconds']:.1f} | {row['speedup']:.2f}x | "
+                     f"{row['peak_rss_mb'] / 1024:.2f} GB | {tree} |")
+    markdown = "\n".join(lines)
+    meta = {"benchmark": invocation, "config": config.to_dict(), "preset": preset, "rounds": rounds,
+            "cpus": os.cpu_count(), "torch": torch.__version__, "case_shape_zyx": list(case_shape),
+            "spacing_zyx": list(spacing), "tta": tta, "command": " ".join([*command, "-o", "OUT"])}
+    (out_dir / "whole_run_predict.md").write_text(markdown + "\n")
+    (out_dir / "whole_run_predict.json").write_text(json.dumps({**meta, "summary": rows, "runs": records}, indent=2))
+    return {"markdown": markdown, "summary": rows, "runs": records}
