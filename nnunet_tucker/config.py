@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,15 @@ _FIELDS: dict[str, _Field] = {
     "calibration_patches": _Field(
         "TUCKER_CALIBRATION_PATCHES", int, lambda v: _is_int(v) and v >= 1, "an integer >= 1"
     ),
+    "min_agreement": _Field(
+        "TUCKER_MIN_AGREEMENT", float, lambda v: _is_number(v) and 0 < v <= 1,
+        "a number in (0, 1]: the lowest Dice of any class against the original's segmentation on held-out tiles",
+    ),
 }
-_OPTIONAL = {"rank_ratio", "mac_budget", "calibration", "calibration_patches"}
+_OPTIONAL = {"rank_ratio", "mac_budget", "calibration", "calibration_patches", "min_agreement"}
+# Where a floor on the agreement is missed, the next target tried: the next larger of these shares (of ranks, or
+# of MACs); above the last, the original network.
+LOOSER_TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 FOLDER_PATCHES = 4  # calibration patches taken from a folder of images, unless asked otherwise
 FIRST_CASE_PATCHES = 2  # ... from the first case of a run (each costs about a forward and a backward pass)
 _TARGETS = ("rank_ratio", "mac_budget")  # exactly one says how much to compress
@@ -112,6 +119,9 @@ class TuckerConfig:
         ``"none"`` fits the weights alone (quality unverified).
     calibration_patches: network-input patches taken from the calibration images; None (default):
         `FOLDER_PATCHES` from a folder, `FIRST_CASE_PATCHES` from the first case.
+    min_agreement: a floor on the measured agreement with the original (the lowest per-class Dice on held-out
+        tiles of the first case): the rank ratio or MAC budget is then a starting point, loosened
+        (`looser`) until every class reaches it, or the original network kept. None (default): no floor.
     """
 
     rank_ratio: float | None = None
@@ -123,6 +133,7 @@ class TuckerConfig:
     exclude: tuple[str, ...] = ()
     calibration: str | None = None
     calibration_patches: int | None = None
+    min_agreement: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -133,11 +144,25 @@ class TuckerConfig:
                 "give exactly one of rank_ratio and mac_budget (TUCKER_RANK_RATIO / TUCKER_MAC_BUDGET, "
                 f"-tucker_rank_ratio / -tucker_mac_budget); got {given or 'neither'}"
             )
+        if self.min_agreement is not None and self.calibration is not None:
+            raise TuckerConfigError(
+                f"min_agreement={self.min_agreement} is measured on held-out tiles of the first case a prediction "
+                f"segments, so it needs self-calibration: leave calibration unset (TUCKER_CALIBRATION, --calibration),"
+                f" not {self.calibration!r}"
+            )
 
     def describe(self) -> str:
         """A short summary such as ``rank_ratio=0.5 policy=auto`` or ``mac_budget=0.2 calibrated``."""
         target = f"rank_ratio={self.rank_ratio}" if self.rank_ratio is not None else f"mac_budget={self.mac_budget}"
-        return f"{target} policy={self.policy}"
+        floor = f" min_agreement={self.min_agreement}" if self.min_agreement is not None else ""
+        return f"{target} policy={self.policy}{floor}"
+
+    def looser(self) -> TuckerConfig | None:
+        """The same config with the next larger rank ratio or MAC budget of `LOOSER_TARGETS`, or None above the
+        last (only the original network is looser)."""
+        target = "rank_ratio" if self.rank_ratio is not None else "mac_budget"
+        larger = [t for t in LOOSER_TARGETS if t > getattr(self, target) + 1e-9]
+        return replace(self, **{target: larger[0]}) if larger else None
 
     def patches(self, first_case: bool) -> int:
         """How many calibration patches to take, from the first case or from a folder."""

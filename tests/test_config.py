@@ -92,3 +92,15 @@ def test_calibration_patches_default_to_fewer_from_the_first_case():
     assert TuckerConfig(0.3, calibration_patches=6).patches(first_case=True) == 6
     assert resolve_config(read_env({"TUCKER_RANK_RATIO": "0.3", "TUCKER_CALIBRATION_PATCHES": "3"})).patches(
         first_case=False) == 3
+
+
+def test_a_floor_on_the_agreement_from_every_source_and_the_targets_it_loosens_to():
+    env = read_env({"TUCKER_RANK_RATIO": "0.3", "TUCKER_MIN_AGREEMENT": "0.98"})
+    config = resolve_config(read_plans({"tucker": {"min_agreement": 0.95}}), env)
+    assert config == TuckerConfig(0.3, min_agreement=0.98)
+    assert config.describe() == "rank_ratio=0.3 policy=profiled min_agreement=0.98"
+    assert config.looser() == TuckerConfig(0.4, min_agreement=0.98)
+    assert TuckerConfig(mac_budget=0.25).looser() == TuckerConfig(mac_budget=0.3)
+    assert TuckerConfig(0.8).looser() is None and TuckerConfig(0.95).looser() is None
+    with pytest.raises(TuckerConfigError, match=r"TUCKER_MIN_AGREEMENT=.98. is not allowed: .* number in \(0, 1\]"):
+        read_env({"TUCKER_MIN_AGREEMENT": "98"})

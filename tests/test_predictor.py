@@ -224,3 +224,51 @@ def test_models_are_named_by_their_dataset_folder_in_progress_lines():
     assert name(predictor, f"/r/{dataset}/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres") == dataset
     assert name(predictor, "/models/my_model/") == "my_model"  # not nnU-Net's layout: the folder itself
     assert name(predictor, None) == "Dataset990_Phantom"  # loaded otherwise: the plans' dataset name
+
+
+def test_a_floor_missed_by_the_first_plan_gives_rank_back_and_later_runs_take_what_it_chose(caplog):
+    config = TuckerConfig(0.1, policy="auto", calibration_patches=2, min_agreement=0.6)
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        at_floor = _predictor(config)
+        _predict(at_floor, _image(shape=LARGE))
+    # ratio 0.1 keeps too little of this narrow network: the liver at the held-out tiles' edge falls below 0.6
+    missed = [m for m in _lines(caplog) if m.startswith("rank_ratio=0.1 policy=auto min_agreement=0.6: worst class ")]
+    assert len(missed) == 1 and missed[0].endswith("below min_agreement=0.6; trying rank_ratio=0.2 policy=auto "
+                                                   "min_agreement=0.6"), _lines(caplog)
+    report = at_floor.tucker_report
+    assert report is not None, "no ratio up to 0.8 reached 0.6"  # this network reaches it (0.5 here)
+    assert report.config["rank_ratio"] > 0.1 and report.extra["calibration"]["agreement"]["worst"][1] >= 0.6
+    without = _predictor(TuckerConfig(0.1, policy="auto", calibration="none"))
+    assert report.macs_after > without.tucker_report.macs_after  # rank given back
+    again = _predictor(config)  # a later run: what the floor chose, from the cache
+    assert again.tucker_report.config == report.config and again.tucker_report.extra["cache_misses"] == 0
+
+
+def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(caplog, monkeypatch):
+    monkeypatch.setattr(predictor_module, "measure_agreement",
+                        lambda *args: {"tiles": 2, "voxels": 10, "voxel_agreement": 0.5, "classes": {},
+                                       "worst": ["liver", 0.5]})
+    config = TuckerConfig(0.7, policy="auto", calibration_patches=2, min_agreement=0.9)
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        predictor = _predictor(config)
+        original = [dict(state) for state in predictor.list_of_parameters]
+        segmentation = _predict(predictor, _image())
+    tried = [m for m in _lines(caplog) if " on held-out tiles of the first image" in m and "below min_agreement" in m]
+    assert [m.split(":")[0] for m in tried] == ["rank_ratio=0.7 policy=auto min_agreement=0.9",
+                                                "rank_ratio=0.8 policy=auto min_agreement=0.9"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("no rank ratio or MAC budget up to 0.8 keeps every class at "
+                                                         "min_agreement=0.9"), warnings
+    assert predictor.tucker_report is None and segmentation.shape == SHAPE
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(original, predictor.list_of_parameters, strict=True) for k in a)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        later = _predictor(config)
+    assert later.tucker_report is None and not getattr(later, "_tucker_pending", None)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0].startswith(
+        "rank_ratio=0.7 policy=auto min_agreement=0.9: no rank ratio or MAC budget kept every class")
+
+
+def test_a_floor_needs_self_calibration():
+    with pytest.raises(TuckerConfigError, match="min_agreement=0.98 .* needs self-calibration"):
+        TuckerConfig(0.3, calibration="calib/", min_agreement=0.98)

@@ -8,6 +8,7 @@ CPU/CUDA, ``nnUNet_compile``).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
@@ -28,7 +29,16 @@ from .. import __version__
 from ..agreement import describe_worst, measure_agreement
 from ..calibrate import calibrate
 from ..compress import compress_network
-from ..config import TuckerConfig, default_cache_dir, read_env, read_plans, report_path, resolve_config
+from ..config import (
+    LOOSER_TARGETS,
+    TuckerConfig,
+    TuckerConfigError,
+    default_cache_dir,
+    read_env,
+    read_plans,
+    report_path,
+    resolve_config,
+)
 from ..files import atomic_write, file_lock
 from ..memory import large_buffers_returned
 from ..plan import LayerPlan, plan_compression, unwrap
@@ -54,6 +64,8 @@ logger = logging.getLogger("nnunet_tucker")
 _SELF_CALIBRATED: list[str] = []
 # Below this Dice of any class against the original on held-out tiles, a self-calibration warns.
 AGREEMENT_WARNING = 0.95
+# What a self-calibration with a floor (`min_agreement`) comes to when no plan reaches it: the model runs uncompressed.
+UNCOMPRESSED = "uncompressed"
 
 
 def _ensure_visible_logging() -> None:
@@ -129,6 +141,8 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     if config.calibration is None:
         record = _self_calibration_record(predictor, config)
         compressed = _from_stored_self_calibration(predictor, config, source, record)
+        if compressed is UNCOMPRESSED:
+            return None
         if compressed is None:
             predictor._tucker_pending = (config, source, report_file, record)
             # nnU-Net's worker processes would start for this first case too: the faster pipeline from now on
@@ -159,29 +173,67 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
         predictor.network.to(predictor.device)  # where nnU-Net will run it: calibrate there
         # another process may have calibrated this model meanwhile
         compressed = _from_stored_self_calibration(predictor, config, source, record)
-        if compressed is not None:
-            report, converted = compressed
-        else:
-            patches = first_case_patches(data, predictor, config.patches(first_case=True), case)
-            _SELF_CALIBRATED.append(model_name(predictor, source))
-            logger.info("self-calibrating %s (model %d in this process) on %s: %d patch(es) of %s, once per model",
-                        _SELF_CALIBRATED[-1], len(_SELF_CALIBRATED), case, len(patches),
-                        "×".join(map(str, patches.shape[2:])))
-            info = {"on": "first case", "case": case, "patches": len(patches),
-                    "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-            tiles, masks = held_out_tiles(data, predictor.configuration_manager.patch_size,
-                                          config.patches(first_case=True))
-            network = unwrap(predictor.network)
-            original = label_maps(predictor, network, predictor.list_of_parameters, tiles)
-            calibration = Calibration(patches_digest(patches), lambda: patches, info)
-            report, converted = compress_folds(predictor, config, source, calibration)
-            compressed = label_maps(predictor, network, [state for state, _ in converted], tiles)
-            info["agreement"] = {"case": case, **measure_agreement(original, compressed, masks,
-                                                                   class_names(predictor))}
-            report.extra["calibration"]["agreement"] = info["agreement"]
-            store_json(record, {"key": calibration.key, "info": info})
+        if compressed is None:
+            compressed = _self_calibrate(predictor, config, source, data, case, record)
     predictor._tucker_pending = None
-    return _apply(predictor, report, converted, source, report_file)
+    if compressed is UNCOMPRESSED:
+        return None
+    return _apply(predictor, *compressed, source, report_file)
+
+
+def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: str | None, data: Any, case: str,
+                    record: Path) -> tuple[CompressionReport, list] | str:
+    """Calibrate on the first case `data`, compress, and measure the agreement with the original on held-out tiles
+    of it; with a floor (`config.min_agreement`) missed, again with looser targets (`TuckerConfig.looser`) until
+    every class reaches it, or `UNCOMPRESSED`. The outcome goes to `record`."""
+    patches = first_case_patches(data, predictor, config.patches(first_case=True), case)
+    _SELF_CALIBRATED.append(model_name(predictor, source))
+    logger.info("self-calibrating %s (model %d in this process) on %s: %d patch(es) of %s, once per model",
+                _SELF_CALIBRATED[-1], len(_SELF_CALIBRATED), case, len(patches), "×".join(map(str, patches.shape[2:])))
+    info = {"on": "first case", "case": case, "patches": len(patches),
+            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tiles, masks = held_out_tiles(data, predictor.configuration_manager.patch_size, config.patches(first_case=True))
+    network = unwrap(predictor.network)
+    original = label_maps(predictor, network, predictor.list_of_parameters, tiles)
+    pristine = copy.deepcopy(network) if config.min_agreement is not None else None
+    calibration = Calibration(patches_digest(patches), lambda: patches, info)
+    attempt = config
+    while True:
+        report, converted = compress_folds(predictor, attempt, source, calibration)
+        compressed = label_maps(predictor, network, [state for state, _ in converted], tiles)
+        info["agreement"] = {"case": case, **measure_agreement(original, compressed, masks, class_names(predictor))}
+        worst = info["agreement"]["worst"]
+        if config.min_agreement is None or worst is None or worst[1] >= config.min_agreement:
+            break
+        tried, attempt = attempt, attempt.looser()
+        logger.info("%s: %s on held-out tiles of %s, below min_agreement=%s; %s", tried.describe(),
+                    describe_worst(info["agreement"]), case, config.min_agreement,
+                    f"trying {attempt.describe()}" if attempt else "no looser target is left")
+        network = _replace_network(predictor, copy.deepcopy(pristine))
+        if attempt is None:
+            logger.warning("no rank ratio or MAC budget up to %s keeps every class at min_agreement=%s on held-out "
+                           "tiles of %s: the model runs uncompressed", LOOSER_TARGETS[-1], config.min_agreement,
+                           case)
+            store_json(record, {"key": calibration.key, "info": info, "config": None})
+            return UNCOMPRESSED
+    if config.min_agreement is not None and worst is None:
+        logger.warning("min_agreement=%s could not be checked: nothing of %s was held out; check the model with "
+                       "nnunet-tucker evaluate", config.min_agreement, case)
+    report.extra["calibration"]["agreement"] = info["agreement"]
+    store_json(record, {"key": calibration.key, "info": info, "config": attempt.to_dict()})
+    return report, converted
+
+
+def _replace_network(predictor: nnUNetPredictor, network: nn.Module) -> nn.Module:
+    """Put `network` in the place of the predictor's (behind a `torch.compile` wrapper where there is one)."""
+    owner = predictor.network
+    if owner is unwrap(owner):
+        predictor.network = network
+    else:
+        while unwrap(owner) is not owner and getattr(owner, "_orig_mod", None) is not unwrap(owner):
+            owner = owner._orig_mod
+        owner._orig_mod = network
+    return network
 
 
 def model_name(predictor: nnUNetPredictor, source: str | None) -> str:
@@ -315,21 +367,27 @@ def _self_calibration_record(predictor: nnUNetPredictor, config: TuckerConfig) -
 
 def _from_stored_self_calibration(
     predictor: nnUNetPredictor, config: TuckerConfig, source: str | None, record: Path
-) -> tuple[CompressionReport, list] | None:
+) -> tuple[CompressionReport, list] | str | None:
     """`compress_folds` with the self-calibration `record` names, from the cache alone (its patches are
     gone; statistics and fitted weights are cached under its key); None when there is no usable record
-    or the cache lacks what it needs."""
+    or the cache lacks what it needs; `UNCOMPRESSED` where a floor kept the original network."""
     try:
         data = json.loads(record.read_text())
         key, info = str(data["key"]), dict(data["info"])
-    except (OSError, ValueError, KeyError, TypeError):
+        chosen = TuckerConfig(**data["config"]) if data.get("config") else config  # what a floor chose
+    except (OSError, ValueError, KeyError, TypeError, TuckerConfigError):
         return None
+    if "config" in data and data["config"] is None:
+        logger.warning("%s: no rank ratio or MAC budget kept every class at min_agreement=%s on held-out tiles of %s "
+                       "when it was calibrated (%s): the model runs uncompressed", config.describe(),
+                       config.min_agreement, info["case"], info["utc"])
+        return UNCOMPRESSED
 
     def patches() -> torch.Tensor:
         raise _NeedsFirstCase
 
     try:
-        return compress_folds(predictor, config, source, Calibration(key, patches, {**info, "from_cache": True}))
+        return compress_folds(predictor, chosen, source, Calibration(key, patches, {**info, "from_cache": True}))
     except _NeedsFirstCase:
         return None
 
