@@ -74,6 +74,11 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
     total_runs = {(r["variant"], r["run"]): r for r in total["summary"]}
     total_later = [total_runs[v, "later"] for v in ("original", f"ratio {total['config']['rank_ratio']}")]
     total_first = [total_runs[v, "first"] for v in ("original", f"ratio {total['config']['rank_ratio']}")]
+    predict = load(WHOLE_RUN_PREDICT, results)
+    predict_runs = {(r["variant"], r["run"]): r for r in predict["summary"]}
+    compressed = f"ratio {predict['config']['rank_ratio']}"
+    predict_later, predict_first = ([predict_runs[v, run] for v in ("original", compressed)]
+                                    for run in ("later", "first"))
     runs = speed["runs"]
     presets = [next(s for s in load(PRESETS, results)["sections"] if s["source"] == name)
                for name in ("totalseg-1.5mm-organs", "resenc-l")]
@@ -110,6 +115,13 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
         f"**{total_later[1]['speedup']:.2f}×** (first run, calibrating all five: {total_first[0]['seconds']:.0f} → "
         f"{total_first[1]['seconds']:.0f} s; peak memory {total_first[0]['peak_tree_mb'] / 1000:.1f} → "
         f"{total_first[1]['peak_tree_mb'] / 1000:.1f} GB) | [default mode]({to_results}/{WHOLE_RUN_TOTAL}) |",
+        f"| `nnUNetv2_predict -device cpu --disable_tta`, nnU-Net ResEnc L, one "
+        f"{_shape(predict['case_shape_zyx'][::-1])} case at 1.5 mm, whole process, later runs | "
+        f"{predict_later[0]['seconds']:.1f} s | {predict_later[1]['seconds']:.1f} s | "
+        f"**{predict_later[1]['speedup']:.2f}×** (first run, calibrating: {predict_first[0]['seconds']:.0f} → "
+        f"{predict_first[1]['seconds']:.0f} s; peak RSS {predict_later[0]['peak_rss_mb'] / 1024:.1f} → "
+        f"{predict_later[1]['peak_rss_mb'] / 1024:.1f} GB, first run {predict_first[1]['peak_rss_mb'] / 1024:.1f} GB) "
+        f"| [ResEnc L]({to_results}/{WHOLE_RUN_PREDICT}) |",
         f"| first run only: calibrate on the first case, profile the CPU, fit (once per model) | | "
         f"+{first['first_case_overhead_s']} s; later runs load it in {first['second_run_load_s']} s | | "
         f"[first run]({to_results}/{FIRST_RUN}) |",

@@ -1,7 +1,9 @@
 import copy
 import logging
+import math
 import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_tucker.config import TuckerConfigError
 from nnunet_tucker.nnunet.calibration_images import (
+    MAX_CALIBRATION_VOXELS,
     CalibrationError,
     calibration_cases,
+    calibration_crop,
     calibration_digest,
     load_calibration_patches,
 )
@@ -175,3 +179,17 @@ def test_non_finite_values_kept_by_the_reader_are_named(predictor, tmp_path):
     name = re.escape(str(path))  # a temporary folder's path may hold characters special in patterns
     with pytest.raises(CalibrationError, match=rf"case 'broken': {name} has 1 NaN/infinite voxel\(s\)"):
         load_calibration_patches(tmp_path, mha_predictor)
+
+
+@pytest.mark.parametrize("patch, strides, crop", [
+    ((192, 192, 192), [[1, 1, 1]] + [[2, 2, 2]] * 5, [128, 128, 128]),  # nnU-Net ResEnc L at 1.5 mm
+    ((128, 128, 128), [[1, 1, 1]] + [[2, 2, 2]] * 5, [128, 128, 128]),  # TotalSegmentator's 1.5 mm parts: as is
+    ((160, 192, 224), [1, [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], [128, 128, 128]),
+    ((40, 512, 512), [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], [40, 224, 224]),
+])
+def test_large_patches_are_calibrated_on_their_middle_in_whole_strides(patch, strides, crop):
+    configuration = SimpleNamespace(patch_size=list(patch), network_arch_init_kwargs={"strides": strides})
+    assert calibration_crop(configuration) == crop
+    assert math.prod(crop) <= MAX_CALIBRATION_VOXELS or crop == list(patch)
+    total = [math.prod(s if isinstance(s, int) else s[axis] for s in strides) for axis in range(3)]
+    assert all(c % t == 0 or c == p for c, t, p in zip(crop, total, patch, strict=True))

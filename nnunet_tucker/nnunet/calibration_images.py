@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -37,9 +38,12 @@ logger = logging.getLogger(__name__)
 
 TILE_STEP_SIZE = 0.5
 # Bump when the choice of patches changes, so that statistics cached under the digest are recomputed.
-_DIGEST_VERSION = "nnunet_tucker calibration v2"  # v2: mirrored tiles fill up
+_DIGEST_VERSION = "nnunet_tucker calibration v3"  # v2: mirrored tiles fill up; v3: large patches cropped
 _NIFTI_ENDINGS = (".nii", ".nii.gz")
 HELD_OUT_TILES = 2  # tiles of the first case that a self-calibrated compression is measured on
+# A larger patch is calibrated on its middle (`calibration_crop`): the probed pass keeps every activation for its
+# backward, which for nnU-Net ResEnc L's 192³ patch took 22 GB.
+MAX_CALIBRATION_VOXELS = 128**3
 
 
 def _listing(names: Sequence[str], limit: int = 5) -> str:
@@ -209,6 +213,31 @@ def _check_max_patches(max_patches: Any) -> None:
         raise TuckerConfigError(f"max_patches={max_patches!r} is not allowed: it must be an integer >= 1")
 
 
+def calibration_crop(configuration: Any) -> list[int]:
+    """The patch size calibration runs on: the configuration's, or where that holds more than
+    `MAX_CALIBRATION_VOXELS`, shrunk on its longest axis, one step of the network's total stride along that axis
+    at a time (so that every stage still sees whole voxels), until it fits."""
+    size = [int(p) for p in configuration.patch_size]
+    strides = (getattr(configuration, "network_arch_init_kwargs", None) or {}).get("strides")
+    if not strides or math.prod(size) <= MAX_CALIBRATION_VOXELS:
+        return size
+    step = [math.prod(int(s) if isinstance(s, int) else int(s[axis]) for s in strides) for axis in range(len(size))]
+    while math.prod(size) > MAX_CALIBRATION_VOXELS:
+        shrinkable = [axis for axis in range(len(size)) if size[axis] > step[axis]]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda a: size[a])
+        size[axis] -= step[axis]
+    return size
+
+
+def _centre_crop(patches: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The middle `size` of every patch (N, C, *spatial)."""
+    starts = [(n - s) // 2 for n, s in zip(patches.shape[2:], size, strict=True)]
+    window = tuple(slice(a, a + s) for a, s in zip(starts, size, strict=True))
+    return patches[(slice(None), slice(None), *window)].contiguous()
+
+
 def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: int = 4) -> torch.Tensor:
     """Up to ``max_patches`` preprocessed network-input patches from the images in ``folder``.
 
@@ -227,9 +256,9 @@ def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: in
     used = list(cases.items())[:max_patches]  # round-robin gives every case >= 1 tile, so later ones get none
     preprocessor = configuration.preprocessor_class(verbose=predictor.verbose_preprocessing)
     images = [_preprocess(case, files, preprocessor, predictor) for case, files in used]
-    batch = cut_patches(images, configuration.patch_size, max_patches)
+    batch = _centre_crop(cut_patches(images, configuration.patch_size, max_patches), calibration_crop(configuration))
     logger.info("Calibration: %d patch(es) of %s from %d of %d case(s) in %s", len(batch),
-                "x".join(map(str, configuration.patch_size)), len(used), len(cases), folder)
+                "x".join(map(str, batch.shape[2:])), len(used), len(cases), folder)
     return batch
 
 
@@ -280,7 +309,7 @@ def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patc
         raise CalibrationError(f"cannot calibrate on {case}: every input channel is constant, which says nothing "
                                "of the data the model sees. Set TUCKER_CALIBRATION to a folder of images of your "
                                "own, or to 'none' (weights only)")
-    return cut_patches([data], configuration.patch_size, max_patches)
+    return _centre_crop(cut_patches([data], configuration.patch_size, max_patches), calibration_crop(configuration))
 
 
 def held_out_tiles(data: np.ndarray | torch.Tensor, patch_size: Sequence[int], fitting: int,
