@@ -23,8 +23,9 @@ def measure_agreement(original: Sequence[torch.Tensor], compressed: Sequence[tor
     background left out. Returns {"tiles", "voxels", "voxel_agreement", "classes": {name: {"dice", "voxels"}}
     for the classes present in either map, "worst": [name, dice] among those with at least `MIN_VOXELS` voxels
     in either map (None where there is none)}."""
-    a = torch.cat([o[m] for o, m in zip(original, masks, strict=True)]).long()
-    b = torch.cat([c[m] for c, m in zip(compressed, masks, strict=True)]).long()
+    empty = torch.zeros(0, dtype=torch.long)  # no tile: nothing held out
+    a = torch.cat([empty, *(o[m].long() for o, m in zip(original, masks, strict=True))])
+    b = torch.cat([empty, *(c[m].long() for c, m in zip(compressed, masks, strict=True))])
     length = max(names, default=0) + 1
     both = torch.bincount(a[a == b], minlength=length)
     in_a, in_b = torch.bincount(a, minlength=length), torch.bincount(b, minlength=length)

@@ -47,3 +47,9 @@ def test_tiles_are_pooled():
     result = measure_agreement(a, b, masks, NAMES)
     assert result["tiles"] == 2 and result["voxels"] == 8 and result["voxel_agreement"] == pytest.approx(7 / 8)
     assert result["classes"]["liver"]["dice"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_nothing_held_out_is_said_so():
+    result = measure_agreement([], [], [], NAMES)
+    assert result == {"tiles": 0, "voxels": 0, "voxel_agreement": None, "classes": {}, "worst": None}
+    assert describe_worst(result) == "no voxel to compare"

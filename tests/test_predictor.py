@@ -272,3 +272,14 @@ def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(cap
 def test_a_floor_needs_self_calibration():
     with pytest.raises(TuckerConfigError, match="min_agreement=0.98 .* needs self-calibration"):
         TuckerConfig(0.3, calibration="calib/", min_agreement=0.98)
+
+
+def test_a_case_the_fitting_tiles_cover_has_nothing_held_out_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        predictor = _predictor()
+        _predict(predictor, _image()[:, :32, :64, :64])  # one tile: the two fitting patches are it and its mirror
+    agreement = predictor.tucker_report.extra["calibration"]["agreement"]
+    assert agreement["tiles"] == 0 and agreement["worst"] is None
+    assert [m for m in _lines(caplog) if m.startswith("agreement with the original")] == [
+        "agreement with the original not measured: the fitting tiles cover all of the first image (1×32×64×64); "
+        "check with nnunet-tucker evaluate on cases of your own"]
