@@ -23,11 +23,16 @@ def calibration(workspace):
 def test_compress_with_budget_and_calibration_records_both(model_folder, nnunet_env, calibration, workspace):
     out = workspace / "compressed_budget"
     run(["nnunet-tucker", "compress", "-i", str(model_folder), "-o", str(out), "--mac-budget", "0.7",
-         "--calibration", str(calibration), "--calibration-patches", "2"], nnunet_env)
+         "--calibration", str(calibration), "--calibration-patches", "2", "--min-agreement", "0.3"], nnunet_env)
     manifest = json.loads((out / "tucker_manifest.json").read_text())
     assert manifest["config"]["mac_budget"] == 0.7 and manifest["config"]["rank_ratio"] is None
+    assert manifest["config"]["min_agreement"] == 0.3
     assert manifest["macs_after"] <= 0.7 * manifest["macs_before"]
-    assert manifest["calibration"]["cases"] == ["case_000", "case_001"]
+    # the last case is kept apart: fitted on the other, measured on it (one tile: the case is one patch)
+    assert manifest["calibration"]["cases"] == ["case_000"] and manifest["calibration"]["held_out_case"] == "case_001"
+    agreement = manifest["calibration"]["agreement"]
+    assert agreement["case"] == "case_001" and agreement["tiles"] == 1 and agreement["worst"][1] >= 0.3
+    assert set(agreement["classes"]) <= {"liver", "spleen", "kidney", "bone"}
     assert manifest["calibration"]["folder"] == str(calibration.resolve())
     assert any("calibrated" in layer["reason"] for layer in manifest["layers"])
 

@@ -120,7 +120,8 @@ class TuckerConfig:
     calibration_patches: network-input patches taken from the calibration images; None (default):
         `FOLDER_PATCHES` from a folder, `FIRST_CASE_PATCHES` from the first case.
     min_agreement: a floor on the measured agreement with the original (the lowest per-class Dice on held-out
-        tiles of the first case): the rank ratio or MAC budget is then a starting point, loosened
+        tiles: of the first case, or of the case a calibration folder keeps apart): the rank ratio or MAC budget is
+        then a starting point, loosened
         (`looser`) until every class reaches it, or the original network kept. None (default): no floor.
     """
 
@@ -144,11 +145,11 @@ class TuckerConfig:
                 "give exactly one of rank_ratio and mac_budget (TUCKER_RANK_RATIO / TUCKER_MAC_BUDGET, "
                 f"-tucker_rank_ratio / -tucker_mac_budget); got {given or 'neither'}"
             )
-        if self.min_agreement is not None and self.calibration is not None:
+        if self.min_agreement is not None and self.weights_only:
             raise TuckerConfigError(
-                f"min_agreement={self.min_agreement} is measured on held-out tiles of the first case a prediction "
-                f"segments, so it needs self-calibration: leave calibration unset (TUCKER_CALIBRATION, --calibration),"
-                f" not {self.calibration!r}"
+                f"min_agreement={self.min_agreement} is measured on images the fit did not see, so it needs "
+                f"calibration: leave it unset (the first case a prediction segments) or give a folder of two or more "
+                f"cases (TUCKER_CALIBRATION, --calibration), not {NO_CALIBRATION!r}"
             )
 
     def describe(self) -> str:

@@ -18,6 +18,7 @@ from nnunet_tucker.nnunet.calibration_images import (
     calibration_crop,
     calibration_digest,
     load_calibration_patches,
+    load_held_out_tiles,
 )
 from nnunet_tucker.tools.demo_model import demo_model_folder
 from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom, make_test_cases, write_nifti
@@ -35,11 +36,13 @@ def predictor():
 
 @pytest.fixture
 def images(tmp_path):
-    """A one-patch case 'case_000' and a four-tile case 'big' (sorted first)."""
+    """A one-patch case 'case_000', a four-tile case 'big' (sorted first) and 'zz_kept' (sorted last: held out)."""
     folder = tmp_path / "images"
     make_test_cases(folder, 1, seed=0)
     image, _, spacing = make_phantom(7, shape=BIG)
     write_nifti(folder / "big_0000.nii.gz", np.round(image).astype(np.int16), spacing)
+    image, _, spacing = make_phantom(8, shape=BIG)
+    write_nifti(folder / "zz_kept_0000.nii.gz", np.round(image).astype(np.int16), spacing)
     return folder
 
 
@@ -71,7 +74,21 @@ def test_patches_are_preprocessed_tiles_spread_over_cases(predictor, images, cap
     assert torch.equal(patches[1], _preprocessed(predictor, images / "case_000_0000.nii.gz"))
     assert torch.equal(patches[2], big[:, 8:40, 16:80, 0:64])
     assert torch.equal(patches, load_calibration_patches(images, predictor, max_patches=3))
-    assert "3 patch(es) of 32x64x64 from 2 of 2 case(s)" in caplog.text and str(images) in caplog.text
+    assert "3 patch(es) of 32x64x64 from 2 of 3 case(s)" in caplog.text and str(images) in caplog.text
+    assert "(zz_kept held out to measure the agreement on)" in caplog.text
+
+
+def test_the_last_case_is_held_out_whole_where_a_folder_has_two_or_more(predictor, images, tmp_path):
+    tiles, masks, case = load_held_out_tiles(images, predictor)
+    kept = _preprocessed(predictor, images / "zz_kept_0000.nii.gz")
+    assert case == "zz_kept" and tiles.shape == (2, 1, *PATCH) and bool(masks.all())  # none of it was fitted on
+    assert all(any(torch.equal(tile, kept[:, z:z + 32, y:y + 64, 0:64]) for z in (0, 8) for y in (0, 16))
+               for tile in tiles)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(images / "big_0000.nii.gz", alone)
+    assert load_held_out_tiles(alone, predictor) is None  # one case: all of it for the fit
+    assert load_calibration_patches(alone, predictor, max_patches=1).shape[0] == 1
 
 
 def test_max_patches_is_honoured(predictor, images):

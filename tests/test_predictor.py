@@ -269,9 +269,11 @@ def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(cap
         "rank_ratio=0.7 policy=auto min_agreement=0.9: no rank ratio or MAC budget kept every class")
 
 
-def test_a_floor_needs_self_calibration():
-    with pytest.raises(TuckerConfigError, match="min_agreement=0.98 .* needs self-calibration"):
-        TuckerConfig(0.3, calibration="calib/", min_agreement=0.98)
+def test_a_floor_needs_calibration():
+    with pytest.raises(TuckerConfigError, match="min_agreement=0.98 is measured on images the fit did not see, so "
+                                                "it needs calibration: .* not 'none'"):
+        TuckerConfig(0.3, calibration="none", min_agreement=0.98)
+    assert TuckerConfig(0.3, calibration="calib/", min_agreement=0.98).min_agreement == 0.98
 
 
 def test_a_case_the_fitting_tiles_cover_has_nothing_held_out_and_says_so(caplog):

@@ -245,6 +245,22 @@ def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: in
     (N, C, *patch_size), 1 <= N <= max_patches, N smaller only when the cases have fewer tiles.
     """
     _check_max_patches(max_patches)
+    configuration = _single_stage(folder, predictor)
+    cases = calibration_cases(folder, predictor.dataset_json)
+    kept_apart = held_out_case(cases)
+    # round-robin gives every case >= 1 tile, so later ones get none
+    used = [(case, files) for case, files in cases.items() if case != kept_apart][:max_patches]
+    preprocessor = configuration.preprocessor_class(verbose=predictor.verbose_preprocessing)
+    images = [_preprocess(case, files, preprocessor, predictor) for case, files in used]
+    batch = _centre_crop(cut_patches(images, configuration.patch_size, max_patches), calibration_crop(configuration))
+    logger.info("Calibration: %d patch(es) of %s from %d of %d case(s) in %s%s", len(batch),
+                "x".join(map(str, batch.shape[2:])), len(used), len(cases), folder,
+                f" ({kept_apart} held out to measure the agreement on)" if kept_apart else "")
+    return batch
+
+
+def _single_stage(folder: Path | str, predictor: Any) -> Any:
+    """The configuration of an initialised predictor, checked to take images alone (no cascade stage)."""
     if getattr(predictor, "configuration_manager", None) is None:
         raise ValueError("the predictor is not initialised: call initialize_from_trained_model_folder first")
     configuration = predictor.configuration_manager
@@ -252,14 +268,28 @@ def load_calibration_patches(folder: Path | str, predictor: Any, max_patches: in
         raise CalibrationError(f"calibration for {folder} needs a single-stage model: this configuration is a "
                                f"cascade stage after {configuration.previous_stage_name!r}, whose input includes "
                                "the previous stage's segmentation")
+    return configuration
+
+
+def held_out_case(cases: Mapping[str, Any]) -> str | None:
+    """The case of a calibration folder kept apart to measure the compression on: the last in sorted order, where
+    the folder has two or more (None: one case, all of it for the fit)."""
+    return sorted(cases)[-1] if len(cases) >= 2 else None
+
+
+def load_held_out_tiles(folder: Path | str, predictor: Any, k: int = HELD_OUT_TILES
+                        ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """Up to `k` tiles of the case `held_out_case` keeps apart (the ones nearest its middle, every voxel inside
+    the case masked in; `held_out_tiles` with nothing fitted on it) and its name; None for a one-case folder."""
+    configuration = _single_stage(folder, predictor)
     cases = calibration_cases(folder, predictor.dataset_json)
-    used = list(cases.items())[:max_patches]  # round-robin gives every case >= 1 tile, so later ones get none
+    case = held_out_case(cases)
+    if case is None:
+        return None
     preprocessor = configuration.preprocessor_class(verbose=predictor.verbose_preprocessing)
-    images = [_preprocess(case, files, preprocessor, predictor) for case, files in used]
-    batch = _centre_crop(cut_patches(images, configuration.patch_size, max_patches), calibration_crop(configuration))
-    logger.info("Calibration: %d patch(es) of %s from %d of %d case(s) in %s", len(batch),
-                "x".join(map(str, batch.shape[2:])), len(used), len(cases), folder)
-    return batch
+    tiles, masks = held_out_tiles(_preprocess(case, cases[case], preprocessor, predictor), configuration.patch_size,
+                                  fitting=0, k=k)
+    return tiles, masks, case
 
 
 def cut_patches(

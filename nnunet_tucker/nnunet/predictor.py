@@ -39,6 +39,7 @@ from ..config import (
     report_path,
     resolve_config,
 )
+from ..errors import CalibrationError
 from ..files import atomic_write, file_lock
 from ..memory import large_buffers_returned
 from ..plan import LayerPlan, plan_compression, unwrap
@@ -51,8 +52,10 @@ from .calibration_images import (
     calibration_cases,
     calibration_digest,
     first_case_patches,
+    held_out_case,
     held_out_tiles,
     load_calibration_patches,
+    load_held_out_tiles,
     patches_digest,
 )
 from .pipeline import speed_up_pipeline
@@ -110,6 +113,8 @@ class Calibration:
     key: str
     patches: Callable[[], torch.Tensor]
     info: dict[str, Any]
+    # tiles to measure the agreement on, their masks and the case's name (None: nothing to measure on)
+    held_out: Callable[[], tuple[torch.Tensor, torch.Tensor, str] | None] = lambda: None
 
 
 def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) -> CompressionReport | None:
@@ -156,8 +161,9 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     if config.weights_only:
         logger.warning("TUCKER_CALIBRATION=none: the factors are fitted to the weights alone, and the quality of "
                        "the compressed model is unverified; check it with nnunet-tucker evaluate")
-    calibration = None if config.weights_only else folder_calibration(predictor, config)
-    return _apply(predictor, *compress_folds(predictor, config, source, calibration), source, report_file)
+        return _apply(predictor, *compress_folds(predictor, config, source, None), source, report_file)
+    compressed, _ = measured_compression(predictor, config, source, folder_calibration(predictor, config))
+    return None if compressed is UNCOMPRESSED else _apply(predictor, *compressed, source, report_file)
 
 
 def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> CompressionReport | None:
@@ -193,10 +199,31 @@ def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: st
     info = {"on": "first case", "case": case, "patches": len(patches),
             "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     tiles, masks = held_out_tiles(data, predictor.configuration_manager.patch_size, config.patches(first_case=True))
+    calibration = Calibration(patches_digest(patches), lambda: patches, info, lambda: (tiles, masks, case))
+    compressed, chosen = measured_compression(predictor, config, source, calibration)
+    store_json(record, {"key": calibration.key, "info": info, "config": chosen and chosen.to_dict()})
+    return compressed
+
+
+def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, source: str | None,
+                         calibration: Calibration) -> tuple[tuple[CompressionReport, list] | str, TuckerConfig | None]:
+    """`compress_folds` on `calibration`, and the agreement of the compressed network with the original on the
+    tiles `calibration.held_out` gives (in `calibration.info` and the report); with a floor
+    (`config.min_agreement`) missed, again with looser targets (`TuckerConfig.looser`) until every class reaches
+    it. Returns (report and converted folds, or `UNCOMPRESSED` where no target reached the floor) and the config
+    chosen (None for `UNCOMPRESSED`)."""
+    held_out = calibration.held_out()
+    info = calibration.info
+    if held_out is None:
+        if config.min_agreement is not None:
+            raise CalibrationError(f"min_agreement={config.min_agreement} needs a case to measure on: "
+                                   f"{info.get('folder', 'the calibration')} has one case; add another (the last "
+                                   "in sorted order is held out), or leave the floor unset")
+        return compress_folds(predictor, config, source, calibration), config
+    tiles, masks, case = held_out
     network = unwrap(predictor.network)
     original = label_maps(predictor, network, predictor.list_of_parameters, tiles)
     pristine = copy.deepcopy(network) if config.min_agreement is not None else None
-    calibration = Calibration(patches_digest(patches), lambda: patches, info)
     attempt = config
     while True:
         report, converted = compress_folds(predictor, attempt, source, calibration)
@@ -214,14 +241,12 @@ def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: st
             logger.warning("no rank ratio or MAC budget up to %s keeps every class at min_agreement=%s on held-out "
                            "tiles of %s: the model runs uncompressed", LOOSER_TARGETS[-1], config.min_agreement,
                            case)
-            store_json(record, {"key": calibration.key, "info": info, "config": None})
-            return UNCOMPRESSED
+            return UNCOMPRESSED, None
     if config.min_agreement is not None and worst is None:
         logger.warning("min_agreement=%s could not be checked: nothing of %s was held out; check the model with "
                        "nnunet-tucker evaluate", config.min_agreement, case)
     report.extra["calibration"]["agreement"] = info["agreement"]
-    store_json(record, {"key": calibration.key, "info": info, "config": attempt.to_dict()})
-    return report, converted
+    return (report, converted), attempt
 
 
 def _replace_network(predictor: nnUNetPredictor, network: nn.Module) -> nn.Module:
@@ -402,10 +427,13 @@ def folder_calibration(predictor: nnUNetPredictor, config: TuckerConfig) -> Cali
             loaded.append(load_calibration_patches(folder, predictor, config.patches(first_case=False)))
         return loaded[0]
 
+    cases = calibration_cases(folder, predictor.dataset_json)
+    kept_apart = held_out_case(cases)
     info = {"on": "folder", "folder": str(Path(folder).resolve()),
-            "cases": sorted(calibration_cases(folder, predictor.dataset_json)),
+            "cases": sorted(case for case in cases if case != kept_apart), "held_out_case": kept_apart,
             "patches": config.patches(first_case=False)}
-    return Calibration(calibration_digest(folder, predictor.dataset_json, info["patches"]), patches, info)
+    return Calibration(calibration_digest(folder, predictor.dataset_json, info["patches"]), patches, info,
+                       lambda: load_held_out_tiles(folder, predictor))
 
 
 def compress_folds(
