@@ -55,7 +55,7 @@ from nnunet_tucker.swap import swap_modules
 from nnunet_tucker.tools.demo_model import demo_model_folder, resenc_demo_model_folder
 from nnunet_tucker.tools.evaluate import predict_folder
 from nnunet_tucker.tools.metrics import dice
-from nnunet_tucker.tools.synthetic import LABELS, make_test_cases
+from nnunet_tucker.tools.synthetic import LABELS, make_phantom, make_test_cases, write_nifti
 
 HONESTY_TOLERANCE = 0.02  # how close the agreement estimate should come to the held-out cases' worst class
 EVAL_SEED, CALIBRATION_SEED = 70, 80  # held-out phantom series, disjoint from training and each other
@@ -115,6 +115,10 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", help="default: every fold of the model folder")
     parser.add_argument("--model", type=model_folder, default="demo",
                         help=f"model folder, or a shipped model: {', '.join(SHIPPED)} (default: demo)")
+    parser.add_argument("--first-case-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        help="the case self-calibration fits on is a phantom of this many voxels (default: a "
+                        "calibration case, one patch: nothing of it is left to hold out)")
+    parser.add_argument("--min-agreement", type=float, help="a floor for the self-calibrated variants")
     parser.add_argument("--self-calibrated-only", action="store_true",
                         help="only the self-calibrated variants (what the honesty table needs)")
     parser.add_argument("--out", type=Path, help="folder for results.json and predictions (default: temporary)")
@@ -131,7 +135,11 @@ def main() -> None:
     make_test_cases(calibration, args.calibration_cases, seed=CALIBRATION_SEED)
     first_case = work / "first_case"  # what a self-calibrating run segments first: one other, unlabelled case
     first_case.mkdir(exist_ok=True)
-    shutil.copy(sorted(calibration.glob("*_0000.nii.gz"))[0], first_case)
+    if args.first_case_shape:
+        image, _, spacing = make_phantom(CALIBRATION_SEED * 10_000 + 999, tuple(args.first_case_shape))
+        write_nifti(first_case / "first_0000.nii.gz", image, spacing)
+    else:
+        shutil.copy(sorted(calibration.glob("*_0000.nii.gz"))[0], first_case)
     truth = read_segmentations(images.parent / "labels")
 
     def run(label: str, config: TuckerConfig | bool) -> dict:
@@ -140,19 +148,22 @@ def main() -> None:
                            "checkpoint_final.pth", torch.device("cpu"), False, label)
         result = predict_folder(model, images, work / "predictions" / label, config, args.folds,
                                 "checkpoint_final.pth", torch.device("cpu"), False, label)
-        if config is not False and config.calibration is None:
+        # (no report: a floor kept the original network)
+        if config is not False and config.calibration is None and result.report is not None:
             assert result.report["extra"]["calibration"]["from_cache"], "the self-calibration was not reused"
         return {"segs": read_segmentations(result.output_folder), "report": result.report, "seconds": result.seconds}
 
     loaded = load_trained_model(model, folds=args.folds[:1])  # each budget's paper ratio, before any prediction
-    paper_ratios = {budget: paper_ratio_within(loaded.network, loaded.input_shape, budget, args.rank_min)[0]
+    paper_ratios = {budget: None if args.self_calibrated_only else
+                    paper_ratio_within(loaded.network, loaded.input_shape, budget, args.rank_min)[0]
                     for budget in args.budgets}
     original = run("original", False)
     rows = [{"variant": "original", "target": "100%", "macs": 1.0,
              "dice_vs_original": {n: 1.0 for n, label in LABELS.items() if label > 0},
              "dice_vs_truth": per_class_dice(original["segs"], truth)}]
     cal = {"calibration": str(calibration), "calibration_patches": args.calibration_patches}
-    none, self_cal = {"calibration": "none"}, {"calibration_patches": args.calibration_patches}
+    none = {"calibration": "none"}
+    self_cal = {"calibration_patches": args.calibration_patches, "min_agreement": args.min_agreement}
     low = {"rank_min": args.rank_min}
     targets: list[tuple[str, dict[str, TuckerConfig]]] = []
     for ratio in args.ratios:
@@ -164,8 +175,9 @@ def main() -> None:
     for budget in args.budgets:
         ratio = paper_ratios[budget]
         targets.append((f"{budget:.0%} MACs", {
-            f"paper (ratio {ratio:.3f})": TuckerConfig(ratio, policy="paper", **low, **none),
-            "paper + calibration": TuckerConfig(ratio, policy="paper", **low, **cal),
+            **({} if ratio is None else {
+                f"paper (ratio {ratio:.3f})": TuckerConfig(ratio, policy="paper", **low, **none),
+                "paper + calibration": TuckerConfig(ratio, policy="paper", **low, **cal)}),
             "budget": TuckerConfig(mac_budget=budget, **low, **none),
             "budget + self-calibration": TuckerConfig(mac_budget=budget, **low, **self_cal),
             "budget + calibration": TuckerConfig(mac_budget=budget, **low, **cal),
@@ -176,7 +188,7 @@ def main() -> None:
                 continue
             label = f"{target}-{name.split(' (')[0]}".replace(" ", "_").replace("%", "pct").replace("+", "and")
             out = run(label, config)
-            report = out["report"]
+            report = out["report"] or {"macs_after": 1, "macs_before": 1, "extra": {}}  # None: kept uncompressed
             rows.append({
                 "variant": name, "target": target, "macs": report["macs_after"] / report["macs_before"],
                 "dice_vs_original": per_class_dice(out["segs"], original["segs"]),

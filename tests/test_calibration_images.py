@@ -81,7 +81,8 @@ def test_patches_are_preprocessed_tiles_spread_over_cases(predictor, images, cap
 def test_the_last_case_is_held_out_whole_where_a_folder_has_two_or_more(predictor, images, tmp_path):
     tiles, masks, case = load_held_out_tiles(images, predictor)
     kept = _preprocessed(predictor, images / "zz_kept_0000.nii.gz")
-    assert case == "zz_kept" and tiles.shape == (2, 1, *PATCH) and bool(masks.all())  # none of it was fitted on
+    assert case == "zz_kept" and tiles.shape == (2, 1, *PATCH)  # none of it was fitted on: the tiles' centres
+    assert bool(masks[:, 8:24, 16:48, 16:48].all()) and int(masks.sum()) == 2 * 16 * 32 * 32
     assert all(any(torch.equal(tile, kept[:, z:z + 32, y:y + 64, 0:64]) for z in (0, 8) for y in (0, 16))
                for tile in tiles)
     alone = tmp_path / "alone"
