@@ -39,8 +39,9 @@ _HELP = {
                    "or 'none' for the weights alone (default when predicting: the first case segmented)",
     "calibration_patches": "network-input patches taken from the calibration images (default: 4 from a folder, "
                            "2 from the first case)",
-    "min_agreement": "floor on the lowest per-class Dice against the original on held-out tiles of the first case, "
-                     "in (0, 1]: the ratio or budget is loosened until every class reaches it",
+    "min_agreement": "floor on the lowest per-class Dice against the original on held-out tiles (of the first "
+                     "case, or of a calibration folder's last case), in (0, 1]: the ratio or budget is loosened "
+                     "until every class reaches it",
 }
 _TYPES = {"rank_ratio": float, "mac_budget": float, "policy": str, "rank_min": int, "rank_multiple": int,
           "hooi_iterations": int, "calibration": str, "calibration_patches": int, "min_agreement": float}

@@ -121,8 +121,8 @@ class TuckerConfig:
         `FOLDER_PATCHES` from a folder, `FIRST_CASE_PATCHES` from the first case.
     min_agreement: a floor on the measured agreement with the original (the lowest per-class Dice on held-out
         tiles: of the first case, or of the case a calibration folder keeps apart): the rank ratio or MAC budget is
-        then a starting point, loosened
-        (`looser`) until every class reaches it, or the original network kept. None (default): no floor.
+        then a starting point, loosened (`looser`) until every class reaches it, or the original network kept.
+        None (default): no floor.
     """
 
     rank_ratio: float | None = None

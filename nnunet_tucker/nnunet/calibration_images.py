@@ -40,7 +40,7 @@ TILE_STEP_SIZE = 0.5
 # Bump when the choice of patches changes, so that statistics cached under the digest are recomputed.
 _DIGEST_VERSION = "nnunet_tucker calibration v3"  # v2: mirrored tiles fill up; v3: large patches cropped
 _NIFTI_ENDINGS = (".nii", ".nii.gz")
-HELD_OUT_TILES = 2  # tiles of the first case that a self-calibrated compression is measured on
+HELD_OUT_TILES = 2  # tiles a calibrated compression is measured on (of the first case, or a kept case)
 # A larger patch is calibrated on its middle (`calibration_crop`): the probed pass keeps every activation for its
 # backward, which for nnU-Net ResEnc L's 192³ patch took 22 GB.
 MAX_CALIBRATION_VOXELS = 128**3
@@ -279,8 +279,8 @@ def held_out_case(cases: Mapping[str, Any]) -> str | None:
 
 def load_held_out_tiles(folder: Path | str, predictor: Any, k: int = HELD_OUT_TILES
                         ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """Up to `k` tiles of the case `held_out_case` keeps apart (the ones nearest its middle, every voxel inside
-    the case masked in; `held_out_tiles` with nothing fitted on it) and its name; None for a one-case folder."""
+    """Up to `k` tiles of the case `held_out_case` keeps apart (`held_out_tiles` with nothing fitted on it: the
+    ones nearest its middle, their central halves masked in) and its name; None for a one-case folder."""
     configuration = _single_stage(folder, predictor)
     cases = calibration_cases(folder, predictor.dataset_json)
     case = held_out_case(cases)

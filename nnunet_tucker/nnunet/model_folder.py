@@ -162,18 +162,15 @@ def compress_model_folder(
         raise ModelFolderError(f"{source} is already compressed by nnunet-tucker (see its {MANIFEST_NAME})")
     _clean_leftovers(target)
 
-    from .predictor import UNCOMPRESSED, compress_folds, folder_calibration, measured_compression
+    from .predictor import UNCOMPRESSED, folder_calibration, measured_compression
 
     model = load_trained_model(source, folds, checkpoint_name)
-    if config.weights_only:
-        report, converted = compress_folds(model.predictor, config, str(source), None)
-    else:
-        compressed, chosen = measured_compression(model.predictor, config, str(source),
-                                                  folder_calibration(model.predictor, config))
-        if compressed is UNCOMPRESSED:
-            raise ModelFolderError(f"no rank ratio or MAC budget keeps every class of {source} at min_agreement="
-                                   f"{config.min_agreement} on the held-out case: nothing was written to {target}")
-        (report, converted), config = compressed, chosen
+    calibration = None if config.weights_only else folder_calibration(model.predictor, config)
+    compressed, chosen = measured_compression(model.predictor, config, str(source), calibration)
+    if compressed is UNCOMPRESSED:
+        raise ModelFolderError(f"no rank ratio or MAC budget keeps every class of {source} at min_agreement="
+                               f"{config.min_agreement} on the held-out case: nothing was written to {target}")
+    (report, converted), config = compressed, chosen
 
     plans = copy.deepcopy(model.plans)
     configuration = plans["configurations"][model.configuration]

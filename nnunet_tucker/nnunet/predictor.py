@@ -65,7 +65,7 @@ logger = logging.getLogger("nnunet_tucker")
 # mode loads five, one after the other, each with its own predictor) calibrates each on its first case in turn,
 # and no predictor knows how many will follow, so progress counts those begun.
 _SELF_CALIBRATED: list[str] = []
-# Below this Dice of any class against the original on held-out tiles, a self-calibration warns.
+# Below this Dice of any class against the original on held-out tiles, a calibrated compression warns.
 AGREEMENT_WARNING = 0.95
 # What a self-calibration with a floor (`min_agreement`) comes to when no plan reaches it: the model runs uncompressed.
 UNCOMPRESSED = "uncompressed"
@@ -161,8 +161,8 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     if config.weights_only:
         logger.warning("TUCKER_CALIBRATION=none: the factors are fitted to the weights alone, and the quality of "
                        "the compressed model is unverified; check it with nnunet-tucker evaluate")
-        return _apply(predictor, *compress_folds(predictor, config, source, None), source, report_file)
-    compressed, _ = measured_compression(predictor, config, source, folder_calibration(predictor, config))
+    calibration = None if config.weights_only else folder_calibration(predictor, config)
+    compressed, _ = measured_compression(predictor, config, source, calibration)
     return None if compressed is UNCOMPRESSED else _apply(predictor, *compressed, source, report_file)
 
 
@@ -206,20 +206,21 @@ def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: st
 
 
 def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, source: str | None,
-                         calibration: Calibration) -> tuple[tuple[CompressionReport, list] | str, TuckerConfig | None]:
-    """`compress_folds` on `calibration`, and the agreement of the compressed network with the original on the
-    tiles `calibration.held_out` gives (in `calibration.info` and the report); with a floor
-    (`config.min_agreement`) missed, again with looser targets (`TuckerConfig.looser`) until every class reaches
-    it. Returns (report and converted folds, or `UNCOMPRESSED` where no target reached the floor) and the config
-    chosen (None for `UNCOMPRESSED`)."""
-    held_out = calibration.held_out()
-    info = calibration.info
+                         calibration: Calibration | None
+                         ) -> tuple[tuple[CompressionReport, list] | str, TuckerConfig | None]:
+    """`compress_folds` on `calibration` (None: the weights alone, nothing measured), and the agreement of the
+    compressed network with the original on the tiles `calibration.held_out` gives (in `calibration.info` and the
+    report); with a floor (`config.min_agreement`) missed, again with looser targets (`TuckerConfig.looser`) until
+    every class reaches it. Returns (report and converted folds, or `UNCOMPRESSED` where no target reached the
+    floor) and the config chosen (None for `UNCOMPRESSED`)."""
+    held_out = calibration.held_out() if calibration is not None else None
     if held_out is None:
         if config.min_agreement is not None:
             raise CalibrationError(f"min_agreement={config.min_agreement} needs a case to measure on: "
-                                   f"{info.get('folder', 'the calibration')} has one case; add another (the last "
-                                   "in sorted order is held out), or leave the floor unset")
+                                   f"{calibration.info.get('folder', 'the calibration')} has one case; add another "
+                                   "(the last in sorted order is held out), or leave the floor unset")
         return compress_folds(predictor, config, source, calibration), config
+    info = calibration.info
     tiles, masks, case = held_out
     network = unwrap(predictor.network)
     original = label_maps(predictor, network, predictor.list_of_parameters, tiles)
@@ -251,13 +252,13 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
 
 def _replace_network(predictor: nnUNetPredictor, network: nn.Module) -> nn.Module:
     """Put `network` in the place of the predictor's (behind a `torch.compile` wrapper where there is one)."""
-    owner = predictor.network
-    if owner is unwrap(owner):
+    owner, inner = predictor.network, unwrap(predictor.network)
+    if owner is inner:
         predictor.network = network
-    else:
-        while unwrap(owner) is not owner and getattr(owner, "_orig_mod", None) is not unwrap(owner):
-            owner = owner._orig_mod
-        owner._orig_mod = network
+        return network
+    while owner._orig_mod is not inner:
+        owner = owner._orig_mod
+    owner._orig_mod = network
     return network
 
 
@@ -292,7 +293,7 @@ def _apply(predictor: nnUNetPredictor, report: CompressionReport, converted: lis
 
 
 def _log_agreement(report: CompressionReport) -> None:
-    """The agreement line of a self-calibrated compression (measured then, or read from the cache), and a
+    """The agreement line of a calibrated compression (measured now, or read from the cache), and a
     warning that names the class and the setting to raise where a class falls below `AGREEMENT_WARNING`."""
     info = report.extra.get("calibration") or {}
     agreement = info.get("agreement")

@@ -223,12 +223,12 @@ def _read_image(predictor, image_file: Path | str) -> tuple[np.ndarray, dict]:
     return reader.read_images([str(image_file)])
 
 
-def _totalseg_environments(home: Path | str, config: TuckerConfig) -> tuple[dict[str, str], dict[str, str], str]:
-    """The environments of a TotalSegmentator run with `home` as TOTALSEG_HOME_DIR: the original's (no
-    ``TUCKER_*`` or ``nnUNet_*`` variables) and the compressed one's (policy, and rank ratio or MAC budget as
+def _environments(config: TuckerConfig, **variables: str) -> tuple[dict[str, str], dict[str, str], str]:
+    """The environments of a run as a subprocess with `variables` set: the original's (no ``TUCKER_*`` or
+    ``nnUNet_*`` variables of this process) and the compressed one's (policy, and rank ratio or MAC budget as
     `config` says), and the compressed variant's name."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("TUCKER_", "nnUNet_"))}
-    base.update(TOTALSEG_HOME_DIR=str(home), PYTHONUNBUFFERED="1")
+    base.update(variables, PYTHONUNBUFFERED="1")
     compressed = {**base, "TUCKER_POLICY": config.policy}
     if config.mac_budget is not None:
         compressed["TUCKER_MAC_BUDGET"] = str(config.mac_budget)
@@ -243,7 +243,7 @@ def time_totalsegmentator(
 ) -> list[StagedTiming]:
     """Time ``TotalSegmentator -i ct --fast [--ml] -d cpu`` (``-d gpu`` for `device` cuda) with `home` as its
     TOTALSEG_HOME_DIR: the original model vs ``TUCKER_RANK_RATIO`` (or ``TUCKER_MAC_BUDGET``) as `config` says."""
-    base, compressed, name = _totalseg_environments(home, config)
+    base, compressed, name = _environments(config, TOTALSEG_HOME_DIR=str(home))
     compressed["TUCKER_CALIBRATION"] = config.calibration or NO_CALIBRATION
     out = Path(out_dir or tempfile.mkdtemp(prefix="nnunet_tucker_totalseg_"))
     command = ["TotalSegmentator", "-i", str(ct), "--fast", "-d", _totalseg_device(device)] + (["--ml"] if ml else [])
@@ -590,7 +590,7 @@ def time_totalsegmentator_default(
     out = Path(out_dir or tempfile.mkdtemp(prefix="nnunet_tucker_totalseg_default_"))
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    base, compressed, name = _totalseg_environments(home, config)
+    base, compressed, name = _environments(config, TOTALSEG_HOME_DIR=str(home))
     compressed["TUCKER_CACHE_DIR"] = str(cache)
     if config.calibration is not None:
         compressed["TUCKER_CALIBRATION"] = str(config.calibration)
@@ -779,13 +779,11 @@ def run_whole_run_predict(out_dir: Path, preset: str = "resenc-l", ratio: float 
         images = work / "images"
         images.mkdir(parents=True, exist_ok=True)
         clinical_ct(images / "case_000_0000.nii.gz", shape=case_shape, spacing=spacing)
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("TUCKER_", "nnUNet_"))}
-        base.update(nnUNet_results=str(work / "results"), nnUNet_raw=str(work), nnUNet_preprocessed=str(work),
-                    PYTHONUNBUFFERED="1")
+        base, compressed, name = _environments(config, nnUNet_results=str(work / "results"), nnUNet_raw=str(work),
+                                               nnUNet_preprocessed=str(work))
         cache = work / "cache"
         shutil.rmtree(cache, ignore_errors=True)
-        name = f"ratio {ratio}"
-        compressed = {**base, "TUCKER_RANK_RATIO": str(ratio), "TUCKER_POLICY": policy, "TUCKER_CACHE_DIR": str(cache)}
+        compressed["TUCKER_CACHE_DIR"] = str(cache)
         command = ["nnUNetv2_predict", "-i", str(images), "-d", p.dataset_name, "-c", "3d_fullres", "-f", "0",
                    "-p", p.plans_name, "-device", "cpu", *([] if tta else ["--disable_tta"])]
 
