@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    BACKENDS,
     NO_CALIBRATION,
     POLICIES,
     check_field,
@@ -42,9 +43,12 @@ _HELP = {
     "min_agreement": "floor on the lowest per-class Dice against the original on held-out tiles (of the first "
                      "case, or of a calibration folder's last case), in (0, 1]: the ratio or budget is loosened "
                      "until every class reaches it",
+    "backend": f"what runs the compressed network, one of {', '.join(BACKENDS)} (default auto: OpenVINO where "
+               "installed, on a CPU, if it measured faster here)",
 }
 _TYPES = {"rank_ratio": float, "mac_budget": float, "policy": str, "rank_min": int, "rank_multiple": int,
-          "hooi_iterations": int, "calibration": str, "calibration_patches": int, "min_agreement": float}
+          "hooi_iterations": int, "calibration": str, "calibration_patches": int, "min_agreement": float,
+          "backend": str}
 
 
 def _flag(name: str, nnunet_style: bool) -> str:
@@ -60,8 +64,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, nnunet_style: bool = F
             kwargs["nargs"] = "+"
         else:
             kwargs["type"] = _TYPES[name]
-        if name == "policy":
-            kwargs["choices"] = POLICIES
+        if name in ("policy", "backend"):
+            kwargs["choices"] = POLICIES if name == "policy" else BACKENDS
         group.add_argument(_flag(name, nnunet_style), **kwargs)
 
 

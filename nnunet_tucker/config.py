@@ -17,6 +17,7 @@ from typing import Any
 from .errors import TuckerConfigError  # raised here; importable from here as before
 
 POLICIES = ("profiled", "auto", "paper")
+BACKENDS = ("auto", "torch", "openvino")
 NO_CALIBRATION = "none"  # the `calibration` value that asks for the fit to the weights alone
 
 
@@ -75,6 +76,10 @@ _FIELDS: dict[str, _Field] = {
         "TUCKER_MIN_AGREEMENT", float, lambda v: _is_number(v) and 0 < v <= 1,
         "a number in (0, 1]: the lowest Dice of any class against the original's segmentation on held-out tiles",
     ),
+    "backend": _Field(
+        "TUCKER_BACKEND", str, lambda v: v in BACKENDS,
+        "one of " + ", ".join(repr(b) for b in BACKENDS) + " (openvino: pip install 'nnunet-tucker[openvino]')",
+    ),
 }
 _OPTIONAL = {"rank_ratio", "mac_budget", "calibration", "calibration_patches", "min_agreement"}
 # Where a floor on the agreement is missed, the next target tried: the next larger of these shares (of ranks, or
@@ -123,6 +128,10 @@ class TuckerConfig:
         tiles: of the first case, or of the case a calibration folder keeps apart): the rank ratio or MAC budget is
         then a starting point, loosened (`looser`) until every class reaches it, or the original network kept.
         None (default): no floor.
+    backend: what runs the compressed network: ``"torch"`` (this package's PyTorch forms), ``"openvino"`` (the
+        network compiled by OpenVINO, on CPUs; the ``[openvino]`` extra), or ``"auto"`` (default): OpenVINO where it
+        is installed, the device is a CPU and it measured faster for this network here (`backend`). Not part of
+        what is fitted: every backend runs the same compressed weights.
     """
 
     rank_ratio: float | None = None
@@ -135,6 +144,7 @@ class TuckerConfig:
     calibration: str | None = None
     calibration_patches: int | None = None
     min_agreement: float | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -156,7 +166,8 @@ class TuckerConfig:
         """A short summary such as ``rank_ratio=0.5 policy=auto`` or ``mac_budget=0.2 calibrated``."""
         target = f"rank_ratio={self.rank_ratio}" if self.rank_ratio is not None else f"mac_budget={self.mac_budget}"
         floor = f" min_agreement={self.min_agreement}" if self.min_agreement is not None else ""
-        return f"{target} policy={self.policy}{floor}"
+        backend = f" backend={self.backend}" if self.backend != "auto" else ""
+        return f"{target} policy={self.policy}{floor}{backend}"
 
     def looser(self) -> TuckerConfig | None:
         """The same config with the next larger rank ratio or MAC budget of `LOOSER_TARGETS`, or None above the
@@ -179,6 +190,12 @@ class TuckerConfig:
         """A JSON-ready dict of every field (``TuckerConfig(**d)`` rebuilds it)."""
         d = asdict(self)
         d["exclude"] = list(self.exclude)
+        return d
+
+    def fitted_dict(self) -> dict[str, Any]:
+        """`to_dict` without the fields that do not change the fitted weights (the backend): what keys a fit."""
+        d = self.to_dict()
+        del d["backend"]
         return d
 
     @classmethod

@@ -1,5 +1,5 @@
 """Files that processes share: written whole or not at all (`atomic_write`), and shared work done once
-(`file_lock`).
+(`file_lock`); and the content hash that names what cached files were made from (`state_dict_digest`).
 
 Processes that start together (nnU-Net's ``-num_parts``, several TotalSegmentator runs) load the same
 model at the same moment: they share the disk cache, the device profile and the self-calibration
@@ -9,6 +9,7 @@ layers, calibrating) should be done by one while the others wait and then read i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import torch
 from filelock import FileLock
 
 
@@ -83,3 +85,13 @@ def _lock_file_created(path: Path) -> bool:
         except OSError:
             return False
     return False
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (names, dtypes, shapes and values)."""
+    h = hashlib.blake2b(digest_size=20)
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -271,6 +271,7 @@ class FusedInstanceNorm(nn.Module):
     def __init__(self, norm: nn.modules.instancenorm._InstanceNorm) -> None:
         super().__init__()
         self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.original_class = type(norm)  # what `swap.surgery.plain_modules` makes of it again
 
     @staticmethod
     def applies_to(norm: nn.Module) -> bool:

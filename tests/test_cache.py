@@ -4,7 +4,8 @@ import torch
 from networks import build
 
 from nnunet_tucker import TuckerConfig
-from nnunet_tucker.nnunet.cache import DecompositionCache, state_dict_digest
+from nnunet_tucker.files import state_dict_digest
+from nnunet_tucker.nnunet.cache import DecompositionCache
 from nnunet_tucker.nnunet.predictor import converted_weights
 from nnunet_tucker.plan import plan_compression
 from nnunet_tucker.swap import convert_state_dict

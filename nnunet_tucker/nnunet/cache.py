@@ -22,21 +22,11 @@ import torch
 from .. import __version__
 from ..calibrate import ChannelStatistics, statistics_digest
 from ..config import default_cache_dir
-from ..files import atomic_write
+from ..files import atomic_write, state_dict_digest
 from ..fit import FIT_VERSION
 from ..plan import LayerPlan
 
 logger = logging.getLogger(__name__)
-
-
-def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict (names, dtypes, shapes and values)."""
-    h = hashlib.blake2b(digest_size=20)
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class DecompositionCache:

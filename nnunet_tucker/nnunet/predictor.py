@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import __version__
 from ..agreement import describe_worst, measure_agreement
+from ..backend import check_backend, network_for_backend
 from ..calibrate import calibrate
 from ..compress import compress_network
 from ..config import (
@@ -40,14 +41,14 @@ from ..config import (
     resolve_config,
 )
 from ..errors import CalibrationError
-from ..files import atomic_write, file_lock
+from ..files import atomic_write, file_lock, state_dict_digest
 from ..memory import large_buffers_returned
 from ..plan import LayerPlan, plan_compression, unwrap
 from ..plan.timing import LayerTimer
 from ..report import CompressionReport
 from ..swap import RefitData, convert_state_dict, converted_shapes
 from .architecture import is_compressed
-from .cache import DecompositionCache, state_dict_digest, store_json
+from .cache import DecompositionCache, store_json
 from .calibration_images import (
     calibration_cases,
     calibration_digest,
@@ -142,6 +143,7 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
         return None
     _ensure_visible_logging()
     report_file = report_path()  # a bad path is an error now, not after the work
+    check_backend(config.backend)  # so is OpenVINO asked for and missing
 
     if config.calibration is None:
         record = _self_calibration_record(predictor, config)
@@ -201,7 +203,7 @@ def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: st
     tiles, masks = held_out_tiles(data, predictor.configuration_manager.patch_size, config.patches(first_case=True))
     calibration = Calibration(patches_digest(patches), lambda: patches, info, lambda: (tiles, masks, case))
     compressed, chosen = measured_compression(predictor, config, source, calibration)
-    store_json(record, {"key": calibration.key, "info": info, "config": chosen and chosen.to_dict()})
+    store_json(record, {"key": calibration.key, "info": info, "config": chosen and chosen.fitted_dict()})
     return compressed
 
 
@@ -287,9 +289,24 @@ def _apply(predictor: nnUNetPredictor, report: CompressionReport, converted: lis
     logger.info("%s; %s; %s%s", report.summary(), calibration_phrase(report.extra.get("calibration")), timing,
                 f" [{source}]" if source else "")
     _log_agreement(report)
+    _use_backend(predictor, report)
     if report_file is not None:
         _write_report(report, report_file)
     return report
+
+
+def _use_backend(predictor: nnUNetPredictor, report: CompressionReport) -> None:
+    """Run the compressed network with the backend its config asks for (`backend.network_for_backend`): OpenVINO's
+    compiled models take the network's place; say which, and why, and record it in the report."""
+    network, choice = network_for_backend(unwrap(predictor.network), predictor.list_of_parameters,
+                                          input_shape_of(predictor), predictor.device, report.config.get("backend", "auto"))
+    if network is not unwrap(predictor.network):
+        predictor.network = network
+    report.extra["backend"] = choice.to_dict()
+    if choice.name == "openvino" or choice.reason not in ("asked for", "OpenVINO is not installed"):
+        converted = "" if choice.conversion_seconds is None else (
+            "; from the cache" if choice.from_cache else f"; converted in {choice.conversion_seconds:.1f} s")
+        logger.info("backend %s: %s%s", choice.name, choice.reason, converted if choice.name == "openvino" else "")
 
 
 def _log_agreement(report: CompressionReport) -> None:
@@ -385,7 +402,7 @@ def _case_name(predictor: nnUNetPredictor, data: Any) -> str:
 def _self_calibration_record(predictor: nnUNetPredictor, config: TuckerConfig) -> Path:
     """Where the self-calibration of this model (all its folds) under `config` is recorded."""
     digest = hashlib.blake2b(digest_size=20)
-    digest.update(f"{__version__}|{json.dumps(config.to_dict(), sort_keys=True)}".encode())
+    digest.update(f"{__version__}|{json.dumps(config.fitted_dict(), sort_keys=True)}".encode())
     for state in predictor.list_of_parameters:
         digest.update(state_dict_digest(state).encode())
     return default_cache_dir() / f"self-calibration-{digest.hexdigest()}.json"
@@ -400,7 +417,8 @@ def _from_stored_self_calibration(
     try:
         data = json.loads(record.read_text())
         key, info = str(data["key"]), dict(data["info"])
-        chosen = TuckerConfig(**data["config"]) if data.get("config") else config  # what a floor chose
+        # what a floor chose, run by the backend asked for now
+        chosen = TuckerConfig(**{**data["config"], "backend": config.backend}) if data.get("config") else config
     except (OSError, ValueError, KeyError, TypeError, TuckerConfigError):
         return None
     if "config" in data and data["config"] is None:

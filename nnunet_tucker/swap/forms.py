@@ -172,3 +172,8 @@ def _factors_out(conv: nn.Module, x: torch.Tensor) -> bool:
 
 def _unhooked(*modules: nn.Module) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+# each form -> the class it was made from (`surgery.plain_modules` undoes them)
+ORIGINAL_CLASSES = {SkipReadingDecoder: UNetDecoder, ChainedConvBlocks: StackedConvBlocks,
+                    ChainedResidualBlock: BasicBlockD}

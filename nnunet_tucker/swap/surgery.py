@@ -3,12 +3,15 @@ its names), kept 1x1 convolutions `PointwiseConv`s, and the network's blocks tak
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..layers import (
+    _POINTWISE,
     FusedInstanceNorm,
     PointwiseConv,
     TuckerConv,
@@ -47,3 +50,41 @@ def swap_modules(network: nn.Module, plan: Iterable[LayerPlan]) -> None:
                 module._modules[child_name] = replacements[id(child)]
     forms.read_skips_in_place(network)
     forms.chain_blocks(network)
+
+
+class _PlainTuckerConv(TuckerConv):
+    """A `TuckerConv` as its three plain convolutions, for graph compilers that fuse them themselves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+
+def plain_modules(network: nn.Module) -> nn.Module:
+    """A copy of a compressed `network` in plain PyTorch modules, computing the same function: each `TuckerConv`
+    its three convolutions, fused instance norms and GEMM-form 1x1 convolutions their own modules again, the
+    blocks their original classes (`forms` undone). Shares the weights; in eval mode. What a graph compiler
+    (`backend`) traces."""
+    network = copy.deepcopy(unwrap(network))
+    for module in list(network.modules()):
+        if isinstance(module, TuckerConv):
+            module.__class__ = _PlainTuckerConv
+        elif type(module) in forms.ORIGINAL_CLASSES:
+            module.__class__ = forms.ORIGINAL_CLASSES[type(module)]
+        for child_name, child in list(module._modules.items()):
+            if isinstance(child, FusedInstanceNorm):
+                module._modules[child_name] = _plain_norm(child)
+            elif isinstance(child, PointwiseConv):
+                module._modules[child_name] = _plain_pointwise(child)
+    return network.eval()
+
+
+def _plain_norm(fused: FusedInstanceNorm) -> nn.Module:
+    norm = fused.original_class(fused.weight.shape[0], eps=fused.eps, affine=True)
+    norm.weight, norm.bias = fused.weight, fused.bias
+    return norm
+
+
+def _plain_pointwise(pointwise: PointwiseConv) -> nn.Module:
+    conv = _POINTWISE[pointwise.weight.ndim - 2](*pointwise.channels, 1, bias=pointwise.bias is not None)
+    conv.weight, conv.bias = pointwise.weight, pointwise.bias
+    return conv
