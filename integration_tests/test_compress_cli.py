@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import folder_digest, load_segmentations, logged, predict, run
+from helpers import folder_digest, load_segmentations, log_lines, logged, predict, run
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +50,27 @@ def test_unchanged_predict_matches_on_the_fly_compression(compressed, nnunet_env
          "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], nnunet_env, TUCKER_HOOK="0")
     out_fly = tmp_path / "on_the_fly"
     predict(nnunet_env, cases, out_fly, "-f", "0", "--disable_tta", TUCKER_RANK_RATIO="0.5", TUCKER_POLICY="auto",
-            TUCKER_CALIBRATION="none")  # as the folder was compressed
+            TUCKER_CALIBRATION="none", TUCKER_BACKEND="torch")  # as the folder was compressed, run as with no hook
     a, b = load_segmentations(out_folder), load_segmentations(out_fly)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_compressed_folder_runs_on_the_backend_asked_for(compressed, nnunet_env, cases, tmp_path):
+    """A compressed folder loaded by the unchanged nnU-Net gets the backend TUCKER_BACKEND names: OpenVINO's
+    segmentation is PyTorch's up to argmax near-ties."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs pip install 'nnunet-tucker[openvino]'")
+    outputs = {}
+    for backend in ("torch", "openvino"):
+        outputs[backend] = tmp_path / backend
+        result = run(["nnUNetv2_predict_from_modelfolder", "-i", str(cases), "-o", str(outputs[backend]), "-m",
+                      str(compressed), "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"],
+                     nnunet_env, TUCKER_BACKEND=backend, TUCKER_CACHE_DIR=str(tmp_path / "cache"))
+    assert any(line.startswith("nnunet-tucker: backend openvino: asked for") for line in log_lines(result.stderr)), \
+        result.stderr
+    a, b = load_segmentations(outputs["torch"]), load_segmentations(outputs["openvino"])
+    assert a.keys() == b.keys()
+    for case in a:
+        assert np.mean(a[case] != b[case]) < 1e-3, case  # near-ties only
 
 
 def test_compressed_folder_ignores_a_second_request(compressed, nnunet_env, cases, tmp_path):

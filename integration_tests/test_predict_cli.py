@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -153,6 +154,43 @@ def test_two_fold_ensemble(nnunet_env, cases, workspace, baseline):
     scores = dice_per_class(load_segmentations(out), baseline)
     record("ratio 0.5, folds 0+1, no TTA vs uncompressed fold 0", scores)
     assert min(scores.values()) > 0.5
+
+
+def test_openvino_backend_runs_each_fold_and_matches_pytorch(nnunet_env, cases, workspace, tmp_path):
+    """TUCKER_BACKEND=openvino: both folds run compiled by OpenVINO, and the ensemble's segmentation is PyTorch's up
+    to argmax near-ties; the report records the backend."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs pip install 'nnunet-tucker[openvino]'")
+    segmentations = {}
+    for backend in ("torch", "openvino"):
+        out, report = tmp_path / backend, tmp_path / f"report_{backend}.json"
+        result = predict(nnunet_env, cases, out, "-f", "0", "1", "--disable_tta", TUCKER_RANK_RATIO="0.5",
+                         TUCKER_POLICY="auto", TUCKER_CALIBRATION="none", TUCKER_BACKEND=backend,
+                         TUCKER_REPORT=str(report), TUCKER_CACHE_DIR=str(tmp_path / "cache"))
+        segmentations[backend] = load_segmentations(out)
+        assert json.loads(report.read_text())["extra"]["backend"]["name"] == backend
+    assert any(line.startswith("nnunet-tucker: backend openvino: asked for; converted in")
+               for line in log_lines(result.stderr)), result.stderr
+    assert len(list((tmp_path / "cache" / "openvino").glob("*/model.xml"))) == 2  # one per fold
+    a, b = segmentations["torch"], segmentations["openvino"]
+    assert a.keys() == b.keys()
+    for case in a:
+        assert np.mean(a[case] != b[case]) < 1e-3, case  # near-ties only
+
+
+def test_openvino_asked_for_but_missing_is_one_line_naming_the_extra(nnunet_env, cases, tmp_path):
+    """An OpenVINO that cannot be imported (planted first on the path) with TUCKER_BACKEND=openvino: one line that
+    names the extra, exit code 2, nothing predicted."""
+    planted = tmp_path / "planted" / "openvino"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text("raise ImportError('planted: no OpenVINO here')\n")
+    env = {**nnunet_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(planted.parent),
+                                                                      nnunet_env.get("PYTHONPATH")]))}
+    out = tmp_path / "out"
+    result = predict(env, cases, out, "-f", "0", check=False, TUCKER_RANK_RATIO="0.5", TUCKER_BACKEND="openvino")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in log_lines(result.stderr) if line.startswith("nnunet-tucker: error: ")]
+    assert len(errors) == 1 and "TUCKER_BACKEND=openvino" in errors[0] and "nnunet-tucker[openvino]" in errors[0]
+    assert not list(out.glob("*.nii.gz"))
 
 
 def test_num_parts_processes_share_one_cache_entry(nnunet_env, cases, workspace, tmp_path):

@@ -43,6 +43,7 @@ EXTRA = "pip install 'nnunet-tucker[openvino]'"
 # OpenVINO's output may differ from PyTorch's by float rounding: at most this share of the largest |logit|
 TOLERANCE = 2e-3
 TIMED_ROUNDS = 2  # `auto`: interleaved rounds per backend after the check's call (the minimum counts)
+CONVERSION_VERSION = 1  # bump when what is converted or checked changes: earlier entries no longer apply
 
 
 @dataclass
@@ -133,7 +134,8 @@ class _Converter:
         self.first: tuple[Path, Any] | None = None  # fold 0's entry and compiled model, for `choice`
 
     def key(self, state: dict[str, torch.Tensor]) -> str:
-        layout = f"{state_dict_digest(state)}|{self.plain!r}|{self.input_shape}|{self.ov.__version__}|{__version__}"
+        layout = (f"{state_dict_digest(state)}|{self.plain!r}|{self.input_shape}|{self.ov.__version__}|{__version__}|"
+                  f"{CONVERSION_VERSION}")
         return hashlib.blake2b(layout.encode(), digest_size=20).hexdigest()
 
     def compiled(self, state: dict[str, torch.Tensor]) -> Any:
@@ -224,7 +226,7 @@ class _Converter:
                     start = time.perf_counter()
                     run()
                     best[name] = min(best[name], time.perf_counter() - start)
-        return {name: round(s, 4) for name, s in best.items()}
+        return best
 
 
 def check_input(input_shape: Sequence[int]) -> torch.Tensor:

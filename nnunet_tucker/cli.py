@@ -164,6 +164,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     several = args.preset is not None and len(args.preset) > 1  # presets timed one after the other
     args.preset = args.preset[0] if args.preset is not None and not several else args.preset
+    if "openvino" in args.backends:
+        if args.e2e:
+            return _fail("--backends openvino times forward passes and whole runs; for --e2e set TUCKER_BACKEND")
+        from .backend import check_backend
+
+        check_backend("openvino")
     if args.whole_run:
         return _bench_whole_run(args)
     args.ratios = args.ratios or [0.5, 0.3, 0.1]
@@ -209,7 +215,7 @@ def _bench_forward(args: argparse.Namespace, configs: list) -> tuple[list, dict[
 
     network, input_shape, _, source = _load_network(args)
     timings = benchmark(network, input_shape, configs, args.device, args.rounds, args.warmup,
-                        autocast=args.fp16, compile=args.compile)
+                        autocast=args.fp16, compile=args.compile, backends=args.backends)
     what = {"measure": "forward pass", "input_shape": list(input_shape)}
     if args.preset:
         from .tools.presets import PRESETS
@@ -229,6 +235,7 @@ def _bench_meta(args: argparse.Namespace, source: str, what: dict[str, Any], sha
     meta = {
         "source": source, **what, "device": args.device, "threads": torch.get_num_threads(),
         "fp16_autocast": args.fp16, "torch_compile": args.compile, "rounds": args.rounds, "torch": torch.__version__,
+        "backends": getattr(args, "backends", ["torch"]),
         "freed_memory_reused": freed_memory_reused(),
         "title": f"{source}, {what['measure']}, {args.device}{' fp16' if args.fp16 else ''}"
                  f"{' compiled' if args.compile else ''}",
@@ -253,7 +260,7 @@ def _bench_whole_run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     result = run_whole_run(Path(args.whole_run), ratio=(args.ratios or [0.3])[0], rounds=args.rounds or 2,
-                           warmup=args.warmup, policy=args.policies[0], device=args.device)
+                           warmup=args.warmup, policy=args.policies[0], device=args.device, backends=args.backends)
     print(result["markdown"])
     return 0
 
@@ -335,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ratios", type=float, nargs="+", help="rank ratios to time (default 0.5 0.3 0.1)")
     bench.add_argument("--policies", nargs="+", default=["profiled"], choices=POLICIES,
                        help="rank policies to time (default profiled)")
+    bench.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino"],
+                       help="what runs each variant, every one listed timed side by side (default torch; openvino: "
+                            "pip install 'nnunet-tucker[openvino]'; forward pass only)")
     bench.add_argument("--rank-multiples", type=int, nargs="+", default=[1], help="rank alignments to time")
     bench.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank (default 8)")
     bench.add_argument("-device", default="cpu", help="cpu or cuda (default cpu; --whole-run too)")

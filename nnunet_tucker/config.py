@@ -88,6 +88,7 @@ LOOSER_TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 FOLDER_PATCHES = 4  # calibration patches taken from a folder of images, unless asked otherwise
 FIRST_CASE_PATCHES = 2  # ... from the first case of a run (each costs about a forward and a backward pass)
 _TARGETS = ("rank_ratio", "mac_budget")  # exactly one says how much to compress
+_RUN_SETTINGS = {"backend"}  # alone they ask for no compression (a compressed model folder takes them too)
 
 
 def _checked(name: str, value: Any, where: str) -> Any:
@@ -242,7 +243,8 @@ def read_plans(plans: Mapping[str, Any], source: str = "plans.json") -> dict[str
 
 
 def resolve_config(*sources: Mapping[str, Any]) -> TuckerConfig | None:
-    """Merge partial configs, later ones winning field by field; None when no source asks for anything."""
+    """Merge partial configs, later ones winning field by field; None when no source asks for anything but how to
+    run a compressed model (the backend)."""
     merged: dict[str, Any] = {}
     for source in sources:
         given = {k: v for k, v in source.items() if v is not None}
@@ -250,7 +252,7 @@ def resolve_config(*sources: Mapping[str, Any]) -> TuckerConfig | None:
             for target in _TARGETS:  # a ratio here overrides a budget from a weaker source, and back
                 merged.pop(target, None)
         merged.update(given)
-    if not merged:
+    if not set(merged) - _RUN_SETTINGS:  # how to run a compressed model, where one is loaded: no request
         return None
     if not any(t in merged for t in _TARGETS):
         raise TuckerConfigError(

@@ -128,12 +128,14 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     the compression waits for that case (`finish_compression`).
     """
     config = requested_config(predictor)
-    if config is None:
-        return None
     if predictor.plans_manager is not None and is_compressed(predictor.plans_manager.plans):
-        _ensure_visible_logging()
-        logger.warning("%s is already compressed by nnunet-tucker; the compression request is ignored",
-                       source or "this model")
+        if config is not None:
+            _ensure_visible_logging()
+            logger.warning("%s is already compressed by nnunet-tucker; the compression request is ignored",
+                           source or "this model")
+        _run_compressed_folder(predictor)
+        return None
+    if config is None:
         return None
     folds = predictor.list_of_parameters
     if not folds:
@@ -289,24 +291,39 @@ def _apply(predictor: nnUNetPredictor, report: CompressionReport, converted: lis
     logger.info("%s; %s; %s%s", report.summary(), calibration_phrase(report.extra.get("calibration")), timing,
                 f" [{source}]" if source else "")
     _log_agreement(report)
-    _use_backend(predictor, report)
+    report.extra["backend"] = _use_backend(predictor, report.config.get("backend", "auto"))
     if report_file is not None:
         _write_report(report, report_file)
     return report
 
 
-def _use_backend(predictor: nnUNetPredictor, report: CompressionReport) -> None:
-    """Run the compressed network with the backend its config asks for (`backend.network_for_backend`): OpenVINO's
-    compiled models take the network's place; say which, and why, and record it in the report."""
+def _run_compressed_folder(predictor: nnUNetPredictor) -> None:
+    """A model folder that `compress` wrote, loaded: nothing to compress, but the faster pipeline and the backend
+    ``TUCKER_BACKEND`` asks for (default auto), as a compression at load would get. Once per load; not for
+    training-time validation (no fold weights)."""
+    folds = predictor.list_of_parameters
+    if not folds or getattr(predictor, "_tucker_compressed_folds", None) is folds:
+        return
+    backend = read_env().get("backend", "auto")
+    check_backend(backend)
+    _ensure_visible_logging()
+    predictor._tucker_compressed_folds = folds
+    speed_up_pipeline(predictor)
+    _use_backend(predictor, backend)
+
+
+def _use_backend(predictor: nnUNetPredictor, backend: str) -> dict[str, Any]:
+    """Run the compressed network with `backend` (`backend.network_for_backend`): OpenVINO's compiled models take
+    the network's place. Says which, and why; returns that for the report."""
     network, choice = network_for_backend(unwrap(predictor.network), predictor.list_of_parameters,
-                                          input_shape_of(predictor), predictor.device, report.config.get("backend", "auto"))
+                                          input_shape_of(predictor), predictor.device, backend)
     if network is not unwrap(predictor.network):
         predictor.network = network
-    report.extra["backend"] = choice.to_dict()
     if choice.name == "openvino" or choice.reason not in ("asked for", "OpenVINO is not installed"):
         converted = "" if choice.conversion_seconds is None else (
             "; from the cache" if choice.from_cache else f"; converted in {choice.conversion_seconds:.1f} s")
         logger.info("backend %s: %s%s", choice.name, choice.reason, converted if choice.name == "openvino" else "")
+    return choice.to_dict()
 
 
 def _log_agreement(report: CompressionReport) -> None:

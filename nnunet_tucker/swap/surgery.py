@@ -64,7 +64,8 @@ def plain_modules(network: nn.Module) -> nn.Module:
     its three convolutions, fused instance norms and GEMM-form 1x1 convolutions their own modules again, the
     blocks their original classes (`forms` undone). Shares the weights; in eval mode. What a graph compiler
     (`backend`) traces."""
-    network = copy.deepcopy(unwrap(network))
+    network = unwrap(network)
+    network = copy.deepcopy(network, {id(t): t for t in (*network.parameters(), *network.buffers())})
     for module in list(network.modules()):
         if isinstance(module, TuckerConv):
             module.__class__ = _PlainTuckerConv

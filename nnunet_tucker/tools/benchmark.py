@@ -53,6 +53,7 @@ class VariantTiming:
     mac_reduction: float = 1.0
     peak_memory_mb: float | None = None
     load_seconds: float | None = None
+    backend: str = "torch"
 
     @property
     def median(self) -> float:
@@ -144,8 +145,11 @@ def benchmark(
     warmup: int = 1,
     autocast: bool = False,
     compile: bool = False,
+    backends: Sequence[str] = ("torch",),
 ) -> list[VariantTiming]:
-    """Time `network` and one compressed copy per config; the first entry is the original."""
+    """Time `network` and one compressed copy per config, each run by every one of `backends` ("torch": PyTorch,
+    this package's forms for the compressed; "openvino": compiled by OpenVINO, `backend`); the first entry is the
+    original run by PyTorch."""
     dev = torch.device(device)
     if dev.type == "cpu":
         reuse_freed_memory()  # as a compressed prediction runs; every variant alike
@@ -161,6 +165,9 @@ def benchmark(
         variants[name] = variant
         timings.append(VariantTiming(name, config.rank_ratio, config.policy, report.params_after,
                                      report.macs_after, [], mac_reduction=macs / report.macs_after))
+    for backend in backends:
+        if backend != "torch":
+            timings += _on_backend(backend, variants, timings, input_shape, dev)
     variants = {k: v.to(dev) for k, v in variants.items()}
     if compile:
         variants = {k: torch.compile(v) for k, v in variants.items()}
@@ -172,6 +179,26 @@ def benchmark(
     seconds = time_forward_passes(variants, input_shape, dev, rounds, warmup, autocast)
     _fill_seconds(timings, seconds)
     return timings
+
+
+def _on_backend(backend: str, variants: dict[str, nn.Module], timings: list[VariantTiming],
+                input_shape: Sequence[int], device: torch.device) -> list[VariantTiming]:
+    """Each of `variants` (with its `timings` entry) also run by `backend`: added to `variants` as "NAME BACKEND";
+    their timings entries. Conversions go through the package cache."""
+    from ..backend import network_for_backend
+
+    added = []
+    for timing in list(timings[: len(variants)]):
+        network = variants[timing.name]
+        converted, choice = network_for_backend(network, [network.state_dict()], input_shape, device, backend)
+        if choice.name != backend:
+            raise RuntimeError(f"{backend} cannot run {timing.name}: {choice.reason}")
+        name = f"{timing.name} {backend}"
+        variants[name] = converted
+        added.append(replace(timing, name=name, seconds=[], backend=backend))
+        logger.info("%s: converted in %.1f s%s", name, choice.conversion_seconds,
+                    " (from the cache)" if choice.from_cache else "")
+    return added
 
 
 def _fill_seconds(timings: Sequence[VariantTiming], seconds: dict[str, list[float]]) -> None:

@@ -239,10 +239,11 @@ def _environments(config: TuckerConfig, **variables: str) -> tuple[dict[str, str
 
 def time_totalsegmentator(
     ct: Path | str, home: Path | str, config: TuckerConfig, ml: bool = True, rounds: int = 2, warmup: int = 1,
-    out_dir: Path | str | None = None, device: str = "cpu",
+    out_dir: Path | str | None = None, device: str = "cpu", backends: Sequence[str] | None = None,
 ) -> list[StagedTiming]:
     """Time ``TotalSegmentator -i ct --fast [--ml] -d cpu`` (``-d gpu`` for `device` cuda) with `home` as its
-    TOTALSEG_HOME_DIR: the original model vs ``TUCKER_RANK_RATIO`` (or ``TUCKER_MAC_BUDGET``) as `config` says."""
+    TOTALSEG_HOME_DIR: the original model vs ``TUCKER_RANK_RATIO`` (or ``TUCKER_MAC_BUDGET``) as `config` says, run
+    by `config.backend`, or by each of `backends` (``TUCKER_BACKEND``) side by side."""
     base, compressed, name = _environments(config, TOTALSEG_HOME_DIR=str(home))
     compressed["TUCKER_CALIBRATION"] = config.calibration or NO_CALIBRATION
     out = Path(out_dir or tempfile.mkdtemp(prefix="nnunet_tucker_totalseg_"))
@@ -260,9 +261,12 @@ def time_totalsegmentator(
         return totalseg_stages(result.stdout, total)
 
     flag = " --ml" if ml else ""
-    return _interleave({f"TotalSegmentator --fast{flag}": functools.partial(run, base, "original"),
-                        f"TotalSegmentator --fast{flag}, {name}": functools.partial(run, compressed, "compressed")},
-                       rounds, warmup)
+    variants = {f"TotalSegmentator --fast{flag}": functools.partial(run, base, "original")}
+    for backend in backends or [config.backend]:
+        label = f", {backend}" if backends else ""
+        variants[f"TotalSegmentator --fast{flag}, {name}{label}"] = functools.partial(
+            run, {**compressed, "TUCKER_BACKEND": backend}, f"compressed_{backend}")
+    return _interleave(variants, rounds, warmup)
 
 
 def _totalseg_device(device: str) -> str:
@@ -402,9 +406,12 @@ def stacked_bars(png: Path, panels: Sequence[tuple[str, Sequence[StagedTiming], 
 
 
 def run_whole_run(out_dir: Path, ratio: float = 0.3, rounds: int = 2, warmup: int = 1, policy: str = "profiled",
-                  totalsegmentator: bool = True, work_dir: Path | None = None, device: str = "cpu") -> dict:
+                  totalsegmentator: bool = True, work_dir: Path | None = None, device: str = "cpu",
+                  backends: Sequence[str] | None = None) -> dict:
     """The whole-run benchmark on the embedded default: a generated 512×512×300 CT, the 3 mm TotalSegmentator
-    architecture, on `device` (cpu or cuda); writes whole_run.md, whole_run.json and whole_run.png to `out_dir`."""
+    architecture, on `device` (cpu or cuda), the compressed TotalSegmentator run by each of `backends` (default: the
+    ``auto`` choice); writes whole_run.md, whole_run.json and whole_run.png to `out_dir`. The in-process stages
+    compare nnU-Net's pipeline with this package's around the same PyTorch network."""
     from .presets import write_preset_model_folder
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +431,7 @@ def run_whole_run(out_dir: Path, ratio: float = 0.3, rounds: int = 2, warmup: in
         if totalsegmentator:
             home = totalseg_home(work / "totalseg_home", model)
             timings = time_totalsegmentator(ct, home, config, ml=True, rounds=rounds, warmup=warmup,
-                                            out_dir=work / "totalseg_out", device=device)
+                                            out_dir=work / "totalseg_out", device=device, backends=backends)
             panels.append((f"TotalSegmentator CLI, 512×512×300 CT, -d {_totalseg_device(device)}", timings,
                            TOTALSEG_STAGES))
             results["totalsegmentator"] = [t.to_dict() for t in timings]
@@ -432,13 +439,15 @@ def run_whole_run(out_dir: Path, ratio: float = 0.3, rounds: int = 2, warmup: in
         if not resampled.exists():  # the image nnU-Net receives from TotalSegmentator: 3 mm isotropic
             clinical_ct(resampled, shape=tuple(round(n * s / 3.0) for n, s in zip(CT_SHAPE, CT_SPACING, strict=True)),
                         spacing=(3.0, 3.0, 3.0))
-        timings, check = time_stages(model, resampled, config, device=device, rounds=rounds, warmup=warmup)
+        timings, check = time_stages(model, resampled, replace(config, backend="torch"), device=device, rounds=rounds,
+                                     warmup=warmup)
         panels.append((f"nnU-Net predict_single_npy_array in process, {'×'.join(map(str, check['image_shape']))} "
                        f"at 3 mm, {device}", timings, IN_PROCESS_STAGES))
         results["in_process"] = [t.to_dict() for t in timings]
         results["identical_segmentations"] = check
-    meta = {"config": config.to_dict(), "device": device, "rounds": rounds, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "ct_shape_zyx": CT_SHAPE, "ct_spacing_zyx": CT_SPACING}
+    meta = {"config": config.to_dict(), "backends": list(backends or [config.backend]), "device": device,
+            "rounds": rounds, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "ct_shape_zyx": CT_SHAPE, "ct_spacing_zyx": CT_SPACING}
     markdown = "\n\n".join(to_markdown(title, timings, stages) for title, timings, stages in panels)
     markdown += (f"\n\nCompressed segmentations, nnU-Net's pipeline vs this package's: "
                  f"{check['voxels_differing']} of {check['voxels']} voxels differ.")
