@@ -50,7 +50,8 @@ def test_an_edited_number_is_caught():
 def test_readme_is_short_and_keeps_the_setup_commands():
     text = README.read_text()
     assert len(text.splitlines()) <= 150
-    assert 'pip install ".[test]" && nnunet-tucker demo' in text
+    assert 'pip install ".[test,openvino]" && nnunet-tucker demo' in text
+    assert 'pip install --quiet ".[test,openvino]"' in (ROOT / ".ci" / "run").read_text()  # CI installs the same
     assert "\npython -m pytest" in text  # the test command CI runs
     first_screen = "\n".join(text.splitlines()[:50])
     for shown in ("pip install", "TUCKER_RANK_RATIO=0.3 nnUNetv2_predict", "nnUNetv2_predict_tucker",
