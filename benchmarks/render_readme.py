@@ -30,6 +30,8 @@ WHOLE_RUN_TOTAL = "whole_run_total_cpu/whole_run_total.json"  # TotalSegmentator
 PRESETS = "speed_presets_cpu_2cores.json"  # forward pass, 1.5 mm part and ResEnc M/L (bench --json)
 WHOLE_RUN_PREDICT = "whole_run_predict_cpu/whole_run_predict.json"  # nnUNetv2_predict, ResEnc L
 FIDELITY = "fidelity_cpu.json"  # copy of the newest section of fidelity_cpu.md
+BACKENDS = "speed_backends_cpu_2cores.json"  # forward pass, PyTorch vs OpenVINO (bench --backends torch openvino)
+BACKEND_LOAD = "backend_load_cpu_2cores.json"  # the OpenVINO backend's first and later loads
 GPU_FORWARD = "whole_run_cuda_h200/forward_cuda_3mm.json"
 GPU_WHOLE_RUN = "whole_run_cuda_h200/whole_run.json"
 
@@ -153,6 +155,32 @@ def speed_forward_table(to_results: str = "../benchmarks/results", results: Path
     return "\n".join(lines)
 
 
+def backends_table(to_results: str = "../benchmarks/results", results: Path = RESULTS) -> str:
+    """docs/speed.md: the forward pass run by PyTorch and by OpenVINO, original and compressed, per network; and what
+    the OpenVINO backend costs at load."""
+    sections = load(BACKENDS, results)["sections"]
+    loads = {row["preset"]: row for row in load(BACKEND_LOAD, results)["rows"]}
+    lines = [f"Medians of {sections[0]['rounds']} interleaved rounds, {sections[0]['threads']} CPU threads, fp32, "
+             f"ratio 0.3 (`profiled` ranks, timed for PyTorch) ([{BACKENDS}]({to_results}/{BACKENDS}); loads: "
+             f"[{BACKEND_LOAD}]({to_results}/{BACKEND_LOAD})):", "",
+             "| network, one patch | PyTorch original | OpenVINO original | PyTorch forms, compressed | OpenVINO, "
+             "compressed | OpenVINO vs PyTorch forms | first load: conversion | later load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for section in sections:
+        v = _by_name(section["variants"])
+        compressed = next(name for name in v if name != "original" and not name.endswith(" openvino"))
+        ov, torch_ = v[f"{compressed} openvino"], v[compressed]
+        row = loads.get(section["source"])
+        load_cells = (f"{row['first']['conversion_seconds']:.1f} s | {row['later']['conversion_seconds']:.1f} s"
+                      if row else "— | —")
+        lines.append(
+            f"| {section['source']} ({_shape(section['input_shape'][2:])}) | {v['original']['median']:.2f} s | "
+            f"{v['original openvino']['median']:.2f} s ({v['original openvino']['speedup']:.2f}×) | "
+            f"{torch_['median']:.2f} s ({torch_['speedup']:.2f}×) | {ov['median']:.2f} s ({ov['speedup']:.2f}×) | "
+            f"{torch_['median'] / ov['median']:.2f}× | {load_cells} |")
+    return "\n".join(lines)
+
+
 def whole_run_table(to_results: str = "../benchmarks/results", results: Path = RESULTS) -> str:
     """docs/speed.md: the whole run by stage, TotalSegmentator's CLI and nnU-Net in process."""
     whole = load(WHOLE_RUN, results)
@@ -243,7 +271,8 @@ def gpu_table(to_results: str = "../benchmarks/results", results: Path = RESULTS
 
 BLOCKS: dict[str, dict[str, Callable[..., str]]] = {
     "README.md": {"results": results_table},
-    "docs/speed.md": {"speed-forward": speed_forward_table, "whole-run": whole_run_table},
+    "docs/speed.md": {"speed-forward": speed_forward_table, "whole-run": whole_run_table,
+                      "backends": backends_table},
     "docs/method-and-calibration.md": {"first-run": first_run_table, "fidelity": fidelity_table},
     "docs/gpu.md": {"gpu": gpu_table},
 }

@@ -66,8 +66,8 @@ def openvino_missing() -> str | None:
     """Why OpenVINO cannot be used here (not installed, or failing to import), or None where it can."""
     try:
         import openvino  # noqa: F401
-    except ImportError as e:
-        return f"OpenVINO is not installed ({e}); {EXTRA}"
+    except Exception as e:  # not installed (ImportError), or broken (its native libraries)
+        return f"OpenVINO cannot be imported ({type(e).__name__}: {e}); {EXTRA}"
     return None
 
 
@@ -94,8 +94,9 @@ def network_for_backend(network: nn.Module, states: Sequence[dict[str, torch.Ten
     problem = openvino_missing()
     if problem:
         check_backend(backend)
-        return network, BackendChoice("torch", "OpenVINO is not installed")
-    converter = _Converter(network, tuple(input_shape), cache_dir)
+        return network, BackendChoice("torch", "OpenVINO cannot be imported")
+    training = network.training  # (nnU-Net's predictor sets eval mode only when it predicts)
+    converter = _Converter(network.eval(), tuple(input_shape), cache_dir)  # checked and timed as it will run
     try:
         compiled = [converter.compiled(states[0])]
         choice = converter.choice() if backend == "auto" else BackendChoice("openvino", "asked for")
@@ -106,6 +107,7 @@ def network_for_backend(network: nn.Module, states: Sequence[dict[str, torch.Ten
         return network, BackendChoice("torch", f"OpenVINO failed: {e}")
     finally:
         network.load_state_dict(states[0])
+        network.train(training)
     choice.conversion_seconds, choice.from_cache = round(converter.seconds, 2), converter.converted == 0
     if choice.name == "torch":
         return network, choice
@@ -143,12 +145,17 @@ class _Converter:
         start = time.perf_counter()
         self.network.load_state_dict(state)
         entry = self.folder / self.key(state)
-        if not (entry / "check.json").is_file():
-            self._convert(entry)
+        check = _read_json(entry / "check.json")
+        if check is None:  # not there, or not whole: converted (again)
+            shutil.rmtree(entry, ignore_errors=True)
+            try:
+                self._convert(entry)
+            except OSError as e:  # a read-only or full cache: PyTorch runs it, the prediction goes on
+                raise _Unusable(f"the converted model could not be stored in {self.folder} ({e})") from e
             self.converted += 1
-        check = json.loads((entry / "check.json").read_text())
-        if not check["passed"]:
-            raise _Unusable(check["problem"])
+            check = _read_json(entry / "check.json") or {"passed": False, "problem": f"{entry} is unreadable"}
+        if not check.get("passed"):
+            raise _Unusable(check.get("problem") or "its check failed")
         try:
             compiled = self.core.compile_model(str(entry / "model.xml"), "CPU", self.settings)
         except Exception as e:  # an unreadable cache entry, an unsupported CPU: PyTorch, with the reason
@@ -202,9 +209,8 @@ class _Converter:
 
         machine = f"{device_description(torch.device('cpu'))} openvino {self.ov.__version__}"
         path = entry / f"timing-{hashlib.blake2b(machine.encode(), digest_size=8).hexdigest()}.json"
-        try:
-            seconds = json.loads(path.read_text())["seconds"]
-        except (OSError, ValueError, KeyError, TypeError):
+        seconds = (_read_json(path) or {}).get("seconds")
+        if not (isinstance(seconds, dict) and {"torch", "openvino"} <= set(seconds)):
             seconds = self._timed(compiled)
             with contextlib.suppress(OSError):
                 atomic_write(path, json.dumps({"machine": machine, "seconds": seconds}))
@@ -227,6 +233,14 @@ class _Converter:
                     run()
                     best[name] = min(best[name], time.perf_counter() - start)
         return best
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_input(input_shape: Sequence[int]) -> torch.Tensor:

@@ -340,3 +340,49 @@ def test_backend_config_field():
     config = TuckerConfig(rank_ratio=0.3, backend="openvino")
     assert "backend" not in config.fitted_dict() and config.to_dict()["backend"] == "openvino"
     assert config.fitted_dict() == TuckerConfig(rank_ratio=0.3, backend="torch").fitted_dict()
+
+
+def test_a_network_in_training_mode_is_checked_and_timed_in_eval_mode_and_left_as_it_was(compressed, tmp_path,
+                                                                                          monkeypatch):
+    """nnU-Net's predictor builds its network in training mode and sets eval mode only when it predicts: the
+    conversion's check and `auto`'s timing must see the network as it will run (the PyTorch forms run at inference
+    only), and leave the mode as it found it."""
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    net, shape, state0, _ = compressed
+    net.train()
+    modes = []
+    original_forward = type(net).forward
+
+    def recording_forward(self, x):
+        modes.append(self.training)
+        return original_forward(self, x)
+
+    monkeypatch.setattr(type(net), "forward", recording_forward)
+    _, choice = backend.network_for_backend(net, [state0], shape, CPU, "auto", cache_dir=tmp_path)
+    assert choice.torch_seconds is not None and modes and not any(modes)
+    assert net.training
+
+
+def test_a_cache_that_cannot_be_written_warns_and_keeps_pytorch(compressed, tmp_path, caplog):
+    """A file where the OpenVINO cache folder should be (as a read-only or full disk would): the prediction goes on
+    with PyTorch, and a warning says why."""
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    net, shape, state0, _ = compressed
+    (tmp_path / "openvino").write_text("in the way")
+    with caplog.at_level(logging.WARNING, logger="nnunet_tucker"):
+        runner, choice = backend.network_for_backend(net, [state0], shape, CPU, "openvino", cache_dir=tmp_path)
+    assert runner is net and choice.name == "torch"
+    assert any(r.levelno == logging.WARNING and "could not be stored" in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_cache_entry_is_converted_again(compressed, tmp_path):
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    net, shape, state0, _ = compressed
+    backend.network_for_backend(net, [state0], shape, CPU, "openvino", cache_dir=tmp_path)
+    (check,) = (tmp_path / "openvino").glob("*/check.json")
+    check.write_text('{"passed": tr')  # cut short
+    runner, choice = backend.network_for_backend(net, [state0], shape, CPU, "openvino", cache_dir=tmp_path)
+    assert choice.name == "openvino" and not choice.from_cache
+    x = sample(shape)
+    with torch.no_grad():
+        assert scaled_error(runner(x), net(x)) <= backend.TOLERANCE

@@ -144,3 +144,20 @@ def test_bench_times_several_presets_one_after_the_other_into_one_json(tmp_path,
         assert section["variants"][1]["macs"] < section["variants"][0]["macs"]
     assert capsys.readouterr().out.count("variant ") == 2  # a table each
     assert cli.main(["bench", "--preset", *names, "--png", str(tmp_path / "p.png")]) == 2
+
+
+def test_every_variant_is_also_timed_on_another_backend(tmp_path, monkeypatch):
+    """``--backends torch openvino``: the original and each compressed variant once more, run by OpenVINO, with the
+    same parameters and MACs and the backend named."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs pip install 'nnunet-tucker[openvino]'")
+    monkeypatch.setenv("TUCKER_CACHE_DIR", str(tmp_path))
+    net, shape = build("plain3d")
+    timings = benchmark(net, shape, [TuckerConfig(0.5, policy="auto", rank_min=2)], rounds=1,
+                        backends=("torch", "openvino"))
+    assert [(t.name, t.backend) for t in timings] == [("original", "torch"), ("auto 0.5", "torch"),
+                                                      ("original openvino", "openvino"),
+                                                      ("auto 0.5 openvino", "openvino")]
+    for torch_run, openvino_run in zip(timings[:2], timings[2:], strict=True):
+        assert (openvino_run.params, openvino_run.macs) == (torch_run.params, torch_run.macs)
+        assert len(openvino_run.seconds) == 1 and openvino_run.seconds[0] > 0
+    assert len(list((tmp_path / "openvino").glob("*/model.xml"))) == 2

@@ -55,6 +55,17 @@ def test_bench_e2e_needs_a_model_folder(tmp_path):
     assert main(["bench", "--preset", "totalseg-3mm", "--e2e", str(tmp_path)]) == 2
 
 
+def test_bench_openvino_backend_is_refused_for_a_folder_prediction_and_when_missing(tmp_path, monkeypatch, capsys):
+    from nnunet_tucker.tools.demo_model import demo_model_folder
+
+    model = str(demo_model_folder())
+    assert main(["bench", "-m", model, "--e2e", str(tmp_path), "--backends", "torch", "openvino"]) == 2
+    assert capsys.readouterr().err.startswith("nnunet-tucker: error: --backends openvino times forward passes")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
+    assert main(["bench", "--preset", "totalseg-3mm", "--backends", "openvino"]) == 2
+    assert "pip install 'nnunet-tucker[openvino]'" in capsys.readouterr().err
+
+
 KINDS = ["TuckerError", "TuckerConfigError", "ModelFolderError", "InputError", "CalibrationError", "OutputFolderError"]
 
 
