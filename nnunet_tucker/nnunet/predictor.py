@@ -319,7 +319,7 @@ def _use_backend(predictor: nnUNetPredictor, backend: str) -> dict[str, Any]:
                                           input_shape_of(predictor), predictor.device, backend)
     if network is not unwrap(predictor.network):
         predictor.network = network
-    if choice.name == "openvino" or choice.reason not in ("asked for", "OpenVINO cannot be imported"):
+    if choice.name == "openvino" or choice.torch_seconds is not None:  # (failures have warned already)
         converted = "" if choice.conversion_seconds is None else (
             "; from the cache" if choice.from_cache else f"; converted in {choice.conversion_seconds:.1f} s")
         logger.info("backend %s: %s%s", choice.name, choice.reason, converted if choice.name == "openvino" else "")
