@@ -164,7 +164,7 @@ def backends_table(to_results: str = "../benchmarks/results", results: Path = RE
              f"ratio 0.3 (`profiled` ranks, timed for PyTorch) ([{BACKENDS}]({to_results}/{BACKENDS}); loads: "
              f"[{BACKEND_LOAD}]({to_results}/{BACKEND_LOAD})):", "",
              "| network, one patch | PyTorch original | OpenVINO original | PyTorch forms, compressed | OpenVINO, "
-             "compressed | OpenVINO vs PyTorch forms | first load: conversion | later load |",
+             "compressed | OpenVINO vs PyTorch forms | first load: conversion | later load: from the cache |",
              "|---|---|---|---|---|---|---|---|"]
     for section in sections:
         v = _by_name(section["variants"])

@@ -270,7 +270,7 @@ def test_auto_times_both_backends_once_and_reads_the_timing_from_the_cache(compr
     network, choice = backend.network_for_backend(net, [state0], shape, CPU, "auto", cache_dir=tmp_path)
     assert choice.name in ("torch", "openvino")
     assert choice.torch_seconds > 0 and choice.openvino_seconds > 0
-    assert (choice.name == "openvino") == (choice.openvino_seconds < choice.torch_seconds)
+    assert (choice.name == "openvino") == (choice.openvino_seconds * (1 + backend.AUTO_MARGIN) <= choice.torch_seconds)
     assert isinstance(network, backend.OpenVINONetwork) if choice.name == "openvino" else network is net
     assert len(list((tmp_path / "openvino").glob("*/timing-*.json"))) == 1
 
