@@ -76,6 +76,9 @@ def nnunet_env(workspace, model_folder) -> dict[str, str]:
         nnUNet_preprocessed=str(workspace / "preprocessed"),
         nnUNet_results=str(workspace / "results"),
         TUCKER_CACHE_DIR=str(workspace / "cache"),
+        # the PyTorch forms unless a test asks for a backend: OpenVINO's conversion, timing and first inference
+        # would add seconds to every compressing run (test_predict_cli.py's backend tests run the others)
+        TUCKER_BACKEND="torch",
         nnUNet_def_n_proc="2",
     )
     return env

@@ -158,23 +158,29 @@ def test_two_fold_ensemble(nnunet_env, cases, workspace, baseline):
 
 def test_openvino_backend_runs_each_fold_and_matches_pytorch(nnunet_env, cases, workspace, tmp_path):
     """TUCKER_BACKEND=openvino: both folds run compiled by OpenVINO, and the ensemble's segmentation is PyTorch's up
-    to argmax near-ties; the report records the backend."""
+    to argmax near-ties; the report records the backend. The default, auto, times both and says which it keeps."""
     pytest.importorskip("openvino", reason="the OpenVINO backend needs pip install 'nnunet-tucker[openvino]'")
-    segmentations = {}
-    for backend in ("torch", "openvino"):
+    segmentations, logs, reports = {}, {}, {}
+    env = {k: v for k, v in nnunet_env.items() if k != "TUCKER_BACKEND"}  # auto: unset, as users run it
+    for backend in ("torch", "openvino", "auto"):
         out, report = tmp_path / backend, tmp_path / f"report_{backend}.json"
-        result = predict(nnunet_env, cases, out, "-f", "0", "1", "--disable_tta", TUCKER_RANK_RATIO="0.5",
-                         TUCKER_POLICY="auto", TUCKER_CALIBRATION="none", TUCKER_BACKEND=backend,
-                         TUCKER_REPORT=str(report), TUCKER_CACHE_DIR=str(tmp_path / "cache"))
+        chosen = {} if backend == "auto" else {"TUCKER_BACKEND": backend}
+        logs[backend] = log_lines(predict(env, cases, out, "-f", "0", "1", "--disable_tta", TUCKER_RANK_RATIO="0.5",
+                                          TUCKER_POLICY="auto", TUCKER_CALIBRATION="none", TUCKER_REPORT=str(report),
+                                          TUCKER_CACHE_DIR=str(tmp_path / "cache"), **chosen).stderr)
         segmentations[backend] = load_segmentations(out)
-        assert json.loads(report.read_text())["extra"]["backend"]["name"] == backend
-    assert any(line.startswith("nnunet-tucker: backend openvino: asked for; converted in")
-               for line in log_lines(result.stderr)), result.stderr
+        reports[backend] = json.loads(report.read_text())["extra"]["backend"]
+    assert reports["torch"]["name"] == "torch" and reports["openvino"]["name"] == "openvino"
+    assert any(line.startswith("nnunet-tucker: backend openvino: asked for; converted in") for line in logs["openvino"])
     assert len(list((tmp_path / "cache" / "openvino").glob("*/model.xml"))) == 2  # one per fold
-    a, b = segmentations["torch"], segmentations["openvino"]
-    assert a.keys() == b.keys()
-    for case in a:
-        assert np.mean(a[case] != b[case]) < 1e-3, case  # near-ties only
+    auto = reports["auto"]
+    assert auto["torch_seconds"] > 0 and auto["openvino_seconds"] > 0 and auto["from_cache"]  # converted before
+    assert any(line.startswith(f"nnunet-tucker: backend {auto['name']}: ") for line in logs["auto"]), logs["auto"]
+    for backend in ("openvino", "auto"):
+        a, b = segmentations["torch"], segmentations[backend]
+        assert a.keys() == b.keys()
+        for case in a:
+            assert np.mean(a[case] != b[case]) < 1e-3, (backend, case)  # near-ties only
 
 
 def test_openvino_asked_for_but_missing_is_one_line_naming_the_extra(nnunet_env, cases, tmp_path):
