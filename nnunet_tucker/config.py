@@ -167,8 +167,7 @@ class TuckerConfig:
         """A short summary such as ``rank_ratio=0.5 policy=auto`` or ``mac_budget=0.2 calibrated``."""
         target = f"rank_ratio={self.rank_ratio}" if self.rank_ratio is not None else f"mac_budget={self.mac_budget}"
         floor = f" min_agreement={self.min_agreement}" if self.min_agreement is not None else ""
-        backend = f" backend={self.backend}" if self.backend != "auto" else ""
-        return f"{target} policy={self.policy}{floor}{backend}"
+        return f"{target} policy={self.policy}{floor}"
 
     def looser(self) -> TuckerConfig | None:
         """The same config with the next larger rank ratio or MAC budget of `LOOSER_TARGETS`, or None above the
