@@ -35,6 +35,7 @@ from . import __version__
 from .config import default_cache_dir
 from .errors import TuckerConfigError
 from .files import atomic_write, state_dict_digest
+from .plan.timing import device_description
 from .swap.surgery import plain_modules
 
 logger = logging.getLogger("nnunet_tucker")
@@ -45,7 +46,7 @@ TOLERANCE = 2e-3
 # `auto` keeps OpenVINO only where it is this much faster per patch: each process pays its first inference (~2 s on
 # the 3 mm network, against ~1.2 s for each later one), which a tie does not earn back over a case's few tiles
 AUTO_MARGIN = 0.10
-TIMED_ROUNDS = 2  # `auto`: interleaved rounds per backend after the check's call (the minimum counts)
+TIMED_ROUNDS = 3  # `auto`: interleaved calls per backend, the fastest counts (the first of a process may be cold)
 CONVERSION_VERSION = 1  # bump when what is converted or checked changes: earlier entries no longer apply
 
 
@@ -208,8 +209,6 @@ class _Converter:
     def choice(self) -> BackendChoice:
         """`auto`: the faster backend on one patch, timed interleaved (`TIMED_ROUNDS`) once per network and machine."""
         entry, compiled = self.first
-        from .plan.timing import device_description
-
         machine = f"{device_description(torch.device('cpu'))} openvino {self.ov.__version__}"
         path = entry / f"timing-{hashlib.blake2b(machine.encode(), digest_size=8).hexdigest()}.json"
         seconds = (_read_json(path) or {}).get("seconds")
@@ -232,7 +231,7 @@ class _Converter:
         runs = {"torch": lambda: self.network(x), "openvino": lambda: request.infer({0: x.numpy()})}
         best = dict.fromkeys(runs, float("inf"))
         with torch.inference_mode():
-            for _ in range(TIMED_ROUNDS + 1):  # the first round warms up (the check ran each once already)
+            for _ in range(TIMED_ROUNDS):
                 for name, run in runs.items():
                     start = time.perf_counter()
                     run()
@@ -259,13 +258,12 @@ def _trace_shape(network: nn.Module, input_shape: Sequence[int]) -> tuple[int, .
     at most the patch; the patch itself where the strides are unknown."""
     strides = getattr(getattr(network, "encoder", None), "strides", None)
     spatial = tuple(input_shape[2:])
-    try:
-        total = [1] * len(spatial)
-        for stride in strides:
-            stride = [stride] * len(spatial) if isinstance(stride, int) else list(stride)
-            total = [t * s for t, s in zip(total, stride, strict=True)]
-    except (TypeError, ValueError):
+    if strides is None:
         return tuple(input_shape)
+    total = [1] * len(spatial)
+    for stride in strides:
+        stride = [stride] * len(spatial) if isinstance(stride, int) else list(stride)
+        total = [t * s for t, s in zip(total, stride, strict=True)]
     return (1, input_shape[1], *(min(2 * t, s) for t, s in zip(total, spatial, strict=True)))
 
 

@@ -49,6 +49,7 @@ _HELP = {
 _TYPES = {"rank_ratio": float, "mac_budget": float, "policy": str, "rank_min": int, "rank_multiple": int,
           "hooi_iterations": int, "calibration": str, "calibration_patches": int, "min_agreement": float,
           "backend": str}
+_CHOICES = {"policy": POLICIES, "backend": BACKENDS}
 
 
 def _flag(name: str, nnunet_style: bool) -> str:
@@ -64,8 +65,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, nnunet_style: bool = F
             kwargs["nargs"] = "+"
         else:
             kwargs["type"] = _TYPES[name]
-        if name in ("policy", "backend"):
-            kwargs["choices"] = POLICIES if name == "policy" else BACKENDS
+        if name in _CHOICES:
+            kwargs["choices"] = _CHOICES[name]
         group.add_argument(_flag(name, nnunet_style), **kwargs)
 
 
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rank policies to time (default profiled)")
     bench.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino"],
                        help="what runs each variant, every one listed timed side by side (default torch; openvino: "
-                            "pip install 'nnunet-tucker[openvino]'; forward pass only)")
+                            "pip install 'nnunet-tucker[openvino]'; forward passes and --whole-run, not --e2e)")
     bench.add_argument("--rank-multiples", type=int, nargs="+", default=[1], help="rank alignments to time")
     bench.add_argument("--rank-min", type=int, default=8, help="lower bound of every rank (default 8)")
     bench.add_argument("-device", default="cpu", help="cpu or cuda (default cpu; --whole-run too)")
