@@ -6,7 +6,9 @@ weights (an nnU-Net fold) is converted once: traced on a small input and reshape
 trace at the patch takes most of a minute), checked against PyTorch's output on one patch, and kept in the package
 cache as OpenVINO IR, keyed by the weights, the modules, the patch and the versions, with OpenVINO's cache of
 compiled kernels beside it: later loads take about a second. ``auto`` times both backends on one patch, once per
-network and machine (cached), and keeps the faster: never slower than the PyTorch forms.
+architecture and machine (cached; models that differ only in their class count share it, as TotalSegmentator's five
+1.5 mm parts do), and keeps the faster: never slower than the PyTorch forms. Where the timing says PyTorch, nothing
+is converted.
 
 Inside nnU-Net, `OpenVINONetwork` stands where the predictor's network stood: nnU-Net loads a fold's state dict
 into it before that fold's sliding window, and it runs the model compiled for those weights.
@@ -101,6 +103,11 @@ def network_for_backend(network: nn.Module, states: Sequence[dict[str, torch.Ten
         return network, BackendChoice("torch", "OpenVINO cannot be imported")
     training = network.training  # (nnU-Net's predictor sets eval mode only when it predicts)
     converter = _Converter(network.eval(), tuple(input_shape), cache_dir)  # checked and timed as it will run
+    known = converter.timed_choice() if backend == "auto" else None
+    if known is not None and known.name == "torch":  # timed before: nothing to convert
+        network.train(training)
+        known.from_cache = True
+        return network, known
     try:
         compiled = [converter.compiled(states[0])]
         choice = converter.choice() if backend == "auto" else BackendChoice("openvino", "asked for")
@@ -137,7 +144,7 @@ class _Converter:
                          "INFERENCE_NUM_THREADS": torch.get_num_threads(), "CACHE_DIR": str(self.folder / "kernels")}
         self.seconds = 0.0
         self.converted = 0
-        self.first: tuple[Path, Any] | None = None  # fold 0's entry and compiled model, for `choice`
+        self.first: Any = None  # fold 0's compiled model, for `choice`
 
     def key(self, state: dict[str, torch.Tensor]) -> str:
         layout = (f"{state_dict_digest(state)}|{self.plain!r}|{self.input_shape}|{self.ov.__version__}|{__version__}|"
@@ -166,7 +173,7 @@ class _Converter:
             raise _Unusable(f"compiling {entry / 'model.xml'} failed: {e}") from e
         self.seconds += time.perf_counter() - start
         if self.first is None:
-            self.first = entry, compiled
+            self.first = compiled
         return compiled
 
     def _convert(self, entry: Path) -> None:
@@ -206,24 +213,31 @@ class _Converter:
                                        f"|logit| {scale:.3g}; allowed {TOLERANCE:g} of it)")
         return {"passed": passed, "problem": problem, "max_difference": difference, "scale": scale}
 
-    def choice(self) -> BackendChoice:
-        """`auto`: the faster backend on one patch, timed interleaved (`TIMED_ROUNDS`) once per network and machine."""
-        entry, compiled = self.first
-        machine = f"{device_description(torch.device('cpu'))} openvino {self.ov.__version__}"
-        path = entry / f"timing-{hashlib.blake2b(machine.encode(), digest_size=8).hexdigest()}.json"
-        seconds = (_read_json(path) or {}).get("seconds")
+    def timing_path(self) -> Path:
+        """Where `auto`'s timing of this architecture on this machine is kept."""
+        machine = f"{device_description(torch.device('cpu'))}|openvino {self.ov.__version__}"
+        layout = f"{architecture(self.plain)}|{self.input_shape}|{machine}|{__version__}|{CONVERSION_VERSION}"
+        return self.folder / "timings" / f"{hashlib.blake2b(layout.encode(), digest_size=20).hexdigest()}.json"
+
+    def timed_choice(self) -> BackendChoice | None:
+        """`auto`'s choice from the timing kept for this architecture and machine; None where there is none."""
+        seconds = (_read_json(self.timing_path()) or {}).get("seconds")
         if not (isinstance(seconds, dict) and {"torch", "openvino"} <= set(seconds)):
-            seconds = self._timed(compiled)
-            with contextlib.suppress(OSError):
-                atomic_write(path, json.dumps({"machine": machine, "seconds": seconds}))
-        torch_s, openvino_s = seconds["torch"], seconds["openvino"]
-        measured = f"{openvino_s:.2f} s vs {torch_s:.2f} s for PyTorch on one patch here, measured once"
-        if openvino_s * (1 + AUTO_MARGIN) <= torch_s:
-            reason = f"{torch_s / openvino_s:.2f}× faster than PyTorch ({measured})"
-            return BackendChoice("openvino", reason, torch_s, openvino_s)
-        reason = (f"OpenVINO is not {AUTO_MARGIN:.0%} faster, what pays for its start in each process "
-                  f"({measured})")
-        return BackendChoice("torch", reason, torch_s, openvino_s)
+            return None
+        return _faster(seconds["torch"], seconds["openvino"])
+
+    def choice(self) -> BackendChoice:
+        """`auto`: the faster backend on one patch, timed interleaved (`TIMED_ROUNDS`) once per architecture and
+        machine, with fold 0's compiled model."""
+        known = self.timed_choice()
+        if known is not None:
+            return known
+        seconds = self._timed(self.first)
+        with contextlib.suppress(OSError):
+            path = self.timing_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps({"architecture": architecture(self.plain), "seconds": seconds}))
+        return _faster(seconds["torch"], seconds["openvino"])
 
     def _timed(self, compiled: Any) -> dict[str, float]:
         x = check_input(self.input_shape)
@@ -237,6 +251,31 @@ class _Converter:
                     run()
                     best[name] = min(best[name], time.perf_counter() - start)
         return best
+
+
+def _faster(torch_s: float, openvino_s: float) -> BackendChoice:
+    """`auto`'s choice from seconds per patch: OpenVINO where it is `AUTO_MARGIN` faster, else PyTorch."""
+    measured = f"{openvino_s:.2f} s vs {torch_s:.2f} s for PyTorch on one patch here, measured once"
+    if openvino_s * (1 + AUTO_MARGIN) <= torch_s:
+        return BackendChoice("openvino", f"{torch_s / openvino_s:.2f}× faster than PyTorch ({measured})", torch_s,
+                             openvino_s)
+    return BackendChoice("torch", f"OpenVINO is not {AUTO_MARGIN:.0%} faster, what pays for its start in each process "
+                         f"({measured})", torch_s, openvino_s)
+
+
+def architecture(network: nn.Module) -> str:
+    """`network`'s modules as text, one line per module without children, with the class count of its
+    segmentation heads (nnU-Net's ``seg_layers``) left out: a last 1x1x1 convolution changes the backends' speeds
+    alike, so models of one architecture with other classes share `auto`'s timing."""
+    lines = []
+    for name, module in network.named_modules():
+        if next(module.children(), None) is not None:
+            continue
+        if ".seg_layers." in f".{name}" and isinstance(module, nn.modules.conv._ConvNd):
+            lines.append(f"{name}: {type(module).__name__} head from {module.in_channels} channels")
+        else:
+            lines.append(f"{name}: {type(module).__name__}({module.extra_repr()})")
+    return "\n".join(lines)
 
 
 def _read_json(path: Path) -> dict | None:

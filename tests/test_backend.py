@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import json
 import logging
 import sys
 
@@ -26,13 +27,13 @@ CPU = torch.device("cpu")
 PLAIN_AGREEMENT = 1e-4  # plain modules vs the package's forms: float rounding only, relative to max |output|
 
 
-def tiny_unet() -> tuple[torch.nn.Module, tuple[int, ...]]:
+def tiny_unet(num_classes: int = 3) -> tuple[torch.nn.Module, tuple[int, ...]]:
     """A compressed three-stage plain U-Net on 16^3 patches: OpenVINO traces it on 8^3 (twice its total stride)
     and reshapes to the patch, in a few seconds."""
     torch.manual_seed(0)
     net = PlainConvUNet(
         input_channels=1, n_stages=3, features_per_stage=[8, 16, 24], conv_op=torch.nn.Conv3d, kernel_sizes=3,
-        strides=[1, 2, 2], n_conv_per_stage=2, num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
+        strides=[1, 2, 2], n_conv_per_stage=2, num_classes=num_classes, n_conv_per_stage_decoder=1, conv_bias=True,
         norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
     ).eval()
@@ -113,9 +114,10 @@ def _raising(what: str):
 
 
 def _entries(tmp_path) -> set[str]:
-    """The converted-model folders of the cache (not OpenVINO's kernel cache)."""
+    """The converted-model folders of the cache (not OpenVINO's kernel cache, nor `auto`'s timings)."""
     folder = tmp_path / "openvino"
-    return {p.name for p in folder.iterdir() if p.is_dir() and p.name != "kernels"} if folder.is_dir() else set()
+    return ({p.name for p in folder.iterdir() if p.is_dir() and p.name not in ("kernels", "timings")}
+            if folder.is_dir() else set())
 
 
 # 1. plain_modules
@@ -272,12 +274,40 @@ def test_auto_times_both_backends_once_and_reads_the_timing_from_the_cache(compr
     assert choice.torch_seconds > 0 and choice.openvino_seconds > 0
     assert (choice.name == "openvino") == (choice.openvino_seconds * (1 + backend.AUTO_MARGIN) <= choice.torch_seconds)
     assert isinstance(network, backend.OpenVINONetwork) if choice.name == "openvino" else network is net
-    assert len(list((tmp_path / "openvino").glob("*/timing-*.json"))) == 1
+    assert len(list((tmp_path / "openvino" / "timings").glob("*.json"))) == 1
 
     monkeypatch.setattr(backend._Converter, "_timed", _raising("_Converter._timed"))
     _, again = backend.network_for_backend(net, [state0], shape, CPU, "auto", cache_dir=tmp_path)
     assert again.name == choice.name
     assert (again.torch_seconds, again.openvino_seconds) == (choice.torch_seconds, choice.openvino_seconds)
+
+
+def test_auto_timing_is_shared_by_models_that_differ_in_classes_and_a_pytorch_verdict_converts_nothing(
+        compressed, tmp_path, monkeypatch):
+    """TotalSegmentator's five 1.5 mm parts differ only in their heads: the first part's timing decides for all, and
+    where it says PyTorch the others are not converted at all."""
+    pytest.importorskip("openvino", reason=NEEDS_OPENVINO)
+    net, shape, state0, _ = compressed
+    other, _ = tiny_unet(num_classes=5)
+    assert backend.architecture(plain_modules(net)) == backend.architecture(plain_modules(other))
+    assert backend.architecture(plain_modules(net)) != backend.architecture(plain_modules(build("plain3d")[0]))
+    monkeypatch.setattr(backend._Converter, "_timed", lambda self, compiled: {"torch": 1.0, "openvino": 0.95})
+    _, first = backend.network_for_backend(net, [state0], shape, CPU, "auto", cache_dir=tmp_path)
+    assert first.name == "torch" and len(_entries(tmp_path)) == 1  # converted once, to be timed
+
+    monkeypatch.setattr(backend._Converter, "_timed", _raising("_Converter._timed"))
+    monkeypatch.setattr(backend._Converter, "_convert", _raising("_Converter._convert"))
+    network, again = backend.network_for_backend(other, [other.state_dict()], shape, CPU, "auto", cache_dir=tmp_path)
+    assert network is other and again.name == "torch" and again.from_cache
+    assert (again.torch_seconds, again.openvino_seconds) == (1.0, 0.95)
+    assert len(_entries(tmp_path)) == 1
+
+    timing = next((tmp_path / "openvino" / "timings").glob("*.json"))
+    timing.write_text(json.dumps({"seconds": {"torch": 1.0, "openvino": 0.5}}))  # OpenVINO faster: converted
+    monkeypatch.undo()
+    network, chosen = backend.network_for_backend(other, [other.state_dict()], shape, CPU, "auto", cache_dir=tmp_path)
+    assert chosen.name == "openvino" and isinstance(network, backend.OpenVINONetwork)
+    assert len(_entries(tmp_path)) == 2
 
 
 # 6. Where OpenVINO is missing or the device is not a CPU
