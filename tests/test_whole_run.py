@@ -265,3 +265,8 @@ def test_the_default_mode_table_sets_first_runs_against_first_runs_and_later_aga
     assert f"| ratio 0.3 | first (self-calibration) {stages}" in table
     assert "| ratio 0.3 | later (median of 2) | 1.0 | 2.0 | 28.0 | 1.0 | 32.0 | 2.88x | 48 | 1.01 GB | n/a |" in table
     assert "| ratio 0.3 | first | 40.0 (30.0) | 40.0 (20.0) |" in table  # per part, of which self-calibration
+
+    once = whole_run.summarize_default_mode(records[:2] + records[3::2])  # the original's first run only
+    assert [(r["variant"], r["run"]) for r in once] == [
+        ("original", "first"), ("ratio 0.3", "first"), ("ratio 0.3", "later")]
+    assert once[2]["speedup"] == pytest.approx(100.0 / 32.0)  # later runs against the original's only run
