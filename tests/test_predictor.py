@@ -20,7 +20,7 @@ from nnunet_tucker.nnunet.model_folder import compress_model_folder
 from nnunet_tucker.nnunet.pipeline import FastArgmaxLabelManager
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
 from nnunet_tucker.tools.demo_model import demo_model_folder
-from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom
+from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom, write_nifti
 
 CONFIG = TuckerConfig(0.5, policy="auto", calibration_patches=2)
 SHAPE = (40, 80, 64)  # 2 x 2 x 1 sliding-window tiles of the demo model's 32 x 64 x 64 patch
@@ -285,3 +285,42 @@ def test_a_case_the_fitting_tiles_cover_has_nothing_held_out_and_says_so(caplog)
     assert [m for m in _lines(caplog) if m.startswith("agreement with the original")] == [
         "agreement with the original not measured: the fitting tiles cover all of the first image (1×32×64×64); "
         "check with nnunet-tucker evaluate on cases of your own"]
+
+
+def test_a_calibration_folder_is_measured_once_and_later_loads_read_what_it_measured(caplog, cache, tmp_path,
+                                                                                     monkeypatch):
+    """With TUCKER_CALIBRATION=folder the agreement on its held-out case is measured when it first compresses; later
+    loads of the same model, config and folder content read it from the cache (no held-out case preprocessed, no
+    original run on it), and a changed folder is measured anew."""
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for index, seed in enumerate((3, 4)):
+        image, _, spacing = make_phantom(seed, shape=LARGE)
+        write_nifti(folder / f"case_{index:03d}_0000.nii.gz", np.round(image).astype(np.int16), spacing)
+    config = TuckerConfig(0.5, policy="auto", calibration=str(folder), calibration_patches=2, backend="torch")
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        first = _predictor(config)
+    agreement = first.tucker_report.extra["calibration"]["agreement"]
+    assert agreement["case"] == "case_001" and agreement["tiles"] > 0 and agreement["worst"] is not None
+    assert len(list(cache.glob("calibration-*.json"))) == 1
+    measured = [m for m in _lines(caplog) if m.startswith("agreement with the original on ")]
+    assert len(measured) == 1 and not measured[0].endswith("(measured when it was calibrated)")
+
+    caplog.clear()
+    with monkeypatch.context() as planted, caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        planted.setattr(predictor_module, "load_held_out_tiles", lambda *args: pytest.fail("measured again"))
+        planted.setattr(predictor_module, "label_maps", lambda *args: pytest.fail("measured again"))
+        later = _predictor(config)
+    extra = later.tucker_report.extra
+    assert extra["cache_misses"] == 0 and extra["calibration"]["from_cache"]
+    assert extra["calibration"]["agreement"] == agreement
+    assert [m for m in _lines(caplog) if m.startswith("agreement with the original on ")] == [
+        measured[0] + " (measured when it was calibrated)"]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first.list_of_parameters, later.list_of_parameters, strict=True)
+               for k in a)
+
+    image, _, spacing = make_phantom(5, shape=LARGE)  # another held-out case: measured anew
+    write_nifti(folder / "case_002_0000.nii.gz", np.round(image).astype(np.int16), spacing)
+    changed = _predictor(config)
+    assert changed.tucker_report.extra["calibration"]["agreement"]["case"] == "case_002"
+    assert len(list(cache.glob("calibration-*.json"))) == 2

@@ -148,8 +148,8 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     check_backend(config.backend)  # so is OpenVINO asked for and missing
 
     if config.calibration is None:
-        record = _self_calibration_record(predictor, config)
-        compressed = _from_stored_self_calibration(predictor, config, source, record)
+        record = _calibration_record(predictor, config)
+        compressed = _from_record(predictor, config, source, record)
         if compressed is UNCOMPRESSED:
             return None
         if compressed is None:
@@ -165,8 +165,16 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     if config.weights_only:
         logger.warning("TUCKER_CALIBRATION=none: the factors are fitted to the weights alone, and the quality of "
                        "the compressed model is unverified; check it with nnunet-tucker evaluate")
-    calibration = None if config.weights_only else folder_calibration(predictor, config)
-    compressed, _ = measured_compression(predictor, config, source, calibration)
+    if config.weights_only:
+        compressed, _ = measured_compression(predictor, config, source, None)
+    else:  # measured once per model, folder content and config; later loads read what it chose and measured
+        calibration = folder_calibration(predictor, config)
+        record = _calibration_record(predictor, config, calibration.key)
+        compressed = _from_record(predictor, config, source, record, calibration.patches)
+        if compressed is None:
+            compressed, chosen = measured_compression(predictor, config, source, calibration)
+            store_json(record, {"key": calibration.key, "info": calibration.info,
+                                "config": chosen and chosen.fitted_dict()})
     return None if compressed is UNCOMPRESSED else _apply(predictor, *compressed, source, report_file)
 
 
@@ -182,7 +190,7 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
     with file_lock(record.with_suffix(".lock")), torch.inference_mode(False), torch.enable_grad():
         predictor.network.to(predictor.device)  # where nnU-Net will run it: calibrate there
         # another process may have calibrated this model meanwhile
-        compressed = _from_stored_self_calibration(predictor, config, source, record)
+        compressed = _from_record(predictor, config, source, record)
         if compressed is None:
             compressed = _self_calibrate(predictor, config, source, data, case, record)
     predictor._tucker_pending = None
@@ -416,21 +424,27 @@ def _case_name(predictor: nnUNetPredictor, data: Any) -> str:
     return name
 
 
-def _self_calibration_record(predictor: nnUNetPredictor, config: TuckerConfig) -> Path:
-    """Where the self-calibration of this model (all its folds) under `config` is recorded."""
+def _calibration_record(predictor: nnUNetPredictor, config: TuckerConfig, calibration_key: str | None = None) -> Path:
+    """Where the calibrated compression of this model (all its folds) under `config` is recorded: self-calibrated (no
+    `calibration_key`: the first case is known only when it comes), or on a calibration folder of that content."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"{__version__}|{json.dumps(config.fitted_dict(), sort_keys=True)}".encode())
+    if calibration_key is not None:
+        digest.update(f"|calibration {calibration_key}".encode())
     for state in predictor.list_of_parameters:
         digest.update(state_dict_digest(state).encode())
-    return default_cache_dir() / f"self-calibration-{digest.hexdigest()}.json"
+    kind = "self-calibration" if calibration_key is None else "calibration"
+    return default_cache_dir() / f"{kind}-{digest.hexdigest()}.json"
 
 
-def _from_stored_self_calibration(
-    predictor: nnUNetPredictor, config: TuckerConfig, source: str | None, record: Path
+def _from_record(
+    predictor: nnUNetPredictor, config: TuckerConfig, source: str | None, record: Path,
+    patches: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[CompressionReport, list] | str | None:
-    """`compress_folds` with the self-calibration `record` names, from the cache alone (its patches are
-    gone; statistics and fitted weights are cached under its key); None when there is no usable record
-    or the cache lacks what it needs; `UNCOMPRESSED` where a floor kept the original network."""
+    """`compress_folds` as the calibration `record` says (what a floor chose, the agreement measured), from the cache
+    (statistics and fitted weights are cached under its key) or, where the cache lacks them, from `patches`; None
+    when there is no usable record, or the cache lacks what it needs and no `patches` are given (a first case's
+    are gone); `UNCOMPRESSED` where a floor kept the original network."""
     try:
         data = json.loads(record.read_text())
         key, info = str(data["key"]), dict(data["info"])
@@ -441,12 +455,14 @@ def _from_stored_self_calibration(
     if "config" in data and data["config"] is None:
         logger.warning("%s: no rank ratio or MAC budget kept every class at min_agreement=%s on held-out tiles of %s "
                        "when it was calibrated (%s): the model runs uncompressed", config.describe(),
-                       config.min_agreement, info["case"], info["utc"])
+                       config.min_agreement, (info.get("agreement") or {}).get("case", "the held-out case"),
+                       info.get("utc", "recorded"))
         return UNCOMPRESSED
 
-    def patches() -> torch.Tensor:
+    def first_case_gone() -> torch.Tensor:
         raise _NeedsFirstCase
 
+    patches = patches or first_case_gone
     try:
         return compress_folds(predictor, chosen, source, Calibration(key, patches, {**info, "from_cache": True}))
     except _NeedsFirstCase:
@@ -466,6 +482,7 @@ def folder_calibration(predictor: nnUNetPredictor, config: TuckerConfig) -> Cali
     cases = calibration_cases(folder, predictor.dataset_json)
     kept_apart = held_out_case(cases)
     info = {"on": "folder", "folder": str(Path(folder).resolve()),
+            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cases": sorted(case for case in cases if case != kept_apart), "held_out_case": kept_apart,
             "patches": config.patches(first_case=False)}
     return Calibration(calibration_digest(folder, predictor.dataset_json, info["patches"]), patches, info,
