@@ -324,3 +324,27 @@ def test_a_calibration_folder_is_measured_once_and_later_loads_read_what_it_meas
     changed = _predictor(config)
     assert changed.tucker_report.extra["calibration"]["agreement"]["case"] == "case_002"
     assert len(list(cache.glob("calibration-*.json"))) == 2
+
+
+def test_the_original_s_segmentation_of_the_held_out_tiles_is_computed_once_per_model_and_case(cache, monkeypatch):
+    """Another setting self-calibrated on the same case measures its agreement against the original's segmentation of
+    the held-out tiles from the cache: only the compressed network runs on them."""
+    runs = []
+    measured = predictor_module.label_maps
+
+    def counted(predictor, network, states, tiles):
+        runs.append(states)
+        return measured(predictor, network, states, tiles)
+
+    monkeypatch.setattr(predictor_module, "label_maps", counted)
+    first = _predictor()
+    original = first.list_of_parameters
+    _predict(first, _image(shape=LARGE))
+    assert len(runs) == 2 and len(list(cache.glob("label-maps-*.pt"))) == 1
+    assert runs[0] is original and runs[1] is not original  # the original's folds, then the compressed ones
+    other = _predictor(TuckerConfig(0.3, policy="auto", calibration_patches=2))
+    original = other.list_of_parameters
+    _predict(other, _image(shape=LARGE))
+    assert len(runs) == 3 and runs[2] is not original  # the compressed network only
+    agreement = other.tucker_report.extra["calibration"]["agreement"]
+    assert agreement["tiles"] > 0 and agreement["worst"] is not None

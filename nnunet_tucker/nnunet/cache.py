@@ -1,4 +1,5 @@
-"""A disk cache of decomposed weights, so parallel and repeated model loads decompose once.
+"""A disk cache of decomposed weights, so parallel and repeated model loads decompose once (and of what
+calibration measures: statistics, the original network's segmentations of the held-out tiles).
 
 An entry is keyed by the content of the original state dict, the compression plan (names and
 ranks), the HOOI setting and the package version. It is written to a temporary file and renamed
@@ -95,6 +96,26 @@ class DecompositionCache:
     ) -> None:
         _store(self._statistics_path(state_dict, calibration_key),
                {name: dataclasses.asdict(s) for name, s in statistics.items()})
+
+    def _label_maps_path(self, states: list[dict[str, torch.Tensor]], tiles_key: str) -> Path:
+        digests = "|".join(state_dict_digest(state) for state in states)
+        key = hashlib.blake2b(f"{digests}|{tiles_key}|{__version__}".encode(), digest_size=20).hexdigest()
+        return self.directory / f"label-maps-{key}.pt"
+
+    def load_label_maps(self, states: list[dict[str, torch.Tensor]], tiles_key: str) -> list[torch.Tensor] | None:
+        """The original network's segmentations (fold weights `states`) of the tiles `tiles_key` names, if stored."""
+        path = self._label_maps_path(states, tiles_key)
+        if not path.is_file():
+            return None
+        try:
+            return list(torch.load(path, map_location="cpu", weights_only=True)["label_maps"])
+        except Exception as e:  # unreadable, truncated, foreign: recompute
+            logger.warning("ignoring unusable cache entry %s (%s); segmenting again", path, e)
+            return None
+
+    def store_label_maps(self, states: list[dict[str, torch.Tensor]], tiles_key: str,
+                         label_maps: list[torch.Tensor]) -> None:
+        _store(self._label_maps_path(states, tiles_key), {"label_maps": label_maps})
 
     def _load(self, path: Path, shapes: dict[str, tuple]) -> tuple[dict, dict] | None:
         if not path.is_file():

@@ -235,7 +235,7 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
     info = calibration.info
     tiles, masks, case = held_out
     network = unwrap(predictor.network)
-    original = label_maps(predictor, network, predictor.list_of_parameters, tiles)
+    original = _original_label_maps(predictor, network, tiles)
     pristine = copy.deepcopy(network) if config.min_agreement is not None else None
     attempt = config
     while True:
@@ -260,6 +260,18 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
                        "nnunet-tucker evaluate", config.min_agreement, case)
     report.extra["calibration"]["agreement"] = info["agreement"]
     return (report, converted), attempt
+
+
+def _original_label_maps(predictor: nnUNetPredictor, network: nn.Module, tiles: torch.Tensor) -> list[torch.Tensor]:
+    """The original network's `label_maps` of `tiles`, computed once per model and tiles (cached): another setting
+    calibrated on the same case or folder measures against them without running the original again."""
+    cache, key = DecompositionCache(), patches_digest(tiles)
+    found = cache.load_label_maps(predictor.list_of_parameters, key)
+    if found is not None and [tuple(m.shape) for m in found] == [tuple(t.shape[1:]) for t in tiles]:
+        return found
+    maps = label_maps(predictor, network, predictor.list_of_parameters, tiles)
+    cache.store_label_maps(predictor.list_of_parameters, key, maps)
+    return maps
 
 
 def _replace_network(predictor: nnUNetPredictor, network: nn.Module) -> nn.Module:
