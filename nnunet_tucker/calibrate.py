@@ -182,15 +182,48 @@ def _random_signs(like: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.empty_like(like).copy_(bits.flatten()[:count].view(like.shape)).mul_(2).sub_(1)
 
 
+# What the probed pass keeps of each activation for its backward probes: half the memory of float32, for the
+# largest buffers of a calibration (a 128³ patch's forward pass keeps about twice a forward pass's peak). Rounding
+# to float16 (~5e-4) moves the probed gradients far less than the random signs of the probes do.
+SAVED_ACTIVATIONS = torch.float16
+SAVED_AS_IS_BELOW = 1 << 16  # elements: smaller saved tensors (norm statistics) are kept as they are
+
+
+def _pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
+    if t.dtype != torch.float32 or not t.requires_grad or t.numel() < SAVED_AS_IS_BELOW:
+        return t  # parameters (frozen for the pass), small tensors
+    return (t.detach().to(SAVED_ACTIVATIONS),)
+
+
+def _unpack(packed: torch.Tensor | tuple[torch.Tensor]) -> torch.Tensor:
+    return packed[0].float() if isinstance(packed, tuple) else packed
+
+
+@contextmanager
+def _parameters_frozen(network: nn.Module) -> Iterator[None]:
+    """Within: no parameter of `network` requires a gradient (so no convolution keeps its input for one); after, each
+    as it was."""
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
+
+
 def _probed_pass(network: nn.Module, batch: torch.Tensor, regions: bool, generator: torch.Generator,
                  probes: int = 1) -> None:
     """Run `network` forward on `batch` with gradients for the input only, then backward `probes`
     times from `fisher_probes` of its full-resolution logits (the first output with deep
     supervision): hooks on intermediate outputs see gradients whose second moment is the Fisher
-    information there. Parameters and their `.grad` are left untouched."""
+    information there; the forward pass itself (what forward hooks see) is float32 throughout, the activations
+    kept for the backward probes are `SAVED_ACTIVATIONS`. Parameters and their `.grad` are left untouched."""
     device = next(network.parameters()).device
     x = batch.to(device=device, dtype=torch.float32).requires_grad_(True)
-    with torch.enable_grad():
+    with (torch.enable_grad(), _parameters_frozen(network),
+          torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)):
         output = network(x)
         logits = output[0] if isinstance(output, (list, tuple)) else output
         del output

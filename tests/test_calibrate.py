@@ -211,6 +211,33 @@ def test_statistics_taken_a_chunk_at_a_time_equal_those_of_the_whole_input(monke
             assert scaled_error(mine, theirs) < 1e-5, name
 
 
+def test_activations_kept_in_float16_for_the_probes_change_the_fisher_information_by_rounding_only(monkeypatch):
+    """The probed pass keeps its activations for the backward probes in float16 (half the memory of a calibration's
+    largest buffers): what forward hooks see stays float32, the probed gradients move by float16 rounding only
+    (far less than another seed of the random probes moves them), and the parameters are left as they were."""
+    network, shape = build("plain3d")
+    network.decoder.seg_layers[-1].weight.requires_grad_(False)  # one parameter frozen by its owner: stays so
+    before = [p.requires_grad for p in network.parameters()]
+    x = F.avg_pool3d(torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0)), 3, 1, 1)
+    monkeypatch.setattr(calibrate_module, "SAVED_AS_IS_BELOW", 0)  # every saved activation of this small network
+    packed = []
+    pack = calibrate_module._pack
+    monkeypatch.setattr(calibrate_module, "_pack", lambda t: packed.append(pack(t)) or packed[-1])
+    monkeypatch.setattr(calibrate_module, "SAVED_ACTIVATIONS", torch.float32)
+    reference = collect_statistics(network, x)
+    other_seed = collect_statistics(network, x, seed=1)
+    monkeypatch.setattr(calibrate_module, "SAVED_ACTIVATIONS", torch.float16)
+    packed.clear()
+    half = collect_statistics(network, x)
+    assert any(isinstance(p, tuple) and p[0].dtype == torch.float16 for p in packed)
+    assert [p.requires_grad for p in network.parameters()] == before
+    assert all(p.grad is None for p in network.parameters())
+    for name, s in reference.items():
+        assert torch.equal(half[name].input_cov, s.input_cov), name  # the forward pass is float32
+        rounding = scaled_error(half[name].output_fisher, s.output_fisher)
+        assert rounding < 1e-3 and rounding < 0.1 * scaled_error(other_seed[name].output_fisher, s.output_fisher), name
+
+
 def _reference_features(conv: nn.Module, z: torch.Tensor, coords: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """What each kernel offset sees of `z` (R, *spatial) at the output positions `coords`, (S, K·R)
     offsets major, by `conv`'s own operation with one-hot kernels (output channel k·R + r copies
