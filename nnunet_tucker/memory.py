@@ -55,6 +55,15 @@ def reuse_freed_memory() -> bool:
     return _applied
 
 
+def release_freed_memory() -> None:
+    """Give the pages of the memory kept for reuse back to the system (glibc's ``malloc_trim``; what is still in use
+    stays), where `reuse_freed_memory` is in effect. Between one prediction's sliding window and its export: the
+    export's buffers (probabilities of every class, at full size) differ from the tiles', and a process that forks
+    workers (TotalSegmentator's writers of one mask per class) would have them copy kept pages they write into."""
+    if _applied:
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def freed_memory_reused() -> bool:
     """Whether `reuse_freed_memory` is in effect in this process."""
     return _applied

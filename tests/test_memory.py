@@ -86,3 +86,35 @@ def test_default_leaves_glibc_alone():
     probe = _probe({"TUCKER_MALLOC": "default"})
     assert probe["applied"] is False
     assert probe["mapped"] >= 64 << 20  # glibc's own way: a fresh mapping per large buffer
+
+
+_RELEASE_PROBE = r"""
+import ctypes, json, os
+from nnunet_tucker.memory import release_freed_memory, reuse_freed_memory
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+applied = reuse_freed_memory()
+size = 256 << 20
+buffer = libc.malloc(size)
+ctypes.memset(buffer, 1, size)  # touched: resident
+libc.free(buffer)
+kept = resident()
+release_freed_memory()
+print(json.dumps({"applied": applied, "kept": kept, "released": resident(), "size": size}))
+"""
+
+
+@glibc_only
+def test_kept_memory_is_given_back_when_released():
+    env = {**os.environ, "TUCKER_HOOK": "0", "TUCKER_MALLOC": ""}
+    result = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True, text=True,
+                            check=True)
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["applied"] is True
+    assert probe["kept"] - probe["released"] > probe["size"] // 2  # freed and kept, then given back

@@ -16,7 +16,8 @@ in fewer passes over memory or with fewer processes:
   and exported in this process (by nnU-Net's own functions; the export on a thread of nnU-Net's pool), and
   several cases get no more export workers than cases.
 - every feature map and logits buffer above 32 MB would be a fresh ``mmap`` that the kernel zeroes page
-  by page (`memory.reuse_freed_memory` keeps freed memory for reuse instead; process-wide, on the CPU).
+  by page (`memory.reuse_freed_memory` keeps freed memory for reuse instead; process-wide, on the CPU), and
+  the pages kept so are given back when a case's sliding window ends (`memory.release_freed_memory`).
 
 All of it computes exactly what nnU-Net computes (the same fp32 products and sums, rounded to fp16 at
 the same points; ties go to the first channel, NaN falls back to numpy), so segmentations are identical
@@ -61,7 +62,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
-from ..memory import reuse_freed_memory
+from ..memory import release_freed_memory, reuse_freed_memory
 
 _SLIDING_WINDOW = "_internal_predict_sliding_window_return_logits"
 _ITERATOR_FROM_FILES = "_internal_get_data_iterator_from_lists_of_filenames"
@@ -126,6 +127,7 @@ def _sliding_window_logits(self: nnUNetPredictor, data: torch.Tensor, slicers: l
             raise RuntimeError("Encountered inf in predicted array. Aborting... If this problem persists, reduce "
                                "value_scaling_factor in compute_gaussian or increase the dtype of predicted_logits "
                                "to fp32")
+    release_freed_memory()  # the tiles' kept buffers: the export's are of other sizes
     return logits
 
 
