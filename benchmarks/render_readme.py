@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 SPEED = "speed_cpu_2cores.json"  # forward pass, 3 mm network (copy of the newest section of speed_cpu_2cores.md)
-WHOLE_RUN = "whole_run_cpu/whole_run.json"
+WHOLE_RUN = "whole_run_backends_cpu/whole_run.json"  # --fast --ml, both backends (README: the PyTorch forms)
 FIRST_RUN = "first_run_overhead_cpu_2cores.json"
 FIRST_RUN_1P5MM = "first_run_overhead_1p5mm_cpu_2cores.json"
-WHOLE_RUN_TOTAL = "whole_run_total_cpu/whole_run_total.json"  # TotalSegmentator's default mode, five models
+WHOLE_RUN_TOTAL = "whole_run_total_clinical_cpu/whole_run_total.json"  # TotalSegmentator's default mode, five models
 PRESETS = "speed_presets_cpu_2cores.json"  # forward pass, 1.5 mm part and ResEnc M/L (bench --json)
 WHOLE_RUN_PREDICT = "whole_run_predict_cpu/whole_run_predict.json"  # nnUNetv2_predict, ResEnc L
 FIDELITY = "fidelity_cpu.json"  # copy of the newest section of fidelity_cpu.md
@@ -54,6 +54,20 @@ def _by_name(entries: list[dict]) -> dict[str, dict]:
     return {entry["name"]: entry for entry in entries}
 
 
+def _totalseg_runs(whole: dict) -> tuple[dict, dict]:
+    """The original TotalSegmentator run of a whole-run file and the compressed one on the PyTorch forms."""
+    original, *compressed = whole["totalsegmentator"]
+    return original, next((c for c in compressed if c["name"].endswith(", torch")), compressed[0])
+
+
+def _default_mode_runs(total: dict, run: str) -> list[dict]:
+    """The original's and the compressed variant's `run` ("first" or "later") rows of a default-mode file; the
+    original's first where it ran once (it caches nothing)."""
+    rows = {(r["variant"], r["run"]): r for r in total["summary"]}
+    original = rows.get(("original", run)) or rows["original", "first"]
+    return [original, rows[f"ratio {total['config']['rank_ratio']}", run]]
+
+
 def _worst(row: dict) -> float:
     return min(row["dice_vs_original"].values())
 
@@ -73,9 +87,7 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
     """README's table: today's gains, one row per measurement, each with the file it comes from."""
     speed, whole, first, fidelity, total = (load(n, results) for n in (SPEED, WHOLE_RUN, FIRST_RUN, FIDELITY,
                                                                         WHOLE_RUN_TOTAL))
-    total_runs = {(r["variant"], r["run"]): r for r in total["summary"]}
-    total_later = [total_runs[v, "later"] for v in ("original", f"ratio {total['config']['rank_ratio']}")]
-    total_first = [total_runs[v, "first"] for v in ("original", f"ratio {total['config']['rank_ratio']}")]
+    total_later, total_first = (_default_mode_runs(total, run) for run in ("later", "first"))
     predict = load(WHOLE_RUN_PREDICT, results)
     predict_runs = {(r["variant"], r["run"]): r for r in predict["summary"]}
     compressed = f"ratio {predict['config']['rank_ratio']}"
@@ -84,7 +96,7 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
     runs = speed["runs"]
     presets = [next(s for s in load(PRESETS, results)["sections"] if s["source"] == name)
                for name in ("totalseg-1.5mm-organs", "resenc-l")]
-    ts_original, ts_compressed = whole["totalsegmentator"]
+    ts_original, ts_compressed = _totalseg_runs(whole)
     in_process = _by_name(whole["in_process"])
     in_original, in_compressed = in_process["original"], in_process[f"ratio {whole['config']['rank_ratio']}"]
     self_cal = _fidelity_row(fidelity, "ratio 0.3", "self-calibrated")
@@ -113,10 +125,11 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
         f"{in_original['median']:.1f} s | {in_compressed['median']:.1f} s | **{in_compressed['speedup']:.2f}×** | "
         f"[whole run]({to_results}/{WHOLE_RUN}) |",
         f"| `TotalSegmentator -d cpu`, default mode (five 1.5 mm models), {_shape(total['ct_shape_zyx'][::-1])} CT, "
-        f"whole process, later runs | {total_later[0]['seconds']:.1f} s | {total_later[1]['seconds']:.1f} s | "
+        f"whole process, later runs | {total_later[0]['seconds']:.0f} s | {total_later[1]['seconds']:.0f} s | "
         f"**{total_later[1]['speedup']:.2f}×** (first run, calibrating all five: {total_first[0]['seconds']:.0f} → "
-        f"{total_first[1]['seconds']:.0f} s; peak memory {total_first[0]['peak_tree_mb'] / 1000:.1f} → "
-        f"{total_first[1]['peak_tree_mb'] / 1000:.1f} GB) | [default mode]({to_results}/{WHOLE_RUN_TOTAL}) |",
+        f"{total_first[1]['seconds']:.0f} s, {total_first[1]['speedup']:.2f}×; peak memory "
+        f"{total_first[0]['peak_tree_mb'] / 1000:.1f} → {total_first[1]['peak_tree_mb'] / 1000:.1f} GB first, "
+        f"{total_later[1]['peak_tree_mb'] / 1000:.1f} GB later) | [default mode]({to_results}/{WHOLE_RUN_TOTAL}) |",
         f"| `nnUNetv2_predict -device cpu --disable_tta`, nnU-Net ResEnc L, one "
         f"{_shape(predict['case_shape_zyx'][::-1])} case at 1.5 mm, whole process, later runs | "
         f"{predict_later[0]['seconds']:.1f} s | {predict_later[1]['seconds']:.1f} s | "
@@ -184,7 +197,7 @@ def backends_table(to_results: str = "../benchmarks/results", results: Path = RE
 def whole_run_table(to_results: str = "../benchmarks/results", results: Path = RESULTS) -> str:
     """docs/speed.md: the whole run by stage, TotalSegmentator's CLI and nnU-Net in process."""
     whole = load(WHOLE_RUN, results)
-    original, compressed = whole["totalsegmentator"]
+    original, compressed = _totalseg_runs(whole)
     in_process = _by_name(whole["in_process"])
     ratio = f"ratio {whole['config']['rank_ratio']}"
     in_original, in_ours = in_process["original"], in_process[ratio]
@@ -192,7 +205,8 @@ def whole_run_table(to_results: str = "../benchmarks/results", results: Path = R
     same = whole["identical_segmentations"]
     lines = [
         f"Ratio {whole['config']['rank_ratio']}, {whole['cpus']} CPU cores, medians of {whole['rounds']} timed rounds "
-        f"in s ([whole_run.json]({to_results}/{WHOLE_RUN}), [whole_run.md]({to_results}/whole_run_cpu/whole_run.md)):",
+        f"in s ([whole_run.json]({to_results}/{WHOLE_RUN}), [whole_run.md]({to_results}/"
+        f"{WHOLE_RUN.replace('.json', '.md')}); compressed: the PyTorch forms):",
         "",
         "| run | original | compressed | speed-up |",
         "|---|---|---|---|",
