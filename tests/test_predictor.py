@@ -287,48 +287,17 @@ def test_a_case_the_fitting_tiles_cover_has_nothing_held_out_and_says_so(caplog)
         "check with nnunet-tucker evaluate on cases of your own"]
 
 
-def test_a_calibration_folder_is_measured_once_and_later_loads_read_what_it_measured(caplog, cache, tmp_path,
-                                                                                     monkeypatch):
+def test_a_calibration_folder_is_measured_once_and_the_original_s_segmentation_of_its_tiles_is_kept(
+        caplog, cache, tmp_path, monkeypatch):
     """With TUCKER_CALIBRATION=folder the agreement on its held-out case is measured when it first compresses; later
     loads of the same model, config and folder content read it from the cache (no held-out case preprocessed, no
-    original run on it), and a changed folder is measured anew."""
+    network run on it); another setting on the same folder measures again, against the original's segmentation of
+    the held-out tiles from the cache: only the compressed network runs on them."""
     folder = tmp_path / "calibration"
     folder.mkdir()
     for index, seed in enumerate((3, 4)):
         image, _, spacing = make_phantom(seed, shape=LARGE)
         write_nifti(folder / f"case_{index:03d}_0000.nii.gz", np.round(image).astype(np.int16), spacing)
-    config = TuckerConfig(0.5, policy="auto", calibration=str(folder), calibration_patches=2, backend="torch")
-    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
-        first = _predictor(config)
-    agreement = first.tucker_report.extra["calibration"]["agreement"]
-    assert agreement["case"] == "case_001" and agreement["tiles"] > 0 and agreement["worst"] is not None
-    assert len(list(cache.glob("calibration-*.json"))) == 1
-    measured = [m for m in _lines(caplog) if m.startswith("agreement with the original on ")]
-    assert len(measured) == 1 and not measured[0].endswith("(measured when it was calibrated)")
-
-    caplog.clear()
-    with monkeypatch.context() as planted, caplog.at_level(logging.INFO, logger="nnunet_tucker"):
-        planted.setattr(predictor_module, "load_held_out_tiles", lambda *args: pytest.fail("measured again"))
-        planted.setattr(predictor_module, "label_maps", lambda *args: pytest.fail("measured again"))
-        later = _predictor(config)
-    extra = later.tucker_report.extra
-    assert extra["cache_misses"] == 0 and extra["calibration"]["from_cache"]
-    assert extra["calibration"]["agreement"] == agreement
-    assert [m for m in _lines(caplog) if m.startswith("agreement with the original on ")] == [
-        measured[0] + " (measured when it was calibrated)"]
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(first.list_of_parameters, later.list_of_parameters, strict=True)
-               for k in a)
-
-    image, _, spacing = make_phantom(5, shape=LARGE)  # another held-out case: measured anew
-    write_nifti(folder / "case_002_0000.nii.gz", np.round(image).astype(np.int16), spacing)
-    changed = _predictor(config)
-    assert changed.tucker_report.extra["calibration"]["agreement"]["case"] == "case_002"
-    assert len(list(cache.glob("calibration-*.json"))) == 2
-
-
-def test_the_original_s_segmentation_of_the_held_out_tiles_is_computed_once_per_model_and_case(cache, monkeypatch):
-    """Another setting self-calibrated on the same case measures its agreement against the original's segmentation of
-    the held-out tiles from the cache: only the compressed network runs on them."""
     runs = []
     measured = predictor_module.label_maps
 
@@ -337,14 +306,31 @@ def test_the_original_s_segmentation_of_the_held_out_tiles_is_computed_once_per_
         return measured(predictor, network, states, tiles)
 
     monkeypatch.setattr(predictor_module, "label_maps", counted)
-    first = _predictor()
-    original = first.list_of_parameters
-    _predict(first, _image(shape=LARGE))
-    assert len(runs) == 2 and len(list(cache.glob("label-maps-*.pt"))) == 1
-    assert runs[0] is original and runs[1] is not original  # the original's folds, then the compressed ones
-    other = _predictor(TuckerConfig(0.3, policy="auto", calibration_patches=2))
-    original = other.list_of_parameters
-    _predict(other, _image(shape=LARGE))
-    assert len(runs) == 3 and runs[2] is not original  # the compressed network only
-    agreement = other.tucker_report.extra["calibration"]["agreement"]
-    assert agreement["tiles"] > 0 and agreement["worst"] is not None
+    config = TuckerConfig(0.5, policy="auto", calibration=str(folder), calibration_patches=2, backend="torch")
+    with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        first = _predictor(config)
+    agreement = first.tucker_report.extra["calibration"]["agreement"]
+    assert agreement["case"] == "case_001" and agreement["tiles"] > 0 and agreement["worst"] is not None
+    assert len(list(cache.glob("calibration-*.json"))) == 1 and len(list(cache.glob("label-maps-*.pt"))) == 1
+    assert len(runs) == 2  # the original, then the compressed network
+    lines = [m for m in _lines(caplog) if m.startswith("agreement with the original on ")]
+    assert len(lines) == 1 and not lines[0].endswith("(measured when it was calibrated)")
+
+    caplog.clear()
+    with monkeypatch.context() as planted, caplog.at_level(logging.INFO, logger="nnunet_tucker"):
+        planted.setattr(predictor_module, "load_held_out_tiles", lambda *args: pytest.fail("measured again"))
+        later = _predictor(config)
+    assert len(runs) == 2
+    extra = later.tucker_report.extra
+    assert extra["cache_misses"] == 0 and extra["calibration"]["from_cache"]
+    assert extra["calibration"]["agreement"] == agreement
+    assert [m for m in _lines(caplog) if m.startswith("agreement with the original on ")] == [
+        lines[0] + " (measured when it was calibrated)"]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first.list_of_parameters, later.list_of_parameters, strict=True)
+               for k in a)
+
+    other = _predictor(TuckerConfig(0.3, policy="auto", calibration=str(folder), calibration_patches=2,
+                                    backend="torch"))
+    assert len(runs) == 3  # the compressed network only: the original's segmentation came from the cache
+    assert other.tucker_report.extra["calibration"]["agreement"]["worst"] is not None
+    assert len(list(cache.glob("calibration-*.json"))) == 2
