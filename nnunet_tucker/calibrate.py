@@ -182,9 +182,9 @@ def _random_signs(like: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.empty_like(like).copy_(bits.flatten()[:count].view(like.shape)).mul_(2).sub_(1)
 
 
-# What the probed pass keeps of each activation for its backward probes: half the memory of float32, for the
-# largest buffers of a calibration (a 128³ patch's forward pass keeps about twice a forward pass's peak). Rounding
-# to float16 (~5e-4) moves the probed gradients far less than the random signs of the probes do.
+# What the probed pass keeps of each activation for its backward probes: half the memory of float32 for the
+# largest buffers of a calibration (every activation of a 128³ patch, kept until the backward). Rounding to float16
+# (~5e-4) moves the probed gradients far less than the random signs of the probes do.
 SAVED_ACTIVATIONS = torch.float16
 SAVED_AS_IS_BELOW = 1 << 16  # elements: smaller saved tensors (norm statistics) are kept as they are
 
