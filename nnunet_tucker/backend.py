@@ -17,6 +17,7 @@ into it before that fold's sliding window, and it runs the model compiled for th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -213,6 +214,7 @@ class _Converter:
                                        f"|logit| {scale:.3g}; allowed {TOLERANCE:g} of it)")
         return {"passed": passed, "problem": problem, "max_difference": difference, "scale": scale}
 
+    @functools.cached_property
     def timing_path(self) -> Path:
         """Where `auto`'s timing of this architecture on this machine is kept."""
         machine = f"{device_description(torch.device('cpu'))}|openvino {self.ov.__version__}"
@@ -221,7 +223,7 @@ class _Converter:
 
     def timed_choice(self) -> BackendChoice | None:
         """`auto`'s choice from the timing kept for this architecture and machine; None where there is none."""
-        seconds = (_read_json(self.timing_path()) or {}).get("seconds")
+        seconds = (_read_json(self.timing_path) or {}).get("seconds")
         if not (isinstance(seconds, dict) and {"torch", "openvino"} <= set(seconds)):
             return None
         return _faster(seconds["torch"], seconds["openvino"])
@@ -234,7 +236,7 @@ class _Converter:
             return known
         seconds = self._timed(self.first)
         with contextlib.suppress(OSError):
-            path = self.timing_path()
+            path = self.timing_path
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps({"architecture": architecture(self.plain), "seconds": seconds}))
         return _faster(seconds["torch"], seconds["openvino"])

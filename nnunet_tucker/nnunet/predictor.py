@@ -173,8 +173,7 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
         compressed = _from_record(predictor, config, source, record, calibration.patches)
         if compressed is None:
             compressed, chosen = measured_compression(predictor, config, source, calibration)
-            store_json(record, {"key": calibration.key, "info": calibration.info,
-                                "config": chosen and chosen.fitted_dict()})
+            _store_record(record, calibration, chosen)
     return None if compressed is UNCOMPRESSED else _apply(predictor, *compressed, source, report_file)
 
 
@@ -213,8 +212,14 @@ def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: st
     tiles, masks = held_out_tiles(data, predictor.configuration_manager.patch_size, config.patches(first_case=True))
     calibration = Calibration(patches_digest(patches), lambda: patches, info, lambda: (tiles, masks, case))
     compressed, chosen = measured_compression(predictor, config, source, calibration)
-    store_json(record, {"key": calibration.key, "info": info, "config": chosen and chosen.fitted_dict()})
+    _store_record(record, calibration, chosen)
     return compressed
+
+
+def _store_record(record: Path, calibration: Calibration, chosen: TuckerConfig | None) -> None:
+    """Record a calibrated compression for `_from_record`: its calibration key, what was measured (`calibration.info`,
+    the agreement included) and the config chosen (None: a floor kept the original network)."""
+    store_json(record, {"key": calibration.key, "info": calibration.info, "config": chosen and chosen.fitted_dict()})
 
 
 def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, source: str | None,
