@@ -24,6 +24,8 @@ from .config import (
     resolve_config,
 )
 from .errors import TuckerConfigError, TuckerError
+from .memory import huge_pages_for_torch
+from .nnunet.hook import COMPRESSING_VARIABLES
 
 logger = logging.getLogger("nnunet_tucker")
 
@@ -119,6 +121,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- compress
 def _cmd_compress(args: argparse.Namespace) -> int:
+    huge_pages_for_torch()  # before torch's first allocation (the import below makes none)
     from .nnunet.model_folder import compress_model_folder
 
     config = resolve_config(read_env(), config_fields_from_args(args))
@@ -132,6 +135,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- evaluate
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    huge_pages_for_torch()  # before torch's first allocation (the import below makes none)
     from .tools.evaluate import evaluate
 
     flags = config_fields_from_args(args)
@@ -416,6 +420,9 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> None:
     for given, other in (("rank_ratio", "mac_budget"), ("mac_budget", "rank_ratio")):
         if given in fields and other not in fields:  # a flag's target replaces the variable's
             os.environ.pop(env[other], None)
+
+    if any(os.environ.get(name, "").strip() for name in COMPRESSING_VARIABLES):
+        huge_pages_for_torch()  # before nnU-Net's import: torch reads it at its first allocation
 
     from nnunetv2.inference import predict_from_raw_data
 

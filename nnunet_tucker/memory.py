@@ -8,7 +8,8 @@ serve such requests from its heap and to keep what is freed there for the next t
 again. The price is memory: freed blocks stay with the process (until it exits) and the heap fragments, so
 the peak resident size is higher, though it does not grow from case to case. One-off work whose buffers
 differ in size from a forward pass's (calibration) runs with large buffers returned (`large_buffers_returned`).
-``TUCKER_MALLOC=default`` leaves glibc's behaviour alone.
+A process that will compress asks PyTorch for 2 MB pages at start-up (`huge_pages_for_torch`).
+``TUCKER_MALLOC=default`` leaves glibc's behaviour and PyTorch's pages alone.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ _TOP_PAD = 256 << 20  # grow the heap in steps of at least this much (address sp
 _MMAP_MAX_DEFAULT = 65536  # glibc's own
 _applied = False
 _mallopt = None
+
+
+def huge_pages_for_torch() -> None:
+    """Ask PyTorch to put its large CPU buffers on 2 MB pages (its ``THP_MEM_ALLOC_ENABLE``), for a process that
+    will compress: a calibration maps several GB of fresh buffers per model, and 2 MB pages fault 512 times less
+    often than 4 KiB ones (the probed pass of a 1.5 mm TotalSegmentator model: 55 s → 38 s on 2 cores). PyTorch
+    reads the variable at its first CPU allocation, so this must run before one: at start-up. A value the user set
+    stays, and ``TUCKER_MALLOC=default`` leaves it unset; where the kernel's transparent huge pages are off, it does
+    nothing."""
+    if os.environ.get("TUCKER_MALLOC", "").strip().lower() != "default" and sys.platform.startswith("linux"):
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def reuse_freed_memory() -> bool:
@@ -69,17 +81,29 @@ def freed_memory_reused() -> bool:
     return _applied
 
 
+_returned_depth = 0
+
+
 @contextmanager
 def large_buffers_returned() -> Iterator[None]:
     """Within: large buffers mapped afresh and returned to the system when freed, as glibc does by default,
-    where `reuse_freed_memory` is in effect (else nothing changes). For one-off work such as calibration: its
-    many buffers of other sizes than a forward pass's would stay with the process for good, fragmenting the
-    kept heap (a 1.5 mm TotalSegmentator model's first run held ~7 GB after calibrating, not ~4)."""
+    where `reuse_freed_memory` is in effect (else nothing changes); on entry and on leaving, the memory kept for
+    reuse is given back (`release_freed_memory`). For one-off work such as calibration: its many buffers of other
+    sizes than a forward pass's would stay with the process for good, fragmenting the kept heap (a 1.5 mm
+    TotalSegmentator model's first run held ~7 GB after calibrating, not ~4), and what the previous model's
+    prediction and export left kept would lie under its peak. Nested uses act as the outermost alone."""
+    global _returned_depth
     if _mallopt is None:
         yield
         return
-    _mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+    if _returned_depth == 0:
+        release_freed_memory()
+        _mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+    _returned_depth += 1
     try:
         yield
     finally:
-        _mallopt(_M_MMAP_MAX, 0)
+        _returned_depth -= 1
+        if _returned_depth == 0:
+            _mallopt(_M_MMAP_MAX, 0)
+            release_freed_memory()

@@ -245,3 +245,21 @@ def test_an_nnunet_without_a_wrapped_method_runs_uncompressed_and_says_so():
     assert [line for line in result.stdout.splitlines() if line.startswith("wrapped:")] == ["wrapped: False"]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("nnunet-tucker: warning: ")]
     assert len(warnings) == 1 and "manual_initialization" in warnings[0], result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"TUCKER_RANK_RATIO": "0.3"}, "1"),
+    ({"TUCKER_MAC_BUDGET": "0.2"}, "1"),
+    ({}, None),  # nothing asks for compression: PyTorch is left as it is
+    ({"TUCKER_RANK_RATIO": "0.3", "THP_MEM_ALLOC_ENABLE": "0"}, "0"),  # the user's own value stays
+    ({"TUCKER_RANK_RATIO": "0.3", "TUCKER_MALLOC": "default"}, None),
+])
+def test_a_process_asked_to_compress_asks_torch_for_huge_pages_at_start_up(env, expected):
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("TUCKER_RANK_RATIO", "TUCKER_MAC_BUDGET", "TUCKER_MALLOC", "THP_MEM_ALLOC_ENABLE")}
+    code = "import os; print('wrapped:', os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env},
+                            check=True)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("wrapped: ")]
+    assert line.split()[1:] == [str(expected)]

@@ -152,8 +152,19 @@ class _PredictorFinder:
         return spec
 
 
+# The variables that ask every predictor of the process to compress (config.TuckerConfig.from_env needs one)
+COMPRESSING_VARIABLES = ("TUCKER_RANK_RATIO", "TUCKER_MAC_BUDGET")
+
+
 def install() -> None:
-    """Activate the hook in this process (what the .pth file runs unless ``TUCKER_HOOK=0``)."""
+    """Activate the hook in this process (what the .pth file runs unless ``TUCKER_HOOK=0``); where a variable asks
+    for compression, PyTorch is asked for 2 MB pages before its first allocation (`memory.huge_pages_for_torch`)."""
+    import os
+
+    if any(os.environ.get(name, "").strip() for name in COMPRESSING_VARIABLES):
+        from ..memory import huge_pages_for_torch
+
+        huge_pages_for_torch()
     if TARGET in sys.modules:
         patch_predictor_class(sys.modules[TARGET].nnUNetPredictor)
     elif not any(isinstance(f, _PredictorFinder) for f in sys.meta_path):

@@ -165,16 +165,17 @@ def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) ->
     if config.weights_only:
         logger.warning("TUCKER_CALIBRATION=none: the factors are fitted to the weights alone, and the quality of "
                        "the compressed model is unverified; check it with nnunet-tucker evaluate")
-    if config.weights_only:
-        compressed, _ = measured_compression(predictor, config, source, None)
-    else:  # measured once per model, folder content and config; later loads read what it chose and measured
-        calibration = folder_calibration(predictor, config)
-        record = _calibration_record(predictor, config, calibration.key)
-        compressed = _from_record(predictor, config, source, record, calibration.patches)
-        if compressed is None:
-            compressed, chosen = measured_compression(predictor, config, source, calibration)
-            _store_record(record, calibration, chosen)
-    return None if compressed is UNCOMPRESSED else _apply(predictor, *compressed, source, report_file)
+    with large_buffers_returned():  # one-off work, the backend's conversion included
+        if config.weights_only:
+            compressed, _ = measured_compression(predictor, config, source, None)
+        else:  # measured once per model, folder content and config; later loads read what it chose and measured
+            calibration = folder_calibration(predictor, config)
+            record = _calibration_record(predictor, config, calibration.key)
+            compressed = _from_record(predictor, config, source, record, calibration.patches)
+            if compressed is None:
+                compressed, chosen = measured_compression(predictor, config, source, calibration)
+                _store_record(record, calibration, chosen)
+        return None if compressed is UNCOMPRESSED else _apply(predictor, *compressed, source, report_file)
 
 
 def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> CompressionReport | None:
@@ -186,16 +187,18 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
         return None
     config, source, report_file, record = pending
     case = _case_name(predictor, data)
-    with file_lock(record.with_suffix(".lock")), torch.inference_mode(False), torch.enable_grad():
-        predictor.network.to(predictor.device)  # where nnU-Net will run it: calibrate there
-        # another process may have calibrated this model meanwhile
-        compressed = _from_record(predictor, config, source, record)
-        if compressed is None:
-            compressed = _self_calibrate(predictor, config, source, data, case, record)
-    predictor._tucker_pending = None
-    if compressed is UNCOMPRESSED:
-        return None
-    return _apply(predictor, *compressed, source, report_file)
+    # one-off work (the backend's conversion included), not on top of what the previous prediction left kept
+    with large_buffers_returned():
+        with file_lock(record.with_suffix(".lock")), torch.inference_mode(False), torch.enable_grad():
+            predictor.network.to(predictor.device)  # where nnU-Net will run it: calibrate there
+            # another process may have calibrated this model meanwhile
+            compressed = _from_record(predictor, config, source, record)
+            if compressed is None:
+                compressed = _self_calibrate(predictor, config, source, data, case, record)
+        predictor._tucker_pending = None
+        if compressed is UNCOMPRESSED:
+            return None
+        return _apply(predictor, *compressed, source, report_file)
 
 
 def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: str | None, data: Any, case: str,
