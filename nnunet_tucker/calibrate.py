@@ -525,5 +525,5 @@ def statistics_digest(statistics: dict[str, ChannelStatistics] | None) -> str | 
         s = statistics[name]
         h.update(f"{name}|{s.voxels}|".encode())
         for t in (s.input_cov, s.input_mean, s.spatial_corr, s.output_fisher):
-            h.update(t.contiguous().numpy().tobytes())
+            h.update(t.contiguous().numpy())  # the buffer itself, not a copy
     return h.hexdigest()

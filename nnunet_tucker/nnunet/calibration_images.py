@@ -386,7 +386,7 @@ def patches_digest(patches: torch.Tensor) -> str:
     """Content hash of calibration patches (for cache keys)."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"{_DIGEST_VERSION}|{tuple(patches.shape)}|".encode())
-    digest.update(patches.contiguous().numpy().tobytes())
+    digest.update(patches.contiguous().numpy())  # the buffer itself, not a copy
     return digest.hexdigest()
 
 
