@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nnunet_tucker import TuckerConfig
+from nnunet_tucker.memory import huge_pages_for_torch
 from nnunet_tucker.nnunet.predictor import TuckerPredictor, finish_compression, input_shape_of
 from nnunet_tucker.tools.presets import write_preset_model_folder
 from nnunet_tucker.tools.synthetic import make_phantom
@@ -53,6 +54,7 @@ def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:
 
 
 def main() -> None:
+    huge_pages_for_torch()  # as a process that compresses does at start-up (before torch's first allocation)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--ratio", type=float, default=0.3)
