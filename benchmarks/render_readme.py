@@ -146,7 +146,7 @@ def results_table(to_results: str = "benchmarks/results", results: Path = RESULT
         f"{predict_first[1]['seconds']:.0f} s; peak RSS {predict_later[0]['peak_rss_mb'] / 1024:.1f} → "
         f"{predict_later[1]['peak_rss_mb'] / 1024:.1f} GB, first run {predict_first[1]['peak_rss_mb'] / 1024:.1f} GB) "
         f"| [ResEnc L]({to_results}/{WHOLE_RUN_PREDICT}) |",
-        f"| first run only: calibrate on the first case, profile the CPU, fit (once per model) | | "
+        f"| first run only: calibrate on the first case, profile the CPU, fit, time the backend (once per model) | | "
         f"+{first['first_case_overhead_s']} s; later runs load it in {first['second_run_load_s']} s | | "
         f"[first run]({to_results}/{FIRST_RUN}) |",
         f"| worst-class Dice vs the original, half-width model trained on phantoms, {fidelity['held_out_cases']} "
