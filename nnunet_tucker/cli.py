@@ -25,7 +25,6 @@ from .config import (
 )
 from .errors import TuckerConfigError, TuckerError
 from .memory import huge_pages_for_torch
-from .nnunet.hook import COMPRESSING_VARIABLES
 
 logger = logging.getLogger("nnunet_tucker")
 
@@ -421,12 +420,10 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> None:
         if given in fields and other not in fields:  # a flag's target replaces the variable's
             os.environ.pop(env[other], None)
 
-    if any(os.environ.get(name, "").strip() for name in COMPRESSING_VARIABLES):
-        huge_pages_for_torch()  # before nnU-Net's import: torch reads it at its first allocation
+    from .nnunet.hook import huge_pages_if_compressing, patch_predictor_class
 
+    huge_pages_if_compressing()  # before nnU-Net's import: torch reads it at its first allocation
     from nnunetv2.inference import predict_from_raw_data
-
-    from .nnunet.hook import patch_predictor_class
 
     patch_predictor_class(predict_from_raw_data.nnUNetPredictor)
     sys.argv = [sys.argv[0], *rest]

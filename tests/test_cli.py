@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import pytest
@@ -104,6 +105,23 @@ def test_each_kind_of_the_package_s_errors_ends_nnunet_s_predict_command_in_one_
         cli.predict_entry_point(["-i", "in", "-o", "out"])
     assert ended.value.code == 2
     _one_error_line(capsys.readouterr().err, f"a {kind} inside nnU-Net's command")
+
+
+def test_the_predict_command_asked_to_compress_asks_torch_for_huge_pages_before_nnunet_runs(monkeypatch):
+    from nnunetv2.inference import predict_from_raw_data
+
+    from nnunet_tucker.nnunet import hook
+
+    for name in ("TUCKER_RANK_RATIO", "TUCKER_MAC_BUDGET", "TUCKER_MALLOC", "THP_MEM_ALLOC_ENABLE"):
+        monkeypatch.setenv(name, "")  # restored (unset) after the test, whatever the command sets
+        monkeypatch.delenv(name)
+    seen = []
+    monkeypatch.setattr(hook, "patch_predictor_class", lambda cls: None)
+    monkeypatch.setattr(predict_from_raw_data, "predict_entry_point",
+                        lambda: seen.append(os.environ.get("THP_MEM_ALLOC_ENABLE")))
+    cli.predict_entry_point(["-i", "in", "-o", "out"])  # nothing asked: torch left as it is
+    cli.predict_entry_point(["-i", "in", "-o", "out", "-tucker_rank_ratio", "0.3"])
+    assert seen == [None, "1"]
 
 
 def test_a_bad_flag_of_the_predict_command_is_one_line_and_nnunet_never_runs(capsys, monkeypatch):

@@ -156,15 +156,21 @@ class _PredictorFinder:
 COMPRESSING_VARIABLES = ("TUCKER_RANK_RATIO", "TUCKER_MAC_BUDGET")
 
 
-def install() -> None:
-    """Activate the hook in this process (what the .pth file runs unless ``TUCKER_HOOK=0``); where a variable asks
-    for compression, PyTorch is asked for 2 MB pages before its first allocation (`memory.huge_pages_for_torch`)."""
+def huge_pages_if_compressing() -> None:
+    """`memory.huge_pages_for_torch` where a variable asks this process to compress (before torch's first
+    allocation, which reads it)."""
     import os
 
     if any(os.environ.get(name, "").strip() for name in COMPRESSING_VARIABLES):
         from ..memory import huge_pages_for_torch
 
         huge_pages_for_torch()
+
+
+def install() -> None:
+    """Activate the hook in this process (what the .pth file runs unless ``TUCKER_HOOK=0``), asking PyTorch for
+    2 MB pages where a variable asks for compression (`huge_pages_if_compressing`)."""
+    huge_pages_if_compressing()
     if TARGET in sys.modules:
         patch_predictor_class(sys.modules[TARGET].nnUNetPredictor)
     elif not any(isinstance(f, _PredictorFinder) for f in sys.meta_path):
