@@ -20,9 +20,10 @@ CHECK = (
 )
 
 
-def _run(code, **env) -> list[str]:
-    """The words of the line `code` prints after 'wrapped: ' (a library may print lines of its own)."""
-    full_env = {**os.environ, **env}
+def _run(code, unset=(), **env) -> list[str]:
+    """The words of the line `code` prints after 'wrapped: ' (a library may print lines of its own), run with `env`
+    added to this process's environment and the variables in `unset` taken out."""
+    full_env = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, check=True)
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("wrapped: ")]
     return line.split()[1:]
@@ -256,10 +257,6 @@ def test_an_nnunet_without_a_wrapped_method_runs_uncompressed_and_says_so():
     ({"TUCKER_RANK_RATIO": "0.3", "TUCKER_MALLOC": "default"}, None),
 ])
 def test_a_process_asked_to_compress_asks_torch_for_huge_pages_at_start_up(env, expected):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("TUCKER_RANK_RATIO", "TUCKER_MAC_BUDGET", "TUCKER_MALLOC", "THP_MEM_ALLOC_ENABLE")}
-    code = "import os; print('wrapped:', os.environ.get('THP_MEM_ALLOC_ENABLE'))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env},
-                            check=True)
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("wrapped: ")]
-    assert line.split()[1:] == [str(expected)]
+    unset = {"TUCKER_RANK_RATIO", "TUCKER_MAC_BUDGET", "TUCKER_MALLOC", "THP_MEM_ALLOC_ENABLE"} - set(env)
+    code = "import os; print('wrapped:', os.environ.get('THP_MEM_ALLOC_ENABLE'))"  # _run's marker, whatever it shows
+    assert _run(code, unset, **env) == [str(expected)]
