@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--first-case-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
                         help="the case self-calibration fits on is a phantom of this many voxels (default: a "
                         "calibration case, one patch: nothing of it is left to hold out)")
+    parser.add_argument("--first-case-seed", type=int, default=CALIBRATION_SEED * 10_000 + 999,
+                        help="the phantom seed of that case")
     parser.add_argument("--min-agreement", type=float, help="a floor for the self-calibrated variants")
     parser.add_argument("--self-calibrated-only", action="store_true",
                         help="only the self-calibrated variants (what the honesty table needs)")
@@ -136,7 +138,7 @@ def main() -> None:
     first_case = work / "first_case"  # what a self-calibrating run segments first: one other, unlabelled case
     first_case.mkdir(exist_ok=True)
     if args.first_case_shape:
-        image, _, spacing = make_phantom(CALIBRATION_SEED * 10_000 + 999, tuple(args.first_case_shape))
+        image, _, spacing = make_phantom(args.first_case_seed, tuple(args.first_case_shape))
         write_nifti(first_case / "first_0000.nii.gz", image, spacing)
     else:
         shutil.copy(sorted(calibration.glob("*_0000.nii.gz"))[0], first_case)

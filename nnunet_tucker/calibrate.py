@@ -74,7 +74,10 @@ class _Accumulator:
         self.lags = {}  # (axis, lag) -> [sum x·x_shifted, sum x², sum x_shifted²]
         self.voxels = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """Add the input `x` (n, C, *spatial) of a pass, at the positions `kept` ((n, *spatial) bool; None: all)."""
+        if kept is not None:
+            return self._add_kept(x, kept)
         flat = x.detach().flatten(2).float()  # (n, C, V)
         mean = flat.mean(dim=2, keepdim=True)
         self.input_sum += flat.sum(dim=(0, 2)).double().cpu()
@@ -93,23 +96,53 @@ class _Accumulator:
                 channels = slice(first, first + per_chunk)
                 self._add_lags(x[sample:sample + 1, channels].detach().float() - centre[sample:sample + 1, channels])
 
-    def _add_lags(self, centred: torch.Tensor) -> None:
-        """Lag products along each axis of `centred` (1, c, *spatial), some of the channels."""
+    def _add_kept(self, x: torch.Tensor, kept: torch.Tensor) -> None:
+        """`add` at some positions only: means per sample and channel over them, products of pairs of them."""
+        flat = x.detach().flatten(2).float()  # (n, C, V)
+        weight = kept.flatten(1)[:, None].to(device=flat.device, dtype=flat.dtype)  # (n, 1, V)
+        size = max(1, CHUNK_ELEMENTS // (flat.shape[0] * flat.shape[1]))
+        chunks = list(zip(flat.split(size, dim=2), weight.split(size, dim=2), strict=True))
+        total = sum((part * w).sum(dim=2, keepdim=True) for part, w in chunks)
+        mean = total / weight.sum(dim=2, keepdim=True).clamp_min(1)
+        self.input_sum += total.sum(dim=(0, 2)).double().cpu()
+        self.voxels += int(weight.sum())
+        for part, w in chunks:
+            centred = (part - mean).mul_(w)
+            self.input_cov += torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
+        if self.transposed:
+            return
+        centre = mean.view(*mean.shape[:2], *[1] * (x.ndim - 2))
+        mask = weight.view(x.shape[0], 1, *x.shape[2:])
+        per_chunk = max(1, CHUNK_ELEMENTS // math.prod(x.shape[2:]))
+        for sample in range(x.shape[0]):
+            for first in range(0, x.shape[1], per_chunk):
+                channels = slice(first, first + per_chunk)
+                centred = (x[sample:sample + 1, channels].detach().float() - centre[sample:sample + 1, channels])
+                self._add_lags(centred.mul_(mask[sample:sample + 1]), mask[sample:sample + 1])
+
+    def _add_lags(self, centred: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Lag products along each axis of `centred` (1, c, *spatial), some of the channels; with `mask`
+        (1, 1, *spatial; `centred` is 0 outside it) of the pairs of positions both in it."""
         squares = centred.square()
         total = float(squares.sum())
         for axis, (k, d) in enumerate(zip(self.kernel, self.dilation, strict=True)):
             dim, n = 2 + axis, centred.shape[2 + axis]
             for lag in range(d, min((k - 1) * d, n - 1) + 1, d):
                 a, b = centred.narrow(dim, 0, n - lag), centred.narrow(dim, lag, n - lag)
-                # Σa² and Σb²: the total less the `lag` slices each leaves out (one pass less each)
-                sums = [float((a * b).sum()),
-                        total - float(squares.narrow(dim, n - lag, lag).sum()),
-                        total - float(squares.narrow(dim, 0, lag).sum())]
+                if mask is None:  # Σa² and Σb²: the total less the `lag` slices each leaves out (one pass less each)
+                    sums = [float((a * b).sum()), total - float(squares.narrow(dim, n - lag, lag).sum()),
+                            total - float(squares.narrow(dim, 0, lag).sum())]
+                else:  # ... where the other of the pair is in the mask too
+                    first, second = mask.narrow(dim, 0, n - lag), mask.narrow(dim, lag, n - lag)
+                    sums = [float((a * b).sum()), float((squares.narrow(dim, 0, n - lag) * second).sum()),
+                            float((squares.narrow(dim, lag, n - lag) * first).sum())]
                 self.lags[axis, lag] = [s + t for s, t in zip(self.lags.get((axis, lag), [0.0] * 3), sums,
                                                                strict=True)]
 
-    def add_gradient(self, g: torch.Tensor) -> None:
+    def add_gradient(self, g: torch.Tensor, kept: torch.Tensor | None = None) -> None:
         flat = g.detach().flatten(2).float()
+        if kept is not None:
+            flat = flat * kept.flatten(1)[:, None].to(device=flat.device, dtype=flat.dtype)
         self.fisher += torch.einsum("ncv,ndv->cd", flat, flat).double().cpu()
 
     def _spatial_corr(self) -> torch.Tensor:
@@ -234,15 +267,17 @@ def _probed_pass(network: nn.Module, batch: torch.Tensor, regions: bool, generat
 
 def collect_statistics(
     network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, names: Sequence[str] | None = None,
-    batch_size: int = 1, regions: bool = False, seed: int = 0,
+    batch_size: int = 1, regions: bool = False, seed: int = 0, masks: torch.Tensor | None = None,
 ) -> dict[str, ChannelStatistics]:
     """Run `network` (eval mode, its own device) forward and backward on `patches` (N, C, *spatial)
     and return the statistics of every convolution module (or of those in `names`), keyed by
     qualified name. The network's output (or the first of several) are class logits, or region
     logits if `regions`; the Fisher information is probed with random signs drawn with `seed`
-    (`fisher_probes`). The network's parameters and their gradients are left untouched."""
+    (`fisher_probes`). `masks` (N, *spatial) bool: the voxels of each patch the statistics use, at every layer the
+    positions all of whose voxels are in it (None: all); the network runs on the whole patches. The network's
+    parameters and their gradients are left untouched."""
     channels = _ChannelHooks(network, names)
-    _probe(network, patches, [channels], regions, seed, probes=1, batch_size=batch_size)
+    _probe(network, patches, [channels], regions, seed, probes=1, batch_size=batch_size, masks=masks)
     return channels.result()
 
 
@@ -280,7 +315,7 @@ POSITION_WEIGHT_SHARE = 0.5  # weights: this share from the position's own Fishe
 
 def sample_targets(
     network: nn.Module, patches: torch.Tensor, names: Sequence[str], positions_per_patch: int = 16384, seed: int = 0,
-    regions: bool = False,
+    regions: bool = False, masks: torch.Tensor | None = None,
 ) -> tuple[Targets, list[str]]:
     """One pass of the original `network` over `patches`: for each convolution in `names` and each
     patch, up to `positions_per_patch` output positions drawn with `seed`, the output there and a
@@ -291,21 +326,22 @@ def sample_targets(
     `collect_statistics`). The refit uses the mean F over positions as the metric; the weights say
     how much more or less than average position p matters: a mix of uniform and trace(F_p) / mean
     trace (the trace is probed `FISHER_PROBES` times, and alone would give a few positions nearly
-    all the weight)."""
+    all the weight). With `masks` (as in `collect_statistics`) positions are drawn among those kept."""
     targets = _TargetHooks(network, names, positions_per_patch, seed)
-    _probe(network, patches, [targets], regions, seed, probes=FISHER_PROBES)
+    _probe(network, patches, [targets], regions, seed, probes=FISHER_PROBES, masks=masks)
     return targets.result()
 
 
 def calibrate(
     network: nn.Module, patches: torch.Tensor, regions: bool = False, seed: int = 0, positions_per_patch: int = 16384,
+    masks: torch.Tensor | None = None,
 ) -> tuple[dict[str, ChannelStatistics], tuple[Targets, list[str]]]:
     """`collect_statistics` and `sample_targets` of every convolution in one pass (forward, and
     `FISHER_PROBES` backward probes per patch, whose mean gives the Fisher information): what a
-    calibrated fit and its refit need, for the cost of the targets alone."""
+    calibrated fit and its refit need, for the cost of the targets alone; `masks` as in `collect_statistics`."""
     channels = _ChannelHooks(network, None)
     targets = _TargetHooks(network, list(channels.wanted.values()), positions_per_patch, seed)
-    _probe(network, patches, [channels, targets], regions, seed, probes=FISHER_PROBES)
+    _probe(network, patches, [channels, targets], regions, seed, probes=FISHER_PROBES, masks=masks)
     return channels.result(), targets.result()
 
 
@@ -319,15 +355,18 @@ class _ChannelHooks:
                 self.wanted[id(module)] = name
         self.accumulators = {name: _Accumulator(network.get_submodule(name)) for name in self.wanted.values()}
         self.probes = 0
+        self.kept: torch.Tensor | None = None  # of the current batch
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         accumulator = self.accumulators[self.wanted[id(module)]]
-        accumulator.add(args[0])
+        accumulator.add(args[0], _kept_at(self.kept, args[0].shape[2:]))
         if output.requires_grad:
-            output.register_hook(accumulator.add_gradient)
+            kept = _kept_at(self.kept, output.shape[2:])
+            output.register_hook(lambda g: accumulator.add_gradient(g, kept))
 
-    def start(self, batch: torch.Tensor, probes: int) -> None:
+    def start(self, batch: torch.Tensor, probes: int, kept: torch.Tensor | None = None) -> None:
         self.probes += batch.shape[0] * probes
+        self.kept = kept
 
     def result(self) -> dict[str, ChannelStatistics]:
         statistics = {name: acc.result(self.probes) for name, acc in self.accumulators.items() if acc.voxels}
@@ -347,6 +386,7 @@ class _TargetHooks:
         self.sampled: dict[str, list[tuple]] = {name: [] for name in names}
         self.order: list[str] = []
         self.ran: set[str] = set()  # in the current pass
+        self.kept: torch.Tensor | None = None  # of the current patch
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         name = self.wanted[id(module)]
@@ -356,7 +396,12 @@ class _TargetHooks:
             return
         self.ran.add(name)
         spatial = output.shape[2:]
-        chosen = torch.randperm(math.prod(spatial), generator=self.generator)[:self.positions_per_patch]
+        kept = _kept_at(self.kept, spatial)
+        if kept is None:
+            chosen = torch.randperm(math.prod(spatial), generator=self.generator)[:self.positions_per_patch]
+        else:
+            allowed = kept[0].flatten().nonzero().squeeze(1).cpu()
+            chosen = allowed[torch.randperm(len(allowed), generator=self.generator)[:self.positions_per_patch]]
         coords = torch.unravel_index(chosen, spatial)
         index = (0, slice(None), *(c.to(output.device) for c in coords))
         fisher = torch.zeros(len(chosen), dtype=torch.float64)
@@ -368,10 +413,11 @@ class _TargetHooks:
         if output.requires_grad:
             output.register_hook(add_gradient)
 
-    def start(self, batch: torch.Tensor, probes: int) -> None:
+    def start(self, batch: torch.Tensor, probes: int, kept: torch.Tensor | None = None) -> None:
         if batch.shape[0] != 1:
             raise ValueError("targets are sampled one patch at a time")
         self.ran.clear()
+        self.kept = kept
 
     def result(self) -> tuple[Targets, list[str]]:
         targets: Targets = {}
@@ -385,10 +431,20 @@ class _TargetHooks:
         return targets, self.order
 
 
+def _kept_at(kept: torch.Tensor | None, spatial: Sequence[int]) -> torch.Tensor | None:
+    """`kept` ((n, *patch) bool: the voxels the statistics use; None: all) at a feature map of shape `spatial`: a
+    position is kept where every voxel under it is."""
+    if kept is None or tuple(kept.shape[1:]) == tuple(spatial):
+        return kept
+    pool = getattr(F, f"adaptive_max_pool{len(spatial)}d")
+    return pool((~kept)[:, None].float(), tuple(spatial))[:, 0] == 0
+
+
 def _probe(network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, hooks: list, regions: bool, seed: int,
-           probes: int, batch_size: int = 1) -> None:
+           probes: int, batch_size: int = 1, masks: torch.Tensor | None = None) -> None:
     """`_probed_pass` over `patches` (checked: the network's channel count, finite) with `hooks` on the
-    convolutions they want, in eval mode; each hook's `start` is told of every batch first."""
+    convolutions they want, in eval mode; each hook's `start` is told of every batch first, and of the voxels of it
+    the statistics use (`masks` (N, *spatial) bool; None: all)."""
     device = next(network.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     expected = _input_channels(network)
@@ -396,16 +452,20 @@ def _probe(network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, h
     handles = [module.register_forward_hook(hook) for module in network.modules() if id(module) in wanted
                for hook in hooks if id(module) in hook.wanted]
     with _evaluated_with(network, handles):
-        for batch in tqdm(list(_batches(patches, batch_size)), desc="calibrating: probing the network", unit="patch",
-                          disable=None, leave=False):
+        batches = list(_batches(patches, batch_size))
+        kept = [None] * len(batches) if masks is None else masks.split(batch_size)
+        for batch, batch_kept in tqdm(list(zip(batches, kept, strict=True)), desc="calibrating: probing the network",
+                                      unit="patch", disable=None, leave=False):
             if expected is not None and batch.shape[1] != expected:
                 raise CalibrationError(
                     f"calibration patches have {batch.shape[1]} channel(s) but the network takes {expected}"
                 )
             if not torch.isfinite(batch).all():
                 raise CalibrationError("calibration patches contain NaN or infinite values")
+            if batch_kept is not None:
+                batch_kept = batch_kept.to(device=device, dtype=torch.bool)
             for hook in hooks:
-                hook.start(batch, probes)
+                hook.start(batch, probes, batch_kept)
             _probed_pass(network, batch, regions, generator, probes)
 
 

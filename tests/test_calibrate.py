@@ -211,6 +211,45 @@ def test_statistics_taken_a_chunk_at_a_time_equal_those_of_the_whole_input(monke
             assert scaled_error(mine, theirs) < 1e-5, name
 
 
+def test_a_mask_of_every_voxel_changes_nothing():
+    network, shape = build("plain3d")
+    x = F.avg_pool3d(torch.randn(2, *shape[1:]), 3, 1, 1)
+    plain, (targets, _) = calibrate(network, x, positions_per_patch=50)
+    masked, (masked_targets, _) = calibrate(network, x, positions_per_patch=50,
+                                            masks=torch.ones(2, *shape[2:], dtype=torch.bool))
+    for name, s in plain.items():
+        assert masked[name].voxels == s.voxels
+        for field in ("input_cov", "input_mean", "spatial_corr", "output_fisher"):
+            assert scaled_error(getattr(masked[name], field), getattr(s, field)) < 1e-5, (name, field)
+        for mine, theirs in zip(masked_targets[name], targets[name], strict=True):
+            assert all(torch.equal(c, d) for c, d in zip(mine.coords, theirs.coords, strict=True))
+
+
+def test_masked_statistics_count_only_the_kept_positions():
+    """The first convolution sees the patch itself: with the first half of an axis kept, its input statistics are
+    those of that half alone (pairs of offsets within it); every layer's targets lie where all of what is under
+    them is kept, and the network still runs on the whole patch (the Fisher information differs)."""
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv3d(2, 6, 3, padding=1), nn.InstanceNorm3d(6), nn.LeakyReLU(),
+                            nn.Conv3d(6, 6, 3, stride=2, padding=1), nn.InstanceNorm3d(6), nn.LeakyReLU(),
+                            nn.ConvTranspose3d(6, 3, 2, stride=2))
+    x = F.avg_pool3d(torch.randn(2, 2, 16, 12, 12), 3, 1, 1)
+    kept = torch.zeros(2, 16, 12, 12, dtype=torch.bool)
+    kept[:, :6] = True
+    masked, (targets, _) = calibrate(network, x, positions_per_patch=1000, masks=kept)
+    half = collect_statistics(network, x[:, :, :6].contiguous())
+    assert masked["0"].voxels == half["0"].voxels == 2 * 6 * 12 * 12
+    for field in ("input_cov", "input_mean", "spatial_corr"):
+        assert scaled_error(getattr(masked["0"], field), getattr(half["0"], field)) < 1e-5, field
+    assert masked["3"].voxels == 2 * 6 * 12 * 12 and masked["6"].voxels == 2 * 3 * 6 * 6  # half: 3 of 8
+    whole = collect_statistics(network, x)
+    assert scaled_error(masked["0"].output_fisher, whole["0"].output_fisher) > 1e-3
+    for name, per_patch in targets.items():
+        for sampled in per_patch:
+            first_axis = sampled.coords[0]
+            assert len(first_axis) and int(first_axis.max()) < (3 if name == "3" else 6), name  # "3": half size
+
+
 def test_activations_kept_in_float16_for_the_probes_change_the_fisher_information_by_rounding_only(monkeypatch):
     """The probed pass keeps its activations for the backward probes in float16 (half the memory of a calibration's
     largest buffers): what forward hooks see stays float32, the probed gradients move by float16 rounding only

@@ -15,7 +15,12 @@ import torch
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError
 from nnunet_tucker.nnunet import pipeline
 from nnunet_tucker.nnunet import predictor as predictor_module
-from nnunet_tucker.nnunet.calibration_images import CalibrationError, first_case_patches, held_out_tiles
+from nnunet_tucker.nnunet.calibration_images import (
+    CalibrationError,
+    cut_patches,
+    first_case_patches,
+    held_out_tiles,
+)
 from nnunet_tucker.nnunet.model_folder import compress_model_folder
 from nnunet_tucker.nnunet.pipeline import FastArgmaxLabelManager
 from nnunet_tucker.nnunet.predictor import TuckerPredictor
@@ -64,22 +69,26 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
         segmentation = _predict(first, _image())
     report = first.tucker_report.to_dict()
     info = report["extra"]["calibration"]
+    # 2 x 2 x 1 tiles: two whole ones leave no tile centre to measure on, so a slab across them is left out of the
+    # fit and measured on
     assert info["on"] == "first case" and info["patches"] == 2 and not info.get("from_cache")
+    assert info["fitted_share"] == pytest.approx(0.75)  # 16 of the 64 voxels of each tile along the second axis
     assert info["case"].startswith("the first image (1×")  # predict_single_npy_array names no case
     assert set(report["extra"]["seconds"]) == {"statistics", "planning", "fitting"}
     assert any(m.startswith("rank_ratio=0.5 policy=auto: calibrating on the first case") for m in _lines(caplog))
     assert any("self-calibrated on the first image" in m for m in _lines(caplog))
     progress = [m for m in _lines(caplog) if m.startswith("self-calibrating ")]  # which model, as it begins
     assert len(progress) == 1 and re.fullmatch(r"self-calibrating Dataset990_Phantom \(model \d+ in this process\) on "
-                                               r"the first image \(1×40×80×64\): 2 patch\(es\) of 32×64×64, once "
-                                               r"per model", progress[0]), progress
+                                               r"the first image \(1×40×80×64\): 2 patch\(es\) of 32×64×64 \(a "
+                                               r"slab across them left out of the fit, to measure on\), once per "
+                                               r"model", progress[0]), progress
     assert segmentation.shape == SHAPE and set(np.unique(segmentation)) <= {0, 1, 2, 3, 4}
     assert len(list(cache.glob("self-calibration-*.json"))) == 1
-    agreement = info["agreement"]  # 2 x 2 x 1 tiles, 2 fitted on: no tile centre is left to measure on, said so
-    assert agreement["tiles"] == 0 and agreement["worst"] is None
+    agreement = info["agreement"]
+    assert agreement["tiles"] == 2 and 0 < agreement["worst"][1] <= 1
     measured = [m for m in _lines(caplog) if m.startswith("agreement with the original ")]
-    assert measured == [f"agreement with the original not measured: the fitting tiles cover all of {info['case']}; "
-                        "check with nnunet-tucker evaluate on cases of your own"]
+    assert len(measured) == 1 and measured[0].startswith(f"agreement with the original on 2 held-out tile(s) of "
+                                                         f"{info['case']}: worst class ")
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
@@ -92,8 +101,8 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
                for k in a)
     assert any(", from the cache; cache hit" in m for m in _lines(caplog))
     assert extra["calibration"]["agreement"] == agreement  # and what it measured then
-    assert [m for m in _lines(caplog) if m.startswith("agreement with the original ")] == [
-        measured[0].replace("; check", " (measured when it was calibrated); check")]
+    again = [m for m in _lines(caplog) if m.startswith("agreement with the original ")]
+    assert again == [measured[0] + " (measured when it was calibrated)"]
 
     third = _predictor(TuckerConfig(0.3, policy="auto", calibration_patches=2))  # another config: its own
     assert third._tucker_pending
@@ -154,13 +163,13 @@ def test_a_crash_during_calibration_leaves_no_record_and_the_next_run_calibrates
 def test_patches_are_the_first_case_s_sliding_window_tiles():
     predictor = _predictor()
     image = torch.arange(np.prod(SHAPE), dtype=torch.float32).reshape(1, *SHAPE)
-    patches = first_case_patches(image, predictor, 4, "case_x")
+    patches = cut_patches([image], predictor.configuration_manager.patch_size, 4)
     assert patches.shape == (4, 1, 32, 64, 64)
     # the tiles start at 0 and 8 along the first axis, 0 and 16 along the second: every corner once
     corners = sorted(patches[:, 0, 0, 0, 0].tolist())
     starts = sorted(float(image[0, z, y, 0]) for z in (0, 8) for y in (0, 16))
     assert corners == starts
-    small = first_case_patches(image[:, :10, :20, :30], predictor, 4, "case_x")  # padded as the window pads
+    small, _ = first_case_patches(image[:, :10, :20, :30], predictor, 4, "case_x")  # padded as the window pads
     assert small.shape == (4, 1, 32, 64, 64) and float(small[0, 0, 31, 63, 63]) == 0.0
     assert torch.equal(small[1], small[0].flip(-1)) and torch.equal(small[3], small[0].flip(-3))  # one tile, mirrored
 
@@ -168,15 +177,42 @@ def test_patches_are_the_first_case_s_sliding_window_tiles():
 def test_held_out_tiles_share_no_voxel_with_the_fitting_tiles():
     predictor = _predictor()
     image = torch.arange(1, np.prod(LARGE) + 1, dtype=torch.float32).reshape(1, *LARGE)  # every voxel its own value
-    fitting = first_case_patches(image, predictor, 2, "case_x")
-    tiles, masks = held_out_tiles(image, predictor.configuration_manager.patch_size, 2)
+    fitting, fitted = first_case_patches(image, predictor, 2, "case_x")
+    assert fitted is None  # the fit uses all of them
+    tiles, masks = held_out_tiles(image, predictor.configuration_manager, 2)
     assert tiles.shape == (2, 1, 32, 64, 64) and masks.shape == (2, 32, 64, 64) and masks.any(dim=(1, 2, 3)).all()
     held_out = set(tiles[:, 0][masks].tolist())
     assert held_out.isdisjoint(fitting.flatten().tolist()) and 0.0 not in held_out  # nor padding
     assert not masks[:, :8].any() and not masks[:, :, :, 48:].any()  # only the tiles' central halves
-    # where the fitting tiles cover the whole case, there is nothing held out
-    tiles, masks = held_out_tiles(image[:, :32, :64], predictor.configuration_manager.patch_size, 2)
+    # one tile: nothing held out
+    tiles, masks = held_out_tiles(image[:, :32, :64, :64], predictor.configuration_manager, 2)
     assert tiles.shape == (0, 1, 32, 64, 64) and masks.shape == (0, 32, 64, 64)
+
+
+def _along(values, shape, axis) -> np.ndarray:
+    """The coordinates along `axis` of voxels given by their values in an image numbered 1, 2, ... (C order)."""
+    return np.unravel_index(np.asarray(sorted(values), dtype=np.int64) - 1, shape)[axis]
+
+
+@pytest.mark.parametrize("shape, axis, slab", [
+    ((40, 80, 64), 1, range(32, 48)),  # 2 x 2 x 1 tiles: across the axis with the thickest slab
+    ((40, 80, 80), 1, range(32, 48)),  # 2 x 2 x 2: of equal slabs, the first axis
+    ((48, 72, 72), 0, range(16, 32)),  # 2 x 2 x 2 with the slack along the first axis (a 3 mm CT's tiling)
+    ((32, 64, 128), 2, range(32, 96)),  # 1 x 1 x 3: the middle tile's centre lies in the two fitted on
+])
+def test_where_whole_tiles_leave_nothing_to_measure_a_slab_across_them_is_left_out_of_the_fit_and_measured_on(
+        shape, axis, slab):
+    predictor = _predictor()
+    image = torch.arange(1, np.prod(shape) + 1, dtype=torch.float32).reshape(1, *shape)  # every voxel its own value
+    fitting, fitted = first_case_patches(image, predictor, 2, "case_x")
+    assert fitting.shape == (2, 1, 32, 64, 64) and fitted.shape == (2, 32, 64, 64)  # the network sees whole tiles
+    used, left_out = set(fitting[:, 0][fitted].tolist()), set(fitting[:, 0][~fitted].tolist())
+    assert used and left_out and used.isdisjoint(left_out)
+    assert not set(_along(used, shape, axis)) & set(slab) and set(_along(left_out, shape, axis)) <= set(slab)
+    tiles, masks = held_out_tiles(image, predictor.configuration_manager, 2)
+    assert len(tiles) == 2 and masks.any(dim=(1, 2, 3)).all()
+    held_out = set(tiles[:, 0][masks].tolist())
+    assert held_out.isdisjoint(used) and 0.0 not in held_out and set(_along(held_out, shape, axis)) <= set(slab)
 
 
 def test_an_uncompressed_network_agrees_with_the_original_everywhere(caplog):

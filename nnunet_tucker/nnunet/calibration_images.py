@@ -213,15 +213,23 @@ def _check_max_patches(max_patches: Any) -> None:
         raise TuckerConfigError(f"max_patches={max_patches!r} is not allowed: it must be an integer >= 1")
 
 
-def calibration_crop(configuration: Any) -> list[int]:
-    """The patch size calibration runs on: the configuration's, or where that holds more than
-    `MAX_CALIBRATION_VOXELS`, shrunk on its longest axis, one step of the network's total stride along that axis
-    at a time (so that every stage still sees whole voxels), until it fits."""
-    size = [int(p) for p in configuration.patch_size]
+def _total_strides(configuration: Any) -> list[int] | None:
+    """The network's total stride along each axis of the patch (None where the plans do not say)."""
     strides = (getattr(configuration, "network_arch_init_kwargs", None) or {}).get("strides")
-    if not strides or math.prod(size) <= MAX_CALIBRATION_VOXELS:
+    if not strides:
+        return None
+    return [math.prod(int(s) if isinstance(s, int) else int(s[axis]) for s in strides)
+            for axis in range(len(configuration.patch_size))]
+
+
+def calibration_crop(configuration: Any, size: Sequence[int] | None = None) -> list[int]:
+    """The patch size calibration runs on: `size` (default: the configuration's patch), or where that holds more
+    than `MAX_CALIBRATION_VOXELS`, shrunk on its longest axis, one step of the network's total stride along that
+    axis at a time (so that every stage still sees whole voxels), until it fits."""
+    size = [int(p) for p in (configuration.patch_size if size is None else size)]
+    step = _total_strides(configuration)
+    if not step or math.prod(size) <= MAX_CALIBRATION_VOXELS:
         return size
-    step = [math.prod(int(s) if isinstance(s, int) else int(s[axis]) for s in strides) for axis in range(len(size))]
     while math.prod(size) > MAX_CALIBRATION_VOXELS:
         shrinkable = [axis for axis in range(len(size)) if size[axis] > step[axis]]
         if not shrinkable:
@@ -287,9 +295,30 @@ def load_held_out_tiles(folder: Path | str, predictor: Any, k: int = HELD_OUT_TI
     if case is None:
         return None
     preprocessor = configuration.preprocessor_class(verbose=predictor.verbose_preprocessing)
-    tiles, masks = held_out_tiles(_preprocess(case, cases[case], preprocessor, predictor), configuration.patch_size,
+    tiles, masks = held_out_tiles(_preprocess(case, cases[case], preprocessor, predictor), configuration,
                                   fitting=0, k=k)
     return tiles, masks, case
+
+
+def _padded(image: np.ndarray | torch.Tensor, patch_size: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """A preprocessed image padded to at least the patch size as the sliding window pads it, and where the image
+    lies in it."""
+    image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return pad_nd_image(image.astype(np.float32, copy=False), [int(p) for p in patch_size], "constant",
+                        {"constant_values": 0}, return_slicer=True)
+
+
+def _filled_up(patches: list[np.ndarray], n: int) -> torch.Tensor:
+    """`patches` (each (C, *spatial)), then mirrored copies of them until there are `n` (last spatial axis first, as
+    test-time mirroring shows them to a network), stacked."""
+    spatial = range(-1, -patches[0].ndim, -1)
+    mirrorings = itertools.chain.from_iterable(itertools.combinations(spatial, m) for m in range(1, len(spatial) + 1))
+    patches = list(patches)
+    for axes, patch in itertools.product(mirrorings, patches[:]):
+        if len(patches) >= n:
+            break
+        patches.append(np.flip(patch, axes))
+    return torch.from_numpy(np.stack([np.ascontiguousarray(p) for p in patches]))
 
 
 def cut_patches(
@@ -301,29 +330,77 @@ def cut_patches(
     rest are those tiles mirrored (last spatial axis first, as test-time mirroring shows them to a network):
     a case smaller than two patches still gives the calibration a second view of it."""
     _check_max_patches(max_patches)
-    patch_size = [int(p) for p in patch_size]
-    padded, tiles = [], []
-    for image in images:
-        image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        image = pad_nd_image(image.astype(np.float32, copy=False), patch_size, "constant", {"constant_values": 0})
-        padded.append(image)
-        tiles.append(_tiles(image, patch_size))
+    padded = [_padded(image, patch_size)[0] for image in images]
+    tiles = [_tiles(image, patch_size) for image in padded]
     taken = _round_robin([len(t) for t in tiles], max_patches)
     chosen = [[tiles[i][j] for j in _evenly_spaced(len(tiles[i]), k)] for i, k in enumerate(taken)]
     patches = [padded[i][chosen[i][r]] for r in range(max(taken)) for i in range(len(images)) if r < taken[i]]
-    spatial = range(-1, -len(patch_size) - 1, -1)
-    mirrorings = itertools.chain.from_iterable(itertools.combinations(spatial, n)
-                                               for n in range(1, len(patch_size) + 1))
-    for axes, patch in itertools.product(mirrorings, patches[:]):
-        if len(patches) >= max_patches:
-            break
-        patches.append(np.flip(patch, axes))
-    return torch.from_numpy(np.stack([np.ascontiguousarray(p) for p in patches]))
+    return _filled_up(patches, max_patches)
 
 
-def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patches: int, case: str) -> torch.Tensor:
-    """Calibration patches from the first case of a prediction run, as nnU-Net preprocessed it
-    (`data`, (C, *spatial)); a clear error where it cannot calibrate anything."""
+def _centre_half(patch_size: Sequence[int]) -> np.ndarray:
+    """The central half of a tile along every axis, as a mask."""
+    centre = np.zeros([int(p) for p in patch_size], dtype=bool)
+    centre[tuple(slice(p // 4, p - p // 4) for p in centre.shape)] = True
+    return centre
+
+
+def _slab(spatial: Sequence[int], patch_size: Sequence[int], strides: Sequence[int] | None
+          ) -> tuple[slice, ...] | None:
+    """The slab `fitting_windows` leaves out of the fit, as slicers of the padded case: across the middle of the
+    axis where it is thickest (the first on ties) after half a patch (rounded up to whole strides of the network)
+    at either end, and at least one stride thick; None where no axis has room for one."""
+    ends = {axis: math.ceil(p / 2 / s) * s
+            for axis, (p, s) in enumerate(zip(patch_size, strides or (), strict=False))}
+    room = {axis: spatial[axis] - 2 * end for axis, end in ends.items()
+            if end < patch_size[axis] and spatial[axis] - 2 * end >= strides[axis]}
+    if not room:
+        return None
+    axis = max(room, key=lambda a: (room[a], -a))
+    return tuple(slice(ends[a], spatial[a] - ends[a]) if a == axis else slice(None) for a in range(len(spatial)))
+
+
+def fitting_windows(spatial: Sequence[int], inside: Sequence[slice], configuration: Any, fitting: int
+                    ) -> tuple[list[tuple[slice | int, ...]], tuple[slice, ...] | None]:
+    """Where self-calibration fits in a first case padded to `spatial` (the case at `inside`, as `_padded` says):
+    the `fitting` evenly spaced tiles of the sliding window (as `cut_patches` takes them; fewer where it has fewer),
+    and the slab of them the fit's statistics leave out (None: nothing left out). A slab (`_slab`) is left out where
+    whole tiles would leave no tile's central half free to measure the agreement on (a case of few tiles: a 3 mm CT
+    is 2×2×2): the network still runs on the whole tiles, so every voxel the fit uses has its context as in the
+    sliding window (fitted on crops instead, the worst class of 8 other cases fell 0.003-0.03), but the slab's own
+    positions, at every layer's resolution, count for nothing in the fit and are measured on (`held_out_tiles`)."""
+    patch_size = [int(p) for p in configuration.patch_size]
+    tiles = _tiles(np.empty((0, *spatial), dtype=bool), patch_size)
+    windows = [tiles[j] for j in _evenly_spaced(len(tiles), min(len(tiles), fitting))]
+    if len(patch_size) != len(spatial):
+        return windows, None
+    centre = _centre_half(patch_size)
+    free = np.zeros(spatial, dtype=bool)
+    free[tuple(inside)] = True
+    for window in windows:
+        free[window[1:]] = False
+    if any((free[t[1:]] & centre).any() for t in tiles):
+        return windows, None
+    return windows, _slab(spatial, patch_size, _total_strides(configuration))
+
+
+def _fitted(spatial: Sequence[int], windows: Sequence[tuple], slab: tuple[slice, ...] | None) -> np.ndarray:
+    """The voxels of a padded case (spatial shape) the fit's statistics use: in a window, not in the slab."""
+    fitted = np.zeros(spatial, dtype=bool)
+    for window in windows:
+        fitted[window[1:]] = True
+    if slab is not None:
+        fitted[slab] = False
+    return fitted
+
+
+def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patches: int, case: str
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration patches from the first case of a prediction run, as nnU-Net preprocessed it (`data`,
+    (C, *spatial)), cut at `fitting_windows` (mirrored copies where the case has fewer tiles), and where the fit
+    leaves a slab of them out, the voxels of each it uses ((N, *patch) bool; else None); a clear error where it
+    cannot calibrate anything."""
+    _check_max_patches(max_patches)
     configuration = predictor.configuration_manager
     if configuration.previous_stage_name is not None:
         raise CalibrationError(f"calibration on {case} needs a single-stage model: this configuration is a cascade "
@@ -339,41 +416,44 @@ def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patc
         raise CalibrationError(f"cannot calibrate on {case}: every input channel is constant, which says nothing "
                                "of the data the model sees. Set TUCKER_CALIBRATION to a folder of images of your "
                                "own, or to 'none' (weights only)")
-    return _centre_crop(cut_patches([data], configuration.patch_size, max_patches), calibration_crop(configuration))
+    padded, inside = _padded(data, configuration.patch_size)
+    windows, slab = fitting_windows(padded.shape[1:], inside[1:], configuration, max_patches)
+    crop = calibration_crop(configuration)
+    patches = _centre_crop(_filled_up([padded[w] for w in windows], max_patches), crop)
+    if slab is None:
+        return patches, None
+    fitted = _fitted(padded.shape[1:], windows, slab)[None]
+    masks = _centre_crop(_filled_up([fitted[w] for w in windows], max_patches), crop)
+    return patches, masks[:, 0]
 
 
-def held_out_tiles(data: np.ndarray | torch.Tensor, patch_size: Sequence[int], fitting: int,
+def held_out_tiles(data: np.ndarray | torch.Tensor, configuration: Any, fitting: int,
                    k: int = HELD_OUT_TILES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to `k` tiles of one preprocessed case (C, *spatial) to measure a compression fitted on the first
-    `fitting` patches `cut_patches` cuts from it: tiles at other positions of the sliding window (padded as it
-    pads), each with the mask of the voxels it is measured on: those in the central half of the tile along every
-    axis (where the sliding window's Gaussian weighting gives a tile most say in nnU-Net's prediction; at its
-    borders both networks are least sure, and measured there the agreement came out 0.01-0.08 below the held-out
-    cases') that lie inside the case and outside every fitting tile. Of the tiles with at least half as many such
-    voxels as the one with most, those nearest the middle of the case (where the anatomy is, not the air at its
-    corners), the window's order on ties. Returns (patches (N, C, *patch), masks (N, *patch)), N = 0 where no
-    tile has such a voxel (a case of few tiles, most of them fitted on)."""
-    patch_size = [int(p) for p in patch_size]
-    image = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    padded, inside = pad_nd_image(image.astype(np.float32, copy=False), patch_size, "constant",
-                                  {"constant_values": 0}, return_slicer=True)
+    """Up to `k` tiles of one preprocessed case (C, *spatial) to measure a compression fitted on it with `fitting`
+    patches (`first_case_patches`): tiles of the sliding window (padded as it pads), each with the mask of the voxels
+    it is measured on: those in the central half of the tile along every axis (where the sliding window's Gaussian
+    weighting gives a tile most say in nnU-Net's prediction; at its borders both networks are least sure, and
+    measured there the agreement came out 0.01-0.08 below the held-out cases') that lie inside the case and outside
+    what the fit used (`fitting_windows`: its windows less the slab it leaves out). Of the tiles with at least half
+    as many such voxels as the one with most, those nearest the middle of the case (where the anatomy is, not the
+    air at its corners), the window's order on ties. Returns (patches (N, C, *patch), masks (N, *patch)), N = 0
+    where no tile has such a voxel (a case of a single tile, or too thin to leave a slab out)."""
+    patch_size = [int(p) for p in configuration.patch_size]
+    padded, inside = _padded(data, patch_size)
     tiles = _tiles(padded, patch_size)
-    fitted = set(_evenly_spaced(len(tiles), min(len(tiles), fitting)))  # as cut_patches chooses for one image
     free = np.zeros(padded.shape[1:], dtype=bool)
     free[tuple(inside[1:])] = True
-    for j in fitted:
-        free[tiles[j][1:]] = False
-    centre = np.zeros(patch_size, dtype=bool)
-    centre[tuple(slice(p // 4, p - p // 4) for p in patch_size)] = True
-    counts = {j: int((free[tile[1:]] & centre).sum()) for j, tile in enumerate(tiles) if j not in fitted}
-    most = max(counts.values(), default=0)
+    free &= ~_fitted(padded.shape[1:], *fitting_windows(padded.shape[1:], inside[1:], configuration, fitting))
+    centre = _centre_half(patch_size)
+    counts = [int((free[tile[1:]] & centre).sum()) for tile in tiles]
+    most = max(counts, default=0)
     middle = [(s.start + s.stop) / 2 for s in inside[1:]]
 
     def distance(j: int) -> float:
         return sum((((t.start + t.stop) / 2 if isinstance(t, slice) else t) - m) ** 2
                    for t, m in zip(tiles[j][1:], middle, strict=True))
 
-    candidates = [j for j, count in counts.items() if most and 2 * count >= most]
+    candidates = [j for j, count in enumerate(counts) if most and 2 * count >= most]
     chosen = sorted(sorted(candidates, key=lambda j: (distance(j), j))[:k])
     patches = np.zeros((len(chosen), padded.shape[0], *patch_size), dtype=np.float32)
     masks = np.zeros((len(chosen), *patch_size), dtype=bool)
@@ -382,11 +462,14 @@ def held_out_tiles(data: np.ndarray | torch.Tensor, patch_size: Sequence[int], f
     return torch.from_numpy(patches), torch.from_numpy(masks)
 
 
-def patches_digest(patches: torch.Tensor) -> str:
-    """Content hash of calibration patches (for cache keys)."""
+def patches_digest(patches: torch.Tensor, masks: torch.Tensor | None = None) -> str:
+    """Content hash of calibration patches and the masks of what the fit uses of them (for cache keys)."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"{_DIGEST_VERSION}|{tuple(patches.shape)}|".encode())
     digest.update(patches.contiguous().numpy())  # the buffer itself, not a copy
+    if masks is not None:
+        digest.update(b"masks|")
+        digest.update(masks.contiguous().numpy())
     return digest.hexdigest()
 
 

@@ -116,6 +116,8 @@ class Calibration:
     info: dict[str, Any]
     # tiles to measure the agreement on, their masks and the case's name (None: nothing to measure on)
     held_out: Callable[[], tuple[torch.Tensor, torch.Tensor, str] | None] = lambda: None
+    # the voxels of the patches the fit uses, (N, *patch) bool (None: all; `calibrate.collect_statistics`)
+    fitted: Callable[[], torch.Tensor | None] = lambda: None
 
 
 def compress_predictor(predictor: nnUNetPredictor, source: str | None = None) -> CompressionReport | None:
@@ -206,14 +208,18 @@ def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: st
     """Calibrate on the first case `data`, compress, and measure the agreement with the original on held-out tiles
     of it; with a floor (`config.min_agreement`) missed, again with looser targets (`TuckerConfig.looser`) until
     every class reaches it, or `UNCOMPRESSED`. The outcome goes to `record`."""
-    patches = first_case_patches(data, predictor, config.patches(first_case=True), case)
+    patches, fitted = first_case_patches(data, predictor, config.patches(first_case=True), case)
     _SELF_CALIBRATED.append(model_name(predictor, source))
-    logger.info("self-calibrating %s (model %d in this process) on %s: %d patch(es) of %s, once per model",
-                _SELF_CALIBRATED[-1], len(_SELF_CALIBRATED), case, len(patches), "×".join(map(str, patches.shape[2:])))
+    logger.info("self-calibrating %s (model %d in this process) on %s: %d patch(es) of %s%s, once per model",
+                _SELF_CALIBRATED[-1], len(_SELF_CALIBRATED), case, len(patches), "×".join(map(str, patches.shape[2:])),
+                "" if fitted is None else " (a slab across them left out of the fit, to measure on)")
     info = {"on": "first case", "case": case, "patches": len(patches),
             "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    tiles, masks = held_out_tiles(data, predictor.configuration_manager.patch_size, config.patches(first_case=True))
-    calibration = Calibration(patches_digest(patches), lambda: patches, info, lambda: (tiles, masks, case))
+    if fitted is not None:
+        info["fitted_share"] = round(float(fitted.float().mean()), 3)
+    tiles, masks = held_out_tiles(data, predictor.configuration_manager, config.patches(first_case=True))
+    calibration = Calibration(patches_digest(patches, fitted), lambda: patches, info, lambda: (tiles, masks, case),
+                              lambda: fitted)
     compressed, chosen = measured_compression(predictor, config, source, calibration)
     _store_record(record, calibration, chosen)
     return compressed
@@ -532,7 +538,7 @@ def compress_folds(
             statistics, targets = _calibration_statistics(predictor, network, folds, calibration, cache)
         seconds["statistics"] = time.perf_counter() - start
         regions = predictor.label_manager.has_regions
-        refit_on = [_network_with(network, state, calibration.patches, regions, sampled)
+        refit_on = [_network_with(network, state, calibration, regions, sampled)
                     for state, sampled in zip(folds, targets, strict=True)]
     timer = LayerTimer(predictor.device)
     planned = time.perf_counter()
@@ -570,7 +576,8 @@ def _calibration_statistics(
 
     def collect(fold: int) -> dict:
         network.load_state_dict(folds[fold])
-        statistics, targets[fold] = calibrate(network, calibration.patches(), predictor.label_manager.has_regions)
+        statistics, targets[fold] = calibrate(network, calibration.patches(), predictor.label_manager.has_regions,
+                                              masks=calibration.fitted())
         cache.store_statistics(folds[fold], calibration.key, statistics)
         return statistics
 
@@ -597,14 +604,14 @@ def converted_weights(
     return converted, errors
 
 
-def _network_with(network: nn.Module, state: dict, patches: Callable[[], torch.Tensor], regions: bool,
+def _network_with(network: nn.Module, state: dict, calibration: Calibration, regions: bool,
                   targets: tuple | None) -> Callable:
     """`convert_state_dict`'s `refit_on` for one fold: the network loaded with that fold's weights, the
-    patches, and the targets if sampled already."""
+    calibration's patches and what the fit uses of them, and the targets if sampled already."""
 
     def load() -> RefitData:
         network.load_state_dict(state)
-        return RefitData(network, patches(), regions, targets)
+        return RefitData(network, calibration.patches(), regions, targets, calibration.fitted())
 
     return load
 

@@ -29,13 +29,15 @@ from .surgery import swap_modules
 
 class RefitData(NamedTuple):
     """What refitting on calibration data needs: the network holding the weights being converted,
-    the calibration patches (N, C, *spatial), whether its outputs are region (sigmoid) logits, and
-    the targets if already sampled on them (`calibrate.calibrate`; else `sample_targets` runs)."""
+    the calibration patches (N, C, *spatial), whether its outputs are region (sigmoid) logits, the
+    targets if already sampled on them (`calibrate.calibrate`; else `sample_targets` runs), and the
+    voxels of the patches the fit uses (`calibrate.collect_statistics`' masks; None: all)."""
 
     network: nn.Module
     patches: torch.Tensor
     regions: bool = False
     targets: tuple[Targets, list[str]] | None = None
+    masks: torch.Tensor | None = None
 
 
 def convert_state_dict(
@@ -89,7 +91,7 @@ def _refit_in_order(
     Layers with too few sampled positions to refit on (`refit_positions_needed`) are left as they are."""
     network, patches = unwrap(data.network), data.patches
     targets, order = data.targets or sample_targets(network, patches, [layer.name for layer in plan],
-                                                    regions=data.regions)
+                                                    regions=data.regions, masks=data.masks)
     compressed = copy.deepcopy(network).eval()
     swap_modules(compressed, plan)
     for layer in plan:
