@@ -111,8 +111,10 @@ def test_a_variable_alone_calibrates_on_the_first_case_then_the_cache_serves_oth
     lines = [line for line in log_lines(first.stderr) if line.startswith("nnunet-tucker: rank_ratio=0.3 ")]
     assert len(lines) == 2 and lines[0].startswith("nnunet-tucker: rank_ratio=0.3 policy=profiled: calibrating on "
                                                    "the first case this run segments"), first.stderr
-    # the test cases are one patch each: that tile and its mirror image
+    # the test cases are one patch each: that tile and its mirror image, nothing left to measure the agreement on
     assert "; self-calibrated on case_000, 2 patch(es); decomposed 1 fold(s) in " in lines[1], first.stderr
+    unmeasured = "nnunet-tucker: agreement with the original not measured: the fitting tiles cover all of case_000"
+    assert [line for line in log_lines(first.stderr) if line.startswith(unmeasured)], first.stderr
 
     held_out = workspace / "held_out"
     held_out.mkdir()
@@ -121,6 +123,7 @@ def test_a_variable_alone_calibrates_on_the_first_case_then_the_cache_serves_oth
     lines = [line for line in log_lines(second.stderr) if line.startswith("nnunet-tucker: rank_ratio=0.3 ")]
     assert len(lines) == 1 and "; self-calibrated on case_000, 2 patch(es), at " in lines[0], second.stderr
     assert ", from the cache; cache hit" in lines[0], second.stderr
+    assert [line for line in log_lines(second.stderr) if line.startswith(unmeasured)], second.stderr  # as recorded
     again = load_segmentations(workspace / "pred_self_0.3_again")
     assert np.array_equal(again["case_001.nii.gz"], load_segmentations(workspace / "pred_self_0.3")["case_001.nii.gz"])
     scores = dice_per_class(again, {"case_001.nii.gz": baseline["case_001.nii.gz"]})

@@ -43,6 +43,7 @@ def _check_report(path, stderr):
     assert report["params_after"] < report["params_before"]
     assert report["extra"]["calibration"]["on"] == "first case"  # by this run or an earlier one (then cached)
     assert any(line.startswith("nnunet-tucker: rank_ratio=0.5") for line in log_lines(stderr)), stderr
+    assert any(line.startswith("nnunet-tucker: agreement with the original ") for line in log_lines(stderr)), stderr
 
 
 def test_totalsegmentator_cli_fast_compresses(totalseg_env, ct, tmp_path):
