@@ -27,7 +27,8 @@ from nnunet_tucker.nnunet.predictor import TuckerPredictor
 from nnunet_tucker.tools.demo_model import demo_model_folder
 from nnunet_tucker.tools.synthetic import DEFAULT_SPACING, make_phantom, write_nifti
 
-CONFIG = TuckerConfig(0.5, policy="auto", calibration_patches=2)
+# PyTorch's forms: OpenVINO's conversion and timing would add seconds to every compression (tests/test_backend.py)
+CONFIG = TuckerConfig(0.5, policy="auto", backend="torch", calibration_patches=2)
 SHAPE = (40, 80, 64)  # 2 x 2 x 1 sliding-window tiles of the demo model's 32 x 64 x 64 patch
 LARGE = (64, 160, 128)  # 3 x 4 x 3 tiles: held-out ones through the organs
 
@@ -104,7 +105,7 @@ def test_first_run_calibrates_on_its_first_case_and_the_next_reuses_it(caplog, c
     again = [m for m in _lines(caplog) if m.startswith("agreement with the original ")]
     assert again == [measured[0] + " (measured when it was calibrated)"]
 
-    third = _predictor(TuckerConfig(0.3, policy="auto", calibration_patches=2))  # another config: its own
+    third = _predictor(TuckerConfig(0.3, policy="auto", backend="torch", calibration_patches=2))  # its own
     assert third._tucker_pending
 
 
@@ -123,7 +124,7 @@ def test_the_first_case_predicted_from_files_is_named_by_its_output_file(tmp_pat
 
 def test_weights_only_is_asked_for_and_warned_about(caplog, cache):
     with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
-        predictor = _predictor(TuckerConfig(0.5, policy="auto", calibration="none"))
+        predictor = _predictor(TuckerConfig(0.5, policy="auto", backend="torch", calibration="none"))
     assert predictor.tucker_report is not None and "calibration" not in predictor.tucker_report.extra
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("TUCKER_CALIBRATION=none: the factors are fitted to")
@@ -217,7 +218,7 @@ def test_where_whole_tiles_leave_nothing_to_measure_a_slab_across_them_is_left_o
 
 def test_an_uncompressed_network_agrees_with_the_original_everywhere(caplog):
     with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
-        predictor = _predictor(TuckerConfig(1.0, policy="auto", calibration_patches=2))
+        predictor = _predictor(TuckerConfig(1.0, policy="auto", backend="torch", calibration_patches=2))
         _predict(predictor, _image(shape=LARGE))
     agreement = predictor.tucker_report.extra["calibration"]["agreement"]
     assert agreement["tiles"] == 2 and set(agreement["classes"]) == {"liver", "spleen", "kidney", "bone"}
@@ -263,7 +264,7 @@ def test_models_are_named_by_their_dataset_folder_in_progress_lines():
 
 
 def test_a_floor_missed_by_the_first_plan_gives_rank_back_and_later_runs_take_what_it_chose(caplog):
-    config = TuckerConfig(0.4, policy="auto", calibration_patches=2, min_agreement=0.85)
+    config = TuckerConfig(0.4, policy="auto", backend="torch", calibration_patches=2, min_agreement=0.85)
     with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
         at_floor = _predictor(config)
         _predict(at_floor, _image(shape=LARGE))
@@ -274,7 +275,7 @@ def test_a_floor_missed_by_the_first_plan_gives_rank_back_and_later_runs_take_wh
     report = at_floor.tucker_report
     assert report is not None, "no ratio up to 0.8 reached 0.85"  # this network reaches it at 0.5 (0.91)
     assert report.config["rank_ratio"] > 0.4 and report.extra["calibration"]["agreement"]["worst"][1] >= 0.85
-    without = _predictor(TuckerConfig(0.4, policy="auto", calibration="none"))
+    without = _predictor(TuckerConfig(0.4, policy="auto", backend="torch", calibration="none"))
     assert report.macs_after > without.tucker_report.macs_after  # rank given back
     again = _predictor(config)  # a later run: what the floor chose, from the cache
     assert again.tucker_report.config == report.config and again.tucker_report.extra["cache_misses"] == 0
@@ -284,7 +285,7 @@ def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(cap
     monkeypatch.setattr(predictor_module, "measure_agreement",
                         lambda *args: {"tiles": 2, "voxels": 10, "voxel_agreement": 0.5, "classes": {},
                                        "worst": ["liver", 0.5]})
-    config = TuckerConfig(0.7, policy="auto", calibration_patches=2, min_agreement=0.9)
+    config = TuckerConfig(0.7, policy="auto", backend="torch", calibration_patches=2, min_agreement=0.9)
     with caplog.at_level(logging.INFO, logger="nnunet_tucker"):
         predictor = _predictor(config)
         original = [dict(state) for state in predictor.list_of_parameters]
