@@ -222,11 +222,11 @@ def _total_strides(configuration: Any) -> list[int] | None:
             for axis in range(len(configuration.patch_size))]
 
 
-def calibration_crop(configuration: Any, size: Sequence[int] | None = None) -> list[int]:
-    """The patch size calibration runs on: `size` (default: the configuration's patch), or where that holds more
-    than `MAX_CALIBRATION_VOXELS`, shrunk on its longest axis, one step of the network's total stride along that
-    axis at a time (so that every stage still sees whole voxels), until it fits."""
-    size = [int(p) for p in (configuration.patch_size if size is None else size)]
+def calibration_crop(configuration: Any) -> list[int]:
+    """The patch size calibration runs on: the configuration's, or where that holds more than
+    `MAX_CALIBRATION_VOXELS`, shrunk on its longest axis, one step of the network's total stride along that axis
+    at a time (so that every stage still sees whole voxels), until it fits."""
+    size = [int(p) for p in configuration.patch_size]
     step = _total_strides(configuration)
     if not step or math.prod(size) <= MAX_CALIBRATION_VOXELS:
         return size
@@ -374,11 +374,7 @@ def fitting_windows(spatial: Sequence[int], inside: Sequence[slice], configurati
     windows = [tiles[j] for j in _evenly_spaced(len(tiles), min(len(tiles), fitting))]
     if len(patch_size) != len(spatial):
         return windows, None
-    centre = _centre_half(patch_size)
-    free = np.zeros(spatial, dtype=bool)
-    free[tuple(inside)] = True
-    for window in windows:
-        free[window[1:]] = False
+    free, centre = _free(spatial, inside, windows, None), _centre_half(patch_size)
     if any((free[t[1:]] & centre).any() for t in tiles):
         return windows, None
     return windows, _slab(spatial, patch_size, _total_strides(configuration))
@@ -392,6 +388,14 @@ def _fitted(spatial: Sequence[int], windows: Sequence[tuple], slab: tuple[slice,
     if slab is not None:
         fitted[slab] = False
     return fitted
+
+
+def _free(spatial: Sequence[int], inside: Sequence[slice], windows: Sequence[tuple], slab: tuple[slice, ...] | None
+          ) -> np.ndarray:
+    """The voxels of a padded case (spatial shape) inside the case (`inside`) that the fit does not use."""
+    free = np.zeros(spatial, dtype=bool)
+    free[tuple(inside)] = True
+    return free & ~_fitted(spatial, windows, slab)
 
 
 def first_case_patches(data: np.ndarray | torch.Tensor, predictor: Any, max_patches: int, case: str
@@ -441,9 +445,7 @@ def held_out_tiles(data: np.ndarray | torch.Tensor, configuration: Any, fitting:
     patch_size = [int(p) for p in configuration.patch_size]
     padded, inside = _padded(data, patch_size)
     tiles = _tiles(padded, patch_size)
-    free = np.zeros(padded.shape[1:], dtype=bool)
-    free[tuple(inside[1:])] = True
-    free &= ~_fitted(padded.shape[1:], *fitting_windows(padded.shape[1:], inside[1:], configuration, fitting))
+    free = _free(padded.shape[1:], inside[1:], *fitting_windows(padded.shape[1:], inside[1:], configuration, fitting))
     centre = _centre_half(patch_size)
     counts = [int((free[tile[1:]] & centre).sum()) for tile in tiles]
     most = max(counts, default=0)
