@@ -12,6 +12,9 @@ dataset_json)``), is padded to at least the patch size like the sliding window p
 Patches are chosen deterministically: round-robin over the cases in sorted order (so at most
 ``max_patches`` cases are used), and within a case the tiles at the middles of equal stretches of
 the sliding window's tile order, i.e. evenly spaced tiles, the central one when a case gives one.
+What the fit did not use is measured on (`held_out_tiles`): a folder's last case, or other tiles of the first
+case; where a first case has too few tiles for that, a slab across its fitting tiles is left out of the fit
+(`fitting_windows`).
 """
 
 from __future__ import annotations
