@@ -75,50 +75,38 @@ class _Accumulator:
         self.voxels = 0
 
     def add(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> None:
-        """Add the input `x` (n, C, *spatial) of a pass, at the positions `kept` ((n, *spatial) bool; None: all)."""
-        if kept is not None:
-            return self._add_kept(x, kept)
+        """Add the input `x` (n, C, *spatial) of a pass, at the positions `kept` ((n, *spatial) bool; None: all):
+        means per sample and channel over them, products of pairs of them."""
         flat = x.detach().flatten(2).float()  # (n, C, V)
-        mean = flat.mean(dim=2, keepdim=True)
-        self.input_sum += flat.sum(dim=(0, 2)).double().cpu()
-        self.voxels += flat.shape[0] * flat.shape[2]
+        parts = flat.split(max(1, CHUNK_ELEMENTS // (flat.shape[0] * flat.shape[1])), dim=2)
+        if kept is None:
+            weight, weights = None, [None] * len(parts)
+            mean = flat.mean(dim=2, keepdim=True)
+            self.input_sum += flat.sum(dim=(0, 2)).double().cpu()
+            self.voxels += flat.shape[0] * flat.shape[2]
+        else:
+            weight = kept.flatten(1)[:, None].to(device=flat.device, dtype=flat.dtype)  # (n, 1, V)
+            weights = weight.split(parts[0].shape[2], dim=2)
+            total = sum((part * w).sum(dim=2, keepdim=True) for part, w in zip(parts, weights, strict=True))
+            mean = total / weight.sum(dim=2, keepdim=True).clamp_min(1)
+            self.input_sum += total.sum(dim=(0, 2)).double().cpu()
+            self.voxels += int(weight.sum())
         # centred a chunk at a time: temporaries of CHUNK_ELEMENTS, not of the whole input (a 128³ full-resolution
         # input of a decoder stage is 0.5 GB)
-        for part in flat.split(max(1, CHUNK_ELEMENTS // (flat.shape[0] * flat.shape[1])), dim=2):
-            centred = part - mean
+        for part, w in zip(parts, weights, strict=True):
+            centred = part - mean if w is None else (part - mean).mul_(w)
             self.input_cov += torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
         if self.transposed:
             return
         centre = mean.view(*mean.shape[:2], *[1] * (x.ndim - 2))
+        mask = None if weight is None else weight.view(x.shape[0], 1, *x.shape[2:])
         per_chunk = max(1, CHUNK_ELEMENTS // math.prod(x.shape[2:]))
         for sample in range(x.shape[0]):
+            in_sample = None if mask is None else mask[sample:sample + 1]
             for first in range(0, x.shape[1], per_chunk):
                 channels = slice(first, first + per_chunk)
-                self._add_lags(x[sample:sample + 1, channels].detach().float() - centre[sample:sample + 1, channels])
-
-    def _add_kept(self, x: torch.Tensor, kept: torch.Tensor) -> None:
-        """`add` at some positions only: means per sample and channel over them, products of pairs of them."""
-        flat = x.detach().flatten(2).float()  # (n, C, V)
-        weight = kept.flatten(1)[:, None].to(device=flat.device, dtype=flat.dtype)  # (n, 1, V)
-        size = max(1, CHUNK_ELEMENTS // (flat.shape[0] * flat.shape[1]))
-        chunks = list(zip(flat.split(size, dim=2), weight.split(size, dim=2), strict=True))
-        total = sum((part * w).sum(dim=2, keepdim=True) for part, w in chunks)
-        mean = total / weight.sum(dim=2, keepdim=True).clamp_min(1)
-        self.input_sum += total.sum(dim=(0, 2)).double().cpu()
-        self.voxels += int(weight.sum())
-        for part, w in chunks:
-            centred = (part - mean).mul_(w)
-            self.input_cov += torch.einsum("ncv,ndv->cd", centred, centred).double().cpu()
-        if self.transposed:
-            return
-        centre = mean.view(*mean.shape[:2], *[1] * (x.ndim - 2))
-        mask = weight.view(x.shape[0], 1, *x.shape[2:])
-        per_chunk = max(1, CHUNK_ELEMENTS // math.prod(x.shape[2:]))
-        for sample in range(x.shape[0]):
-            for first in range(0, x.shape[1], per_chunk):
-                channels = slice(first, first + per_chunk)
-                centred = (x[sample:sample + 1, channels].detach().float() - centre[sample:sample + 1, channels])
-                self._add_lags(centred.mul_(mask[sample:sample + 1]), mask[sample:sample + 1])
+                centred = x[sample:sample + 1, channels].detach().float() - centre[sample:sample + 1, channels]
+                self._add_lags(centred if in_sample is None else centred.mul_(in_sample), in_sample)
 
     def _add_lags(self, centred: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Lag products along each axis of `centred` (1, c, *spatial), some of the channels; with `mask`
@@ -454,8 +442,8 @@ def _probe(network: nn.Module, patches: Iterable[torch.Tensor] | torch.Tensor, h
     with _evaluated_with(network, handles):
         batches = list(_batches(patches, batch_size))
         kept = [None] * len(batches) if masks is None else masks.split(batch_size)
-        for batch, batch_kept in tqdm(list(zip(batches, kept, strict=True)), desc="calibrating: probing the network",
-                                      unit="patch", disable=None, leave=False):
+        for batch, batch_kept in tqdm(zip(batches, kept, strict=True), total=len(batches), unit="patch",
+                                      desc="calibrating: probing the network", disable=None, leave=False):
             if expected is not None and batch.shape[1] != expected:
                 raise CalibrationError(
                     f"calibration patches have {batch.shape[1]} channel(s) but the network takes {expected}"

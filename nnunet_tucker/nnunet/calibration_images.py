@@ -182,9 +182,9 @@ def _preprocess(case: str, files: list[Path], preprocessor: Any, predictor: Any)
     return data
 
 
-def _tiles(data: np.ndarray, patch_size: Sequence[int]) -> list[tuple[slice | int, ...]]:
-    """Slicers of the sliding window's tiles, in nnU-Net's order (3D patches, or 2D patches per slice)."""
-    spatial = data.shape[1:]
+def _tiles(spatial: Sequence[int], patch_size: Sequence[int]) -> list[tuple[slice | int, ...]]:
+    """Slicers of the sliding window's tiles over an image (C, *spatial), in nnU-Net's order (3D patches, or 2D
+    patches per slice)."""
     steps = compute_steps_for_sliding_window(spatial[-len(patch_size):], patch_size, TILE_STEP_SIZE)
     windows = [[slice(s, s + p) for s in axis_steps] for axis_steps, p in zip(steps, patch_size, strict=True)]
     if len(patch_size) == len(spatial):
@@ -334,7 +334,7 @@ def cut_patches(
     a case smaller than two patches still gives the calibration a second view of it."""
     _check_max_patches(max_patches)
     padded = [_padded(image, patch_size)[0] for image in images]
-    tiles = [_tiles(image, patch_size) for image in padded]
+    tiles = [_tiles(image.shape[1:], patch_size) for image in padded]
     taken = _round_robin([len(t) for t in tiles], max_patches)
     chosen = [[tiles[i][j] for j in _evenly_spaced(len(tiles[i]), k)] for i, k in enumerate(taken)]
     patches = [padded[i][chosen[i][r]] for r in range(max(taken)) for i in range(len(images)) if r < taken[i]]
@@ -377,7 +377,7 @@ def fitting_windows(spatial: Sequence[int], inside: Sequence[slice], configurati
     sliding window (fitted on crops instead, the worst class of 8 other cases fell 0.003-0.03), but the slab's own
     positions, at every layer's resolution, count for nothing in the fit and are measured on (`held_out_tiles`)."""
     patch_size = [int(p) for p in configuration.patch_size]
-    tiles = _tiles(np.empty((0, *spatial), dtype=bool), patch_size)
+    tiles = _tiles(spatial, patch_size)
     windows = [tiles[j] for j in _evenly_spaced(len(tiles), min(len(tiles), fitting))]
     if len(patch_size) != len(spatial):
         return windows, None
@@ -451,7 +451,7 @@ def held_out_tiles(data: np.ndarray | torch.Tensor, configuration: Any, fitting:
     where no tile has such a voxel (a case of a single tile, or too thin to leave a slab out)."""
     patch_size = [int(p) for p in configuration.patch_size]
     padded, inside = _padded(data, patch_size)
-    tiles = _tiles(padded, patch_size)
+    tiles = _tiles(padded.shape[1:], patch_size)
     free = _free(padded.shape[1:], inside[1:], *fitting_windows(padded.shape[1:], inside[1:], configuration, fitting))
     centre = _centre_half(patch_size)
     counts = [int((free[tile[1:]] & centre).sum()) for tile in tiles]
