@@ -82,9 +82,10 @@ _FIELDS: dict[str, _Field] = {
     ),
 }
 _OPTIONAL = {"rank_ratio", "mac_budget", "calibration", "calibration_patches", "min_agreement"}
-# Where a floor on the agreement is missed, the next target tried: the next larger of these shares (of ranks, or
-# of MACs); above the last, the original network.
-LOOSER_TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+# Where a floor on the agreement is missed, the targets tried instead: the larger of these shares (of ranks, or of
+# MACs); after the last, the original network. The last is every rank kept: no loss in the weights, and on networks
+# whose small convolutions PyTorch runs slowly, most of the speed (this package's layer forms).
+LOOSER_TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 FOLDER_PATCHES = 4  # calibration patches taken from a folder of images, unless asked otherwise
 FIRST_CASE_PATCHES = 2  # ... from the first case of a run (each costs about a forward and a backward pass)
 _TARGETS = ("rank_ratio", "mac_budget")  # exactly one says how much to compress
@@ -127,7 +128,8 @@ class TuckerConfig:
         `FOLDER_PATCHES` from a folder, `FIRST_CASE_PATCHES` from the first case.
     min_agreement: a floor on the measured agreement with the original (the lowest per-class Dice on held-out
         tiles: of the first case, or of the case a calibration folder keeps apart): the rank ratio or MAC budget is
-        then a starting point, loosened (`looser`) until every class reaches it, or the original network kept.
+        then a starting point: the least loosened target (`looser`) whose agreement reaches it for every class is kept,
+        else the original network.
         None (default): no floor.
     backend: what runs the compressed network: ``"torch"`` (this package's PyTorch forms), ``"openvino"`` (the
         network compiled by OpenVINO, on CPUs; the ``[openvino]`` extra), or ``"auto"`` (default): OpenVINO where it
@@ -169,12 +171,11 @@ class TuckerConfig:
         floor = f" min_agreement={self.min_agreement}" if self.min_agreement is not None else ""
         return f"{target} policy={self.policy}{floor}"
 
-    def looser(self) -> TuckerConfig | None:
-        """The same config with the next larger rank ratio or MAC budget of `LOOSER_TARGETS`, or None above the
-        last (only the original network is looser)."""
+    def looser(self) -> list[TuckerConfig]:
+        """The same config with each larger rank ratio or MAC budget of `LOOSER_TARGETS`, smallest first (empty
+        above the last: only the original network is looser)."""
         target = "rank_ratio" if self.rank_ratio is not None else "mac_budget"
-        larger = [t for t in LOOSER_TARGETS if t > getattr(self, target) + 1e-9]
-        return replace(self, **{target: larger[0]}) if larger else None
+        return [replace(self, **{target: t}) for t in LOOSER_TARGETS if t > getattr(self, target) + 1e-9]
 
     def patches(self, first_case: bool) -> int:
         """How many calibration patches to take, from the first case or from a folder."""

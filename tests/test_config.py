@@ -99,8 +99,9 @@ def test_a_floor_on_the_agreement_from_every_source_and_the_targets_it_loosens_t
     config = resolve_config(read_plans({"tucker": {"min_agreement": 0.95}}), env)
     assert config == TuckerConfig(0.3, min_agreement=0.98)
     assert config.describe() == "rank_ratio=0.3 policy=profiled min_agreement=0.98"
-    assert config.looser() == TuckerConfig(0.4, min_agreement=0.98)
-    assert TuckerConfig(mac_budget=0.25).looser() == TuckerConfig(mac_budget=0.3)
-    assert TuckerConfig(0.8).looser() is None and TuckerConfig(0.95).looser() is None
+    assert [c.rank_ratio for c in config.looser()] == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert config.looser()[0] == TuckerConfig(0.4, min_agreement=0.98)
+    assert TuckerConfig(mac_budget=0.25).looser()[0] == TuckerConfig(mac_budget=0.3)
+    assert TuckerConfig(0.95).looser() == [TuckerConfig(1.0)] and TuckerConfig(1.0).looser() == []
     with pytest.raises(TuckerConfigError, match=r"TUCKER_MIN_AGREEMENT=.98. is not allowed: .* number in \(0, 1\]"):
         read_env({"TUCKER_MIN_AGREEMENT": "98"})

@@ -206,8 +206,8 @@ def finish_compression(predictor: nnUNetPredictor, data: torch.Tensor | Any) -> 
 def _self_calibrate(predictor: nnUNetPredictor, config: TuckerConfig, source: str | None, data: Any, case: str,
                     record: Path) -> tuple[CompressionReport, list] | str:
     """Calibrate on the first case `data`, compress, and measure the agreement with the original on held-out tiles
-    of it; with a floor (`config.min_agreement`) missed, again with looser targets (`TuckerConfig.looser`) until
-    every class reaches it, or `UNCOMPRESSED`. The outcome goes to `record`."""
+    of it; with a floor (`config.min_agreement`) missed, the least loosened target that reaches it
+    (`measured_compression`), or `UNCOMPRESSED`. The outcome goes to `record`."""
     patches, fitted = first_case_patches(data, predictor, config.patches(first_case=True), case)
     _SELF_CALIBRATED.append(model_name(predictor, source))
     logger.info("self-calibrating %s (model %d in this process) on %s: %d patch(es) of %s%s, once per model",
@@ -236,9 +236,9 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
                          ) -> tuple[tuple[CompressionReport, list] | str, TuckerConfig | None]:
     """`compress_folds` on `calibration` (None: the weights alone, nothing measured), and the agreement of the
     compressed network with the original on the tiles `calibration.held_out` gives (in `calibration.info` and the
-    report); with a floor (`config.min_agreement`) missed, again with looser targets (`TuckerConfig.looser`) until
-    every class reaches it. Returns (report and converted folds, or `UNCOMPRESSED` where no target reached the
-    floor) and the config chosen (None for `UNCOMPRESSED`)."""
+    report); with a floor (`config.min_agreement`) missed, the least loosened target (`TuckerConfig.looser`) whose
+    agreement reaches it for every class, found by bisection. Returns (report and converted folds, or `UNCOMPRESSED`
+    where no target reached the floor) and the config chosen (None for `UNCOMPRESSED`)."""
     held_out = calibration.held_out() if calibration is not None else None
     if held_out is None:
         if config.min_agreement is not None:
@@ -250,25 +250,45 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
     tiles, masks, case = held_out
     network = unwrap(predictor.network)
     original = _original_label_maps(predictor, network, tiles)
-    pristine = copy.deepcopy(network) if config.min_agreement is not None else None
-    attempt = config
+    floor = config.min_agreement
+    pristine = copy.deepcopy(network) if floor is not None else None
+    # the target asked for first; where it misses the floor, a bisection of the looser ones (agreement rises with the
+    # ranks kept, give or take a near-tie): at most four more fits from any start, each on the same statistics
+    targets = [config, *config.looser()] if floor is not None else [config]
+    index, low, high = 0, 1, len(targets) - 1
+    chosen = None  # (config, report, converted folds, network, agreement) of the least loosened target that passed
     while True:
+        attempt = targets[index]
         report, converted = compress_folds(predictor, attempt, source, calibration)
         compressed = label_maps(predictor, network, [state for state, _ in converted], tiles)
-        info["agreement"] = {"case": case, **measure_agreement(original, compressed, masks, class_names(predictor))}
-        worst = info["agreement"]["worst"]
-        if config.min_agreement is None or worst is None or worst[1] >= config.min_agreement:
+        agreement = {"case": case, **measure_agreement(original, compressed, masks, class_names(predictor))}
+        worst = agreement["worst"]
+        passed = floor is None or worst is None or worst[1] >= floor
+        if passed:
+            chosen, high = (attempt, report, converted, network, agreement), index - 1
+        else:
+            low = index + 1
+        if index == 0 and passed:
             break
-        tried, attempt = attempt, attempt.looser()
-        logger.info("%s: %s on held-out tiles of %s, below min_agreement=%s; %s", tried.describe(),
-                    describe_worst(info["agreement"]), case, config.min_agreement,
-                    f"trying {attempt.describe()}" if attempt else "no looser target is left")
+        index = (low + high) // 2 if low <= high else None
+        logger.info("%s: %s on held-out tiles of %s, %s min_agreement=%s; %s", attempt.describe(),
+                    describe_worst(agreement), case, "reaches" if passed else "below", floor,
+                    "no other target is left to try" if index is None else f"trying {targets[index].describe()}")
+        if index is None:
+            break
         network = _replace_network(predictor, copy.deepcopy(pristine))
-        if attempt is None:
-            logger.warning("no rank ratio or MAC budget up to %s keeps every class at min_agreement=%s on held-out "
-                           "tiles of %s: the model runs uncompressed", LOOSER_TARGETS[-1], config.min_agreement,
-                           case)
-            return UNCOMPRESSED, None
+    if chosen is None:
+        info["agreement"] = agreement
+        logger.warning("no rank ratio or MAC budget up to %s keeps every class at min_agreement=%s on held-out tiles "
+                       "of %s: the model runs uncompressed", LOOSER_TARGETS[-1], floor, case)
+        return UNCOMPRESSED, None
+    attempt, report, converted, kept, info["agreement"] = chosen
+    if kept is not network:
+        _replace_network(predictor, kept)
+    if attempt is not config:
+        logger.info("%s: the least loosened target tried that reaches min_agreement=%s (%s), kept", attempt.describe(),
+                    floor, describe_worst(info["agreement"]))
+    worst = info["agreement"]["worst"]
     if config.min_agreement is not None and worst is None:
         logger.warning("min_agreement=%s could not be checked: nothing of %s was held out; check the model with "
                        "nnunet-tucker evaluate", config.min_agreement, case)
@@ -455,6 +475,8 @@ def _calibration_record(predictor: nnUNetPredictor, config: TuckerConfig, calibr
     `calibration_key`: the first case is known only when it comes), or on a calibration folder of that content."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(f"{__version__}|{json.dumps(config.fitted_dict(), sort_keys=True)}".encode())
+    if config.min_agreement is not None:  # what a floor may choose from
+        digest.update(f"|looser {LOOSER_TARGETS}".encode())
     if calibration_key is not None:
         digest.update(f"|calibration {calibration_key}".encode())
     for state in predictor.list_of_parameters:
