@@ -1,7 +1,7 @@
 """One-time overhead of a self-calibrating compressed run, and of the next run (from the cache).
 
     python benchmarks/first_run_overhead.py [--preset totalseg-3mm] [--ratio 0.3] [--shape 150 136 136]
-                                            [--patches N] [--out FILE] [--work-dir DIR]
+                                            [--patches N] [--min-agreement F] [--out FILE] [--work-dir DIR]
 
 Writes the preset as a model folder (random weights), loads it with a `TuckerPredictor` asking for
 `TuckerConfig(ratio)` with the default policy (profiled) and calibration (the first case), and times
@@ -11,7 +11,9 @@ waits for before nnU-Net predicts it: calibration statistics and targets, device
 the fit and refit. Then a second load of the same model and config (what every later run pays), and one
 plain forward pass of a patch for scale. Writes one JSON object to ``--out`` (default
 ``benchmarks/results/first_run_overhead[_<preset>]_cpu_<threads>cores.json``, no preset part for totalseg-3mm)
-and prints it; the cache is a fresh folder in the work folder.
+and prints it; the cache is a fresh folder in the work folder. With ``--min-agreement`` (a floor; the preset's random
+weights keep little agreement at low ranks, so the floor gives rank back) the results file gets ``_floor`` in its
+name and the plans the floor tried.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import shlex
 import sys
@@ -46,6 +49,18 @@ def default_out(preset: str, threads: int) -> Path:
     return RESULTS / f"first_run_overhead{part}_cpu_{threads}cores.json"
 
 
+class FloorLines(logging.Handler):
+    """The package's lines of each plan a floor tried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "min_agreement=" in record.getMessage() and " on held-out tiles of " in record.getMessage():
+            self.lines.append(record.getMessage())
+
+
 def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:
     start = time.perf_counter()
     predictor = TuckerPredictor(device=torch.device("cpu"), tucker_config=config, use_mirroring=False)
@@ -60,16 +75,21 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--shape", type=int, nargs=3, default=[150, 136, 136], help="preprocessed case (z y x)")
     parser.add_argument("--patches", type=int, help="calibration patches (default: the package's, 2)")
+    parser.add_argument("--min-agreement", type=float, help="a floor on the agreement (TUCKER_MIN_AGREEMENT)")
     parser.add_argument("--out", type=Path, help="results file to write (default: benchmarks/results/"
                         "first_run_overhead[_<preset>]_cpu_<threads>cores.json)")
     parser.add_argument("--work-dir", type=Path, help="model folder and cache (default: temporary)")
     args = parser.parse_args()
 
     out = args.out or default_out(args.preset, torch.get_num_threads())
+    if args.out is None and args.min_agreement is not None:
+        out = out.with_name(out.name.replace("_cpu_", "_floor_cpu_"))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tucker_overhead_"))
     os.environ["TUCKER_CACHE_DIR"] = str(work / "cache")
     model = write_preset_model_folder(args.preset, work / "results")
-    config = TuckerConfig(args.ratio, calibration_patches=args.patches)
+    config = TuckerConfig(args.ratio, calibration_patches=args.patches, min_agreement=args.min_agreement)
+    floor_lines = FloorLines()
+    logging.getLogger("nnunet_tucker").addHandler(floor_lines)
     image, _, _ = make_phantom(0, shape=tuple(args.shape))
     data = torch.from_numpy(((image - image.mean()) / image.std()).astype(np.float32)[None])
 
@@ -100,6 +120,10 @@ def main() -> None:
         "second_run_load_s": round(second_load, 1),
         "compressed_forward_of_one_patch_s": round(forward, 2),
         "macs_kept": round(report.macs_after / report.macs_before, 3),
+        "min_agreement": args.min_agreement,
+        "chosen": report.config.get("rank_ratio"),
+        "agreement_worst": report.extra["calibration"]["agreement"]["worst"],
+        "floor_lines": floor_lines.lines,
         "command": f"python benchmarks/first_run_overhead.py {shlex.join(sys.argv[1:])}".strip()
                    + f" ({torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {datetime.date.today()})",
     }

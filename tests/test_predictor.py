@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nnunet_tucker.config import TuckerConfig, TuckerConfigError
+from nnunet_tucker.counting import count_macs
 from nnunet_tucker.nnunet import pipeline
 from nnunet_tucker.nnunet import predictor as predictor_module
 from nnunet_tucker.nnunet.calibration_images import (
@@ -284,6 +285,31 @@ def test_a_floor_missed_by_the_first_plan_gives_rank_back_and_later_runs_take_wh
     assert report.macs_after > without.tucker_report.macs_after  # rank given back
     again = _predictor(config)  # a later run: what the floor chose, from the cache
     assert again.tucker_report.config == report.config and again.tucker_report.extra["cache_misses"] == 0
+
+
+def test_a_floor_bisects_the_looser_targets_and_runs_the_least_that_reached_it(monkeypatch):
+    # agreement planted to reach the floor from ratio 0.5 up: from 0.3 the search tries 0.7 (reaches), 0.5
+    # (reaches), 0.4 (misses), and must then run 0.5's network, not the last one it fitted
+    tried = []
+    compress_folds = predictor_module.compress_folds
+
+    def recorded(predictor, config, *args):
+        tried.append(config.rank_ratio)
+        return compress_folds(predictor, config, *args)
+
+    def planted(*args):
+        worst = 0.99 if tried[-1] >= 0.5 else 0.5
+        return {"tiles": 2, "voxels": 10, "voxel_agreement": worst, "classes": {}, "worst": ["liver", worst]}
+
+    monkeypatch.setattr(predictor_module, "compress_folds", recorded)
+    monkeypatch.setattr(predictor_module, "measure_agreement", planted)
+    predictor = _predictor(TuckerConfig(0.3, policy="auto", backend="torch", calibration_patches=2, min_agreement=0.9))
+    _predict(predictor, _image())
+    assert tried == [0.3, 0.7, 0.5, 0.4]
+    report = predictor.tucker_report
+    assert report.config["rank_ratio"] == 0.5 and report.extra["calibration"]["agreement"]["worst"] == ["liver", 0.99]
+    running = predictor_module.unwrap(predictor.network)
+    assert count_macs(running, (1, 1, *predictor.configuration_manager.patch_size))[0] == report.macs_after
 
 
 def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(caplog, monkeypatch):
