@@ -322,7 +322,8 @@ def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(cap
         original = [dict(state) for state in predictor.list_of_parameters]
         segmentation = _predict(predictor, _image())
     tried = [m for m in _lines(caplog) if " on held-out tiles of the first image" in m and "below min_agreement" in m]
-    assert [m.split(":")[0] for m in tried] == [f"rank_ratio={r} policy=auto min_agreement=0.9" for r in (0.7, 0.9, 1.0)]
+    assert [m.split(":")[0] for m in tried] == [f"rank_ratio={r} policy=auto min_agreement=0.9"
+                                                for r in (0.7, 0.9, 1.0)]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("no rank ratio or MAC budget up to 1.0 keeps every class at "
                                                          "min_agreement=0.9"), warnings
