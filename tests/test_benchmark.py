@@ -69,8 +69,8 @@ def test_environment_is_set_inside_and_restored_after(monkeypatch):
 def test_interleaved_timings_and_outputs(tmp_path):
     net, shape = build("plain3d")
     timings = benchmark(net, shape, [TuckerConfig(0.5, policy="auto", rank_min=2),
-                                     TuckerConfig(0.3, policy="auto", rank_min=2)], rounds=3)  # 3: a median, no mean
-    assert [t.name for t in timings] == ["original", "auto 0.5", "auto 0.3"]
+                                     TuckerConfig(mac_budget=0.3, policy="auto", rank_min=2)], rounds=3)  # a median
+    assert [t.name for t in timings] == ["original", "auto 0.5", "auto MACs 0.3"]
     assert all(len(t.seconds) == 3 and all(s > 0 for s in t.seconds) for t in timings)
     assert timings[2].macs < timings[1].macs < timings[0].macs and timings[2].mac_reduction > 1
     for t in timings:

@@ -76,8 +76,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def variant_name(config: TuckerConfig) -> str:
-    """The name a compressed variant goes by in tables: policy, rank ratio, rank alignment."""
-    name = f"{config.policy} {config.rank_ratio}"
+    """The name a compressed variant goes by in tables: policy, rank ratio (or MAC budget), rank alignment."""
+    target = config.rank_ratio if config.rank_ratio is not None else f"MACs {config.mac_budget}"
+    name = f"{config.policy} {target}"
     return name + f" x{config.rank_multiple}" if config.rank_multiple > 1 else name
 
 
