@@ -176,7 +176,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         check_backend("openvino")
     if args.whole_run:
         return _bench_whole_run(args)
-    args.ratios = args.ratios or [0.5, 0.3, 0.1]
+    args.ratios = args.ratios or ([] if args.mac_budgets else [0.5, 0.3, 0.1])
     args.rounds = args.rounds or 5
     if args.e2e and not args.model:
         return _fail("--e2e times nnU-Net's prediction of a model folder: give -m MODEL_FOLDER")
@@ -186,9 +186,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _fail("--png plots one network: give one --preset")
     if args.threads:
         torch.set_num_threads(args.threads)
+    targets = [{"rank_ratio": r} for r in args.ratios] + [{"mac_budget": b} for b in args.mac_budgets or []]
     configs = [
-        TuckerConfig(ratio, policy=policy, rank_min=args.rank_min, rank_multiple=multiple)
-        for policy in args.policies for ratio in args.ratios for multiple in args.rank_multiples
+        TuckerConfig(**target, policy=policy, rank_min=args.rank_min, rank_multiple=multiple)
+        for policy in args.policies for target in targets for multiple in args.rank_multiples
     ]
     if several:
         sections = []
@@ -257,6 +258,8 @@ def _bench_whole_run(args: argparse.Namespace) -> int:
                      "to fp16 themselves): give --preset totalseg-3mm and none of -m, --e2e, --fp16, --compile")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         return _fail(f"--whole-run runs on -device cpu or cuda, not {args.device!r}")
+    if args.mac_budgets:
+        return _fail("--whole-run compares the original with one rank ratio (--ratios), not with MAC budgets")
     if args.ratios and len(args.ratios) != 1:
         return _fail(f"--whole-run compares the original with one rank ratio, not {len(args.ratios)}")
     if args.threads:
@@ -343,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --preset totalseg-3mm: time TotalSegmentator --fast --ml and nnU-Net in process on "
                             "a generated 512x512x300 CT, original vs one rank ratio (default 0.3), split by stage; "
                             "writes whole_run.md, .json and .png to OUT_DIR")
-    bench.add_argument("--ratios", type=float, nargs="+", help="rank ratios to time (default 0.5 0.3 0.1)")
+    bench.add_argument("--ratios", type=float, nargs="+",
+                       help="rank ratios to time (default 0.5 0.3 0.1, none where --mac-budgets are given)")
+    bench.add_argument("--mac-budgets", type=float, nargs="+",
+                       help="MAC budgets to time (shares of the original multiply-accumulates per patch)")
     bench.add_argument("--policies", nargs="+", default=["profiled"], choices=POLICIES,
                        help="rank policies to time (default profiled)")
     bench.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino"],

@@ -146,6 +146,22 @@ def test_bench_times_several_presets_one_after_the_other_into_one_json(tmp_path,
     assert cli.main(["bench", "--preset", *names, "--png", str(tmp_path / "p.png")]) == 2
 
 
+def test_bench_times_mac_budgets_beside_ratios_or_alone(tmp_path, monkeypatch):
+    from nnunet_tucker import cli
+    from nnunet_tucker.tools import presets
+
+    monkeypatch.setattr(presets, "build_preset", lambda name: build("plain3d"))
+    common = ["bench", "--preset", "resenc-l", "--policies", "auto", "--rank-min", "2", "--rounds", "1", "--warmup",
+              "0", "--json"]
+    assert cli.main([*common, str(tmp_path / "a.json"), "--ratios", "0.5", "--mac-budgets", "0.6", "0.4"]) == 0
+    variants = json.loads((tmp_path / "a.json").read_text())["variants"]
+    assert [v["name"] for v in variants] == ["original", "auto 0.5", "auto MACs 0.6", "auto MACs 0.4"]
+    assert variants[3]["macs"] <= 0.4 * variants[0]["macs"] < variants[2]["macs"] <= 0.6 * variants[0]["macs"]
+    assert cli.main([*common, str(tmp_path / "b.json"), "--mac-budgets", "0.5"]) == 0  # no default ratios then
+    assert [v["name"] for v in json.loads((tmp_path / "b.json").read_text())["variants"]] == ["original",
+                                                                                          "auto MACs 0.5"]
+
+
 def test_every_variant_is_also_timed_on_another_backend(tmp_path, monkeypatch):
     """``--backends torch openvino``: the original and each compressed variant once more, run by OpenVINO, with the
     same parameters and MACs and the backend named."""
