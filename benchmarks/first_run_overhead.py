@@ -58,7 +58,7 @@ class FloorLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if "min_agreement=" in record.getMessage() and " on held-out tiles of " in record.getMessage():
-            self.lines.append(record.getMessage())
+            self.lines.append(f"{time.perf_counter():.1f} s: {record.getMessage()}")
 
 
 def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:
@@ -89,7 +89,9 @@ def main() -> None:
     model = write_preset_model_folder(args.preset, work / "results")
     config = TuckerConfig(args.ratio, calibration_patches=args.patches, min_agreement=args.min_agreement)
     floor_lines = FloorLines()
-    logging.getLogger("nnunet_tucker").addHandler(floor_lines)
+    logger = logging.getLogger("nnunet_tucker")
+    logger.addHandler(floor_lines)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     image, _, _ = make_phantom(0, shape=tuple(args.shape))
     data = torch.from_numpy(((image - image.mean()) / image.std()).astype(np.float32)[None])
 

@@ -449,6 +449,31 @@ def test_refit_on_responses_lowers_the_output_error_and_keeps_the_mean():
     assert mean_error <= 1e-4 * y.abs().max()  # float32 rounding: ~1e-8 of the outputs' scale
 
 
+def test_a_plan_that_keeps_every_rank_is_exact_without_data(architecture):
+    network, shape = build(architecture)
+    network.eval()
+    x = torch.randn(2, *shape[1:])
+    stats = collect_statistics(network, x)
+    plan = plan_compression(network, TuckerConfig(1.0, policy="paper", rank_min=1))
+    assert any(layer.ranks for layer in plan)
+
+    def no_refit() -> RefitData:
+        raise AssertionError("an exact plan needs no refit")
+
+    with_data, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=no_refit)
+    weights_only, errors = convert_state_dict(network.state_dict(), plan)
+    assert with_data.keys() == weights_only.keys()
+    assert all(torch.allclose(with_data[k], weights_only[k], rtol=1e-5, atol=1e-7) for k in with_data)
+    assert max(errors.values()) < 1e-4  # full ranks: the HOSVD reproduces each weight up to float rounding
+    compressed = copy.deepcopy(network)
+    swap_modules(compressed, plan)
+    compressed.load_state_dict(with_data)
+    with torch.no_grad():
+        y, y_hat = (n(x[:1]) for n in (network, compressed))
+    y, y_hat = (v[0] if isinstance(v, (list, tuple)) else v for v in (y, y_hat))
+    assert (y_hat - y).abs().max() <= 1e-4 * y.abs().max()
+
+
 def test_no_refit_without_enough_positions():
     torch.manual_seed(0)
     network = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ConvTranspose3d(8, 4, 2, stride=2),

@@ -51,10 +51,12 @@ def convert_state_dict(
     once and written under all of its aliases. Layers with (usable) `statistics` for these
     weights get the calibration-aware fit, the others the HOSVD. `refit_on` returns the
     `RefitData`: the core and last factor of calibrated layers are then refitted on data
-    (`_refit_in_order`).
+    (`_refit_in_order`). A plan that keeps every rank of every layer it decomposes is exact: HOSVD alone, no data.
     """
     statistics = statistics or {}
     plan = [layer for layer in plan if layer.ranks is not None]
+    if all(layer.ranks == (layer.spec.in_channels, layer.spec.out_channels) for layer in plan):
+        statistics, refit_on = {}, None  # every rank kept: the HOSVD is exact, data has nothing to add
     decomposed: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
     for layer in plan:
