@@ -270,9 +270,9 @@ def test_a_floor_missed_by_the_first_plan_gives_rank_back_and_later_runs_take_wh
         at_floor = _predictor(config)
         _predict(at_floor, _image(shape=LARGE))
     # ratio 0.4 keeps too little of this narrow network: the liver in the held-out tiles falls below 0.85 (to 0.78);
-    # the looser targets 0.5 ... 1.0 are bisected: 0.7 first, then 0.5 (0.91) where 0.7 reaches the floor
+    # the next target, 0.5, is tried first (0.91)
     missed = [m for m in _lines(caplog) if m.startswith("rank_ratio=0.4 policy=auto min_agreement=0.85: worst class ")]
-    assert len(missed) == 1 and missed[0].endswith("below min_agreement=0.85; trying rank_ratio=0.7 policy=auto "
+    assert len(missed) == 1 and missed[0].endswith("below min_agreement=0.85; trying rank_ratio=0.5 policy=auto "
                                                    "min_agreement=0.85"), _lines(caplog)
     tried = {float(m.split()[0].removeprefix("rank_ratio=")): " reaches min_agreement" in m for m in _lines(caplog)
              if m.startswith("rank_ratio=") and " on held-out tiles of the first image, " in m}
@@ -287,9 +287,9 @@ def test_a_floor_missed_by_the_first_plan_gives_rank_back_and_later_runs_take_wh
     assert again.tucker_report.config == report.config and again.tucker_report.extra["cache_misses"] == 0
 
 
-def test_a_floor_bisects_the_looser_targets_and_runs_the_least_that_reached_it(monkeypatch):
-    # agreement planted to reach the floor from ratio 0.5 up: from 0.3 the search tries 0.7 (reaches), 0.5
-    # (reaches), 0.4 (misses), and must then run 0.5's network, not the last one it fitted
+def test_a_floor_searches_the_looser_targets_and_runs_the_least_that_reached_it(monkeypatch):
+    # agreement planted to reach the floor from ratio 0.6 up: from 0.3 the search tries 0.4 (misses), 0.6 (reaches),
+    # 0.5 (misses), and must then run 0.6's network, not the last one it fitted
     tried = []
     compress_folds = predictor_module.compress_folds
 
@@ -298,18 +298,35 @@ def test_a_floor_bisects_the_looser_targets_and_runs_the_least_that_reached_it(m
         return compress_folds(predictor, config, *args)
 
     def planted(*args):
-        worst = 0.99 if tried[-1] >= 0.5 else 0.5
+        worst = 0.99 if tried[-1] >= 0.6 else 0.5
         return {"tiles": 2, "voxels": 10, "voxel_agreement": worst, "classes": {}, "worst": ["liver", worst]}
 
     monkeypatch.setattr(predictor_module, "compress_folds", recorded)
     monkeypatch.setattr(predictor_module, "measure_agreement", planted)
     predictor = _predictor(TuckerConfig(0.3, policy="auto", backend="torch", calibration_patches=2, min_agreement=0.9))
     _predict(predictor, _image())
-    assert tried == [0.3, 0.7, 0.5, 0.4]
+    assert tried == [0.3, 0.4, 0.6, 0.5]
     report = predictor.tucker_report
-    assert report.config["rank_ratio"] == 0.5 and report.extra["calibration"]["agreement"]["worst"] == ["liver", 0.99]
+    assert report.config["rank_ratio"] == 0.6 and report.extra["calibration"]["agreement"]["worst"] == ["liver", 0.99]
     running = predictor_module.unwrap(predictor.network)
     assert count_macs(running, (1, 1, *predictor.configuration_manager.patch_size))[0] == report.macs_after
+
+
+@pytest.mark.parametrize(("least", "order", "kept"), [
+    (1, [1], 1),  # a near miss: one fit
+    (2, [1, 3, 2], 2),
+    (3, [1, 3, 2], 3),
+    (5, [1, 3, 7, 5], 5),  # 7 (the last, every rank kept) is not counted among the three fits
+    (4, [1, 3, 7, 5], 5),  # the three fits spent: 4 is not tried
+    (None, [1, 3, 7], None),  # not even the last reached it
+])
+def test_the_floor_gallops_then_bisects_with_three_fits_besides_the_last(least, order, kept):
+    tried = {0: False}  # targets 0 (asked for, missed) ... 7 (every rank kept)
+    while (index := predictor_module.next_target(tried, 7)) is not None:
+        assert index not in tried
+        tried[index] = least is not None and index >= least
+    assert list(tried)[1:] == order and min((i for i, ok in tried.items() if ok), default=None) == kept
+    assert predictor_module.next_target({0: False}, 0) is None  # nothing looser than the target asked for
 
 
 def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(caplog, monkeypatch):
@@ -323,7 +340,7 @@ def test_a_floor_no_plan_reaches_leaves_the_model_uncompressed_now_and_later(cap
         segmentation = _predict(predictor, _image())
     tried = [m for m in _lines(caplog) if " on held-out tiles of the first image" in m and "below min_agreement" in m]
     assert [m.split(":")[0] for m in tried] == [f"rank_ratio={r} policy=auto min_agreement=0.9"
-                                                for r in (0.7, 0.9, 1.0)]
+                                                for r in (0.7, 0.8, 1.0)]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("no rank ratio or MAC budget up to 1.0 keeps every class at "
                                                          "min_agreement=0.9"), warnings

@@ -70,6 +70,8 @@ _SELF_CALIBRATED: list[str] = []
 AGREEMENT_WARNING = 0.95
 # What a self-calibration with a floor (`min_agreement`) comes to when no plan reaches it: the model runs uncompressed.
 UNCOMPRESSED = "uncompressed"
+# A floor missed: at most this many looser targets are fitted, besides the last (every rank kept: exact, and cheap)
+FLOOR_FITS = 3
 
 
 def _ensure_visible_logging() -> None:
@@ -252,31 +254,26 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
     original = _original_label_maps(predictor, network, tiles)
     floor = config.min_agreement
     pristine = copy.deepcopy(network) if floor is not None else None
-    # the target asked for first; where it misses the floor, a bisection of the looser ones (agreement rises with the
-    # ranks kept, give or take a near-tie): at most four more fits from any start, each on the same statistics
     targets = [config, *config.looser()] if floor is not None else [config]
-    index, low, high = 0, 1, len(targets) - 1
-    chosen = None  # (config, report, converted folds, network, agreement) of the least loosened target that passed
-    while True:
+    tried: dict[int, bool] = {}  # index in targets: whether its agreement reached the floor
+    index, chosen = 0, None  # chosen: (config, report, converted folds, network, agreement) of the least that reached
+    while index is not None:
         attempt = targets[index]
         report, converted = compress_folds(predictor, attempt, source, calibration)
         compressed = label_maps(predictor, network, [state for state, _ in converted], tiles)
         agreement = {"case": case, **measure_agreement(original, compressed, masks, class_names(predictor))}
         worst = agreement["worst"]
-        passed = floor is None or worst is None or worst[1] >= floor
+        passed = tried[index] = floor is None or worst is None or worst[1] >= floor
         if passed:
-            chosen, high = (attempt, report, converted, network, agreement), index - 1
-        else:
-            low = index + 1
+            chosen = (attempt, report, converted, network, agreement)  # each one reached is less loosened
         if index == 0 and passed:
             break
-        index = (low + high) // 2 if low <= high else None
+        index = next_target(tried, len(targets) - 1)
         logger.info("%s: %s on held-out tiles of %s, %s min_agreement=%s; %s", attempt.describe(),
                     describe_worst(agreement), case, "reaches" if passed else "below", floor,
                     "no other target is left to try" if index is None else f"trying {targets[index].describe()}")
-        if index is None:
-            break
-        network = _replace_network(predictor, copy.deepcopy(pristine))
+        if index is not None:
+            network = _replace_network(predictor, copy.deepcopy(pristine))
     if chosen is None:
         info["agreement"] = agreement
         logger.warning("no rank ratio or MAC budget up to %s keeps every class at min_agreement=%s on held-out tiles "
@@ -294,6 +291,24 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
                        "nnunet-tucker evaluate", config.min_agreement, case)
     report.extra["calibration"]["agreement"] = info["agreement"]
     return (report, converted), attempt
+
+
+def next_target(tried: dict[int, bool], last: int) -> int | None:
+    """Where a floor was missed, which target to fit next: an index into the target asked for (0) and the looser ones
+    (1 … `last`, every rank kept), given whether each tried reached the floor (0 did not). Galloping (the next
+    target, then steps doubling: 1, 3, 7, …) up to the first that reaches it, then bisecting below that one: a near
+    miss costs one fit. At most `FLOOR_FITS` targets besides the last are fitted; when they are spent, the last (exact
+    and cheap) unless one was reached. None: done, the least target reached is kept."""
+    reached = min((i for i, ok in tried.items() if ok), default=None)
+    missed = max(i for i, ok in tried.items() if not ok and (reached is None or i < reached))
+    if reached is not None and reached - missed == 1:
+        return None
+    if sum(0 < i < last for i in tried) >= FLOOR_FITS:
+        return last if reached is None and last not in tried else None
+    if reached is None:
+        step = min(2 * missed + 1, last)
+        return None if step in tried else step
+    return (missed + reached) // 2
 
 
 def _original_label_maps(predictor: nnUNetPredictor, network: nn.Module, tiles: torch.Tensor) -> list[torch.Tensor]:
