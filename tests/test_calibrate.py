@@ -450,7 +450,15 @@ def test_refit_on_responses_lowers_the_output_error_and_keeps_the_mean():
 
 
 def test_a_plan_that_keeps_every_rank_is_exact_without_data(architecture):
-    network, shape = build(architecture)
+    _exact_without_data(*build(architecture))
+
+
+def test_every_rank_of_a_first_layer_is_what_its_kernel_carries():
+    torch.manual_seed(0)  # 1 -> 32 channels, 3x3x3: every rank kept is (1, 27), not (1, 32)
+    _exact_without_data(nn.Sequential(nn.Conv3d(1, 32, 3, padding=1), nn.Conv3d(32, 8, 3, padding=1)), (1, 1, 8, 8, 8))
+
+
+def _exact_without_data(network: nn.Module, shape: tuple[int, ...]) -> None:
     network.eval()
     x = torch.randn(2, *shape[1:])
     stats = collect_statistics(network, x)

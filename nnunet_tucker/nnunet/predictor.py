@@ -239,8 +239,8 @@ def measured_compression(predictor: nnUNetPredictor, config: TuckerConfig, sourc
     """`compress_folds` on `calibration` (None: the weights alone, nothing measured), and the agreement of the
     compressed network with the original on the tiles `calibration.held_out` gives (in `calibration.info` and the
     report); with a floor (`config.min_agreement`) missed, the least loosened target (`TuckerConfig.looser`) whose
-    agreement reaches it for every class, searched as `next_target` says. Returns (report and converted folds, or `UNCOMPRESSED`
-    where no target reached the floor) and the config chosen (None for `UNCOMPRESSED`)."""
+    agreement reaches it for every class, searched as `next_target` says. Returns (report and converted folds, or
+    `UNCOMPRESSED` where no target reached the floor) and the config chosen (None for `UNCOMPRESSED`)."""
     held_out = calibration.held_out() if calibration is not None else None
     if held_out is None:
         if config.min_agreement is not None:

@@ -23,7 +23,7 @@ from ..fit import (
     tucker2,
 )
 from ..plan import LayerPlan, unwrap
-from ..plan.ranks import ConvSpec
+from ..plan.ranks import ConvSpec, clamp_ranks
 from .surgery import swap_modules
 
 
@@ -55,7 +55,7 @@ def convert_state_dict(
     """
     statistics = statistics or {}
     plan = [layer for layer in plan if layer.ranks is not None]
-    if all(layer.ranks == (layer.spec.in_channels, layer.spec.out_channels) for layer in plan):
+    if all(layer.ranks == clamp_ranks(layer.spec, layer.spec.in_channels, layer.spec.out_channels) for layer in plan):
         statistics, refit_on = {}, None  # every rank kept: the HOSVD is exact, data has nothing to add
     decomposed: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, float] = {}
