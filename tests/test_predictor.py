@@ -275,12 +275,12 @@ def test_a_floor_missed_by_the_first_plan_gives_rank_back_and_later_runs_take_wh
     assert len(missed) == 1 and missed[0].endswith("below min_agreement=0.85; trying rank_ratio=0.5 policy=auto "
                                                    "min_agreement=0.85"), _lines(caplog)
     tried = {float(m.split()[0].removeprefix("rank_ratio=")): " reaches min_agreement" in m for m in _lines(caplog)
-             if m.startswith("rank_ratio=") and " on held-out tiles of the first image, " in m}
+             if m.startswith("rank_ratio=") and " on held-out tiles of the first image" in m}
     report = at_floor.tucker_report
     assert report is not None, "no ratio up to 1.0 reached 0.85"  # this network reaches it at 0.5 (0.91)
     assert report.extra["calibration"]["agreement"]["worst"][1] >= 0.85
     reached = [ratio for ratio, passed in tried.items() if passed] + [report.config["rank_ratio"]]
-    assert report.config["rank_ratio"] == min(reached) > 0.4 and len(tried) <= 4, tried  # the least loosened tried
+    assert 0.4 in tried and report.config["rank_ratio"] == min(reached) > 0.4 and len(tried) <= 5, tried
     without = _predictor(TuckerConfig(0.4, policy="auto", backend="torch", calibration="none"))
     assert report.macs_after > without.tucker_report.macs_after  # rank given back
     again = _predictor(config)  # a later run: what the floor chose, from the cache
