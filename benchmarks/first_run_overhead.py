@@ -57,8 +57,9 @@ class FloorLines(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "min_agreement=" in record.getMessage() and " on held-out tiles of " in record.getMessage():
-            self.lines.append(f"{time.perf_counter():.1f} s: {record.getMessage()}")
+        message = record.getMessage()
+        if "min_agreement=" in message and " on held-out tiles of " in message:
+            self.lines.append(f"{time.perf_counter():.1f} s: {message}")
 
 
 def load(model: Path, config: TuckerConfig) -> tuple[TuckerPredictor, float]:

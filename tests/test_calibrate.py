@@ -471,7 +471,7 @@ def _exact_without_data(network: nn.Module, shape: tuple[int, ...]) -> None:
     with_data, _ = convert_state_dict(network.state_dict(), plan, statistics=stats, refit_on=no_refit)
     weights_only, errors = convert_state_dict(network.state_dict(), plan)
     assert with_data.keys() == weights_only.keys()
-    assert all(torch.allclose(with_data[k], weights_only[k], rtol=1e-5, atol=1e-7) for k in with_data)
+    assert all((with_data[k] - weights_only[k]).abs().max() <= 1e-5 * weights_only[k].abs().max() for k in with_data)
     assert max(errors.values()) < 1e-4  # full ranks: the HOSVD reproduces each weight up to float rounding
     compressed = copy.deepcopy(network)
     swap_modules(compressed, plan)
