@@ -29,7 +29,7 @@ from nnunet_tucker.errors import CalibrationError
 from nnunet_tucker.fit import Whitening, calibrated_tucker2, tucker2
 from nnunet_tucker.layers import TuckerConv
 from nnunet_tucker.plan import plan_compression
-from nnunet_tucker.plan.ranks import BudgetLayer, ConvSpec, allocate_ranks, conv_spec
+from nnunet_tucker.plan.ranks import BudgetLayer, ConvSpec, allocate_ranks, clamp_ranks, conv_spec
 from nnunet_tucker.swap import RefitData, convert_state_dict, swap_modules
 from nnunet_tucker.swap.convert import decompose_conv_weights, refit_conv_weights, refittable
 
@@ -378,6 +378,20 @@ def test_allocation_respects_budget_and_more_budget_loses_less():
         assert ranks == allocate_ranks(layers, share * full, 0, rank_min=2)  # deterministic
         losses.append(sum(layer.loss(r) for layer, r in zip(layers, ranks, strict=True)))
     assert losses[0] > losses[1] > losses[2]
+
+
+def test_allocation_never_takes_back_a_slower_original():
+    """A layer whose decomposed form is faster (`form_faster`) reaches full ranks where the budget allows, its exact
+    form, never the original: that costs fewer MACs at no loss, but runs slower."""
+    layers = _budget_layers()
+    faster = [BudgetLayer(layer.spec, layer.positions, layer.spectrum_in, layer.spectrum_out, form_faster=True)
+              for layer in layers]
+    full = [clamp_ranks(layer.spec, layer.spec.in_channels, layer.spec.out_channels) for layer in layers]
+    generous = sum(layer.macs(r) for layer, r in zip(layers, full, strict=True))
+    assert allocate_ranks(layers, generous, 0, rank_min=2) == [None] * len(layers)
+    assert allocate_ranks(faster, generous, 0, rank_min=2) == full
+    tight = allocate_ranks(faster, 0.3 * sum(layer.macs(None) for layer in layers), 0, rank_min=2)
+    assert None not in tight and tight != full
 
 
 def test_calibrated_allocation_gives_ranks_where_the_loss_is():

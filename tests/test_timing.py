@@ -11,6 +11,7 @@ from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.calibrate import collect_statistics
 from nnunet_tucker.layers import FusedInstanceNorm, PointwiseConv, TuckerConv
 from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.plan.ranks import clamp_ranks
 from nnunet_tucker.plan.timing import MAX_PROFILE_VOXELS, LayerTimer, layer_shapes, profile_input_shape
 
 
@@ -208,3 +209,22 @@ def test_real_timings_of_a_2d_network_with_instance_norms(tmp_path):
     plan = plan_compression(network, TuckerConfig(0.5, rank_min=2), shape, LayerTimer("cpu", cache_dir=tmp_path))
     timed = [p for p in plan if p.reason.startswith(("decomposed,", "not faster here"))]
     assert timed and (tmp_path / LayerTimer("cpu", cache_dir=tmp_path).path.name).is_file()
+
+
+def test_profiled_budget_keeps_forms_that_are_faster_even_exact(tmp_path):
+    """Under a MAC budget, a layer whose exact decomposed form (full ranks) times faster than the original stays
+    decomposed, up to full ranks, instead of going back to the slower original when the budget allows; where no
+    form is faster, the original is taken back as before. Both plans within the budget."""
+    network, shape = build("plain3d")
+    config = TuckerConfig(mac_budget=0.95, rank_min=2)
+    plans = {name: plan_compression(network, config, shape, ScriptedTimer(tmp_path / name, seconds))
+             for name, seconds in (("faster", lambda conv, c: 1.0 if c is None else 0.5),
+                                   ("slower", lambda conv, c: 1.0 if c is None else 0.97))}
+    eligible = [i for i, p in enumerate(plans["slower"]) if p.reason.startswith("budget")]
+    assert eligible and any(plans["slower"][i].reason == "budget: kept" for i in eligible)
+    faster = [plans["faster"][i] for i in eligible]
+    assert all(p.ranks and p.reason.endswith("exact form 2.00x faster here") for p in faster)
+    assert any(p.ranks == clamp_ranks(p.spec, p.spec.in_channels, p.spec.out_channels) for p in faster)
+    for plan in plans.values():
+        report = compress_network(copy.deepcopy(network), config, shape, plan=plan)
+        assert report.macs_after <= 0.95 * report.macs_before

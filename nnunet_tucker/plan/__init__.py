@@ -13,7 +13,8 @@ import dataclasses
 import fnmatch
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ from .ranks import (
     aligned_ranks,
     allocate_ranks,
     choose_ranks,
+    clamp_ranks,
     conv_spec,
     kept_by_shape,
 )
@@ -117,7 +119,9 @@ def plan_compression(
     With ``config.mac_budget``, ranks are allocated across the layers the policy may decompose so
     that the summed estimated error is least within the budget (`allocate_ranks`); the error
     estimates come from the network's current weights, and from `statistics` (calibration data,
-    by layer name) where given.
+    by layer name) where given. Under ``profiled``, a layer whose exact decomposed form (full
+    ranks) times faster than the original by `PROFILE_MARGIN` stays decomposed, up to full ranks,
+    instead of going back to its slower original form when the budget allows.
 
     The ``paper`` and ``auto`` policies decide from shapes alone (so does ``profiled`` without
     `input_shape`, by the ``auto`` rules). ``profiled`` times, at each layer's input shape for
@@ -153,18 +157,20 @@ def plan_compression(
     if config.mac_budget is not None:
         if input_shape is None:
             raise ValueError("a MAC budget needs the network's input shape to count multiply-accumulates")
-        plan = _budgeted(network, plan, config, input_shape, statistics or {})
+        plan = _budgeted(network, plan, config, input_shape, statistics or {},
+                         (timer or LayerTimer("cpu")) if config.policy == "profiled" else None)
     elif profiled:
         plan = _profiled(network, plan, input_shape, timer or LayerTimer("cpu"))
     return plan
 
 
 def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, input_shape: Sequence[int],
-              statistics: dict[str, ChannelStatistics]) -> list[LayerPlan]:
+              statistics: dict[str, ChannelStatistics], timer: LayerTimer | None) -> list[LayerPlan]:
     network = unwrap(network)
     shapes = layer_shapes(network, input_shape)
     total, _ = count_macs(network, input_shape)
     refined = list(plan)
+    speedups = _exact_form_speedups(network, plan, shapes, timer) if timer else {}
     candidates, layers = [], []
     for i, layer in enumerate(plan):
         if layer.ranks is None:
@@ -182,7 +188,8 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
         positions = math.prod((in_shape if layer.spec.transposed else out_shape)[2:]) * in_shape[0]
         candidates.append(i)
         spectra = channel_spectra(weight, stats.whitening() if statistics else None)
-        layers.append(BudgetLayer(layer.spec, positions, *spectra, calibrated=bool(statistics)))
+        layers.append(BudgetLayer(layer.spec, positions, *spectra, calibrated=bool(statistics),
+                                  form_faster=speedups.get(layer.name, 0.0) >= 1 / (1 - PROFILE_MARGIN)))
     fixed = total - sum(layer.macs(None) for layer in layers)
     try:
         ranks = allocate_ranks(layers, config.mac_budget * total, fixed, config.rank_min, config.rank_multiple)
@@ -193,9 +200,38 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
         ) from None
     for i, layer_ranks, budget_layer in zip(candidates, ranks, layers, strict=True):
         reason = "budget: kept" if layer_ranks is None else (
-            f"budget: est. error {budget_layer.error(layer_ranks):.3f}" + (" (calibrated)" if statistics else ""))
+            f"budget: est. error {budget_layer.error(layer_ranks):.3f}" + (" (calibrated)" if statistics else "")
+            + (f", exact form {speedups[plan[i].name]:.2f}x faster here" if budget_layer.form_faster else ""))
         refined[i] = dataclasses.replace(plan[i], ranks=layer_ranks, reason=reason)
     return refined
+
+
+def _exact_form_speedups(network: nn.Module, plan: list[LayerPlan], shapes: dict,
+                         timer: LayerTimer) -> dict[str, float]:
+    """Layer name -> how much faster its exact decomposed form (full ranks) runs here than the original, for
+    the layers of `plan` that may be decomposed and that run."""
+    norms = instance_norms_after(network)
+    speedups = {}
+    with _profiling(timer):
+        for layer in plan:
+            conv = network.get_submodule(layer.name)
+            if layer.ranks is None or id(conv) not in shapes:
+                continue
+            exact = clamp_ranks(layer.spec, layer.spec.in_channels, layer.spec.out_channels)
+            seconds = timer.seconds(conv, shapes[id(conv)][0], [None, exact], id(conv) in norms)
+            speedups[layer.name] = seconds[None] / seconds[exact]
+    return speedups
+
+
+@contextmanager
+def _profiling(timer: LayerTimer) -> Iterator[None]:
+    """Time under the profile's lock (`LayerTimer.exclusive`), then say what it cost."""
+    with timer.exclusive():
+        yield
+    if timer.measured:
+        stored = f"cached in {timer.path}" if timer.saved else f"not cached: {timer.path} could not be written"
+        logger.info("profiled %d layer forms on %s in %.1f s (%s)", timer.measured, timer.device,
+                    timer.seconds_spent, stored)
 
 
 PROFILE_MARGIN = 0.05  # a decomposition must beat the original by this much to replace it
@@ -207,14 +243,8 @@ def _profiled(network: nn.Module, plan: list[LayerPlan], input_shape: Sequence[i
               timer: LayerTimer) -> list[LayerPlan]:
     network = unwrap(network)
     shapes = {k: v[0] for k, v in layer_shapes(network, input_shape).items()}
-    norms = instance_norms_after(network)
-    with timer.exclusive():
-        refined = _fastest_forms(network, plan, shapes, norms, timer)
-    if timer.measured:
-        stored = f"cached in {timer.path}" if timer.saved else f"not cached: {timer.path} could not be written"
-        logger.info("profiled %d layer forms on %s in %.1f s (%s)", timer.measured, timer.device,
-                    timer.seconds_spent, stored)
-    return refined
+    with _profiling(timer):
+        return _fastest_forms(network, plan, shapes, instance_norms_after(network), timer)
 
 
 def _fastest_forms(network: nn.Module, plan: list[LayerPlan], shapes: dict, norms: dict,

@@ -100,13 +100,16 @@ def choose_ranks(
 @dataclass(frozen=True)
 class BudgetLayer:
     """What rank allocation needs to know of one decomposable layer: its shape, how many output
-    positions it computes per forward pass (input positions if transposed) and its mode spectra."""
+    positions it computes per forward pass (input positions if transposed), its mode spectra and
+    whether its decomposed form, exact at full ranks, runs faster here than the original (then the
+    original form is no option: it is slower at no loss in accuracy)."""
 
     spec: ConvSpec
     positions: int
     spectrum_in: torch.Tensor
     spectrum_out: torch.Tensor
     calibrated: bool = False
+    form_faster: bool = False
 
     def macs(self, ranks: tuple[int, int] | None) -> int:
         return self.spec.macs_per_position(ranks) * self.positions
@@ -148,12 +151,13 @@ def allocate_ranks(
 
     Greedy: every layer starts at `rank_min`; then the step with the largest loss reduction per
     added MAC is taken while one fits — one rank mode up by `step`, or a layer back to its original
-    form when that costs no more. Deterministic in its inputs.
+    form when that costs no more (never one whose decomposed form is faster: `BudgetLayer.form_faster`,
+    which may reach full ranks). Deterministic in its inputs.
     """
     state: list[tuple[int, int] | None] = []
     for layer in layers:
         ranks = clamp_ranks(layer.spec, min(rank_min, layer.spec.in_channels), min(rank_min, layer.spec.out_channels))
-        state.append(None if layer.macs(ranks) >= layer.macs(None) else ranks)
+        state.append(None if not layer.form_faster and layer.macs(ranks) >= layer.macs(None) else ranks)
     spent = fixed_macs + sum(layer.macs(r) for layer, r in zip(layers, state, strict=True))
     if spent > budget_macs:
         raise BudgetError(f"needs at least {spent:.4g} MACs with rank_min={rank_min}")
@@ -162,7 +166,7 @@ def allocate_ranks(
         layer, ranks = layers[i], state[i]
         if ranks is None:
             return []
-        options = [None]
+        options = [] if layer.form_faster else [None]
         c_in, c_out = layer.spec.in_channels, layer.spec.out_channels
         if ranks[0] < c_in:
             options.append(clamp_ranks(layer.spec, min(c_in, ranks[0] + step), ranks[1]))
@@ -193,7 +197,7 @@ def allocate_ranks(
         state[i] = option
         spent += cost
         options[i] = moves(i)
-    return [None if r is not None and r == (layer.spec.in_channels, layer.spec.out_channels) else r
+    return [None if not layer.form_faster and r == (layer.spec.in_channels, layer.spec.out_channels) else r
             for layer, r in zip(layers, state, strict=True)]
 
 
