@@ -3,7 +3,7 @@ MACs the published rule vs budgeted ranks.
 
     python benchmarks/fidelity.py [--model FOLDER|demo|resenc-demo] [--folds 0 1] [--ratios 0.3]
                                   [--budgets 0.2 0.3] [--cases 6] [--calibration-cases 4] [--out DIR]
-                                  [--results FILE]
+                                  [--results FILE] [--time-rounds 7]
 
 On the shipped demo model (``--model demo``, the default: nnU-Net's PlainConvUNet trained on synthetic CT,
 folds 0 and 1), the shipped residual-encoder demo model (``--model resenc-demo``: planned by nnUNetPlannerResEncM,
@@ -24,7 +24,8 @@ the table gives per-class Dice vs the uncompressed segmentation and vs the groun
 Honesty of the agreement estimate: every calibrated variant measures its agreement with the original on tiles it
 did not fit on (of the first case, or of the calibration folder's last case, held out); the honesty table sets
 that estimate's worst class against the worst class over the held-out cases (``--self-calibrated-only`` runs
-just the self-calibrated variants, what that table needs).
+just the self-calibrated variants, what that table needs). ``--time-rounds 7`` also times each compressed plan's
+forward pass side by side with the original's (``forward_speedup``; the plans' ranks are in the JSON too).
 Calibration images are other synthetic cases (their labels unused). Writes ``results.json`` to the work
 folder (``--out``) and, with ``--results``, the same JSON to that file (e.g.
 ``benchmarks/results/fidelity_cpu.json``, from which the docs are rendered: benchmarks/render_readme.py).
@@ -39,6 +40,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -47,11 +49,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from nnunet_tucker import TuckerConfig
+from nnunet_tucker import TuckerConfig, compress_network
 from nnunet_tucker.counting import count_macs
+from nnunet_tucker.memory import reuse_freed_memory
 from nnunet_tucker.nnunet.model_folder import load_trained_model
-from nnunet_tucker.plan import plan_compression
+from nnunet_tucker.plan import plan_compression, plan_compression_from_ranks
 from nnunet_tucker.swap import swap_modules
+from nnunet_tucker.tools.benchmark import time_forward_passes
 from nnunet_tucker.tools.demo_model import demo_model_folder, resenc_demo_model_folder
 from nnunet_tucker.tools.evaluate import predict_folder
 from nnunet_tucker.tools.metrics import dice
@@ -93,6 +97,27 @@ def paper_ratio_within(network: torch.nn.Module, input_shape: tuple[int, ...], b
     return low, share(low)
 
 
+def time_plans(rows: list[dict], network: torch.nn.Module, input_shape: tuple[int, ...], rounds: int) -> None:
+    """Each compressed row's ``forward_speedup``: the original's median forward pass over its plan's, timed side by
+    side in interleaved rounds on the CPU (the plan's ranks on `network`'s weights, this package's PyTorch forms:
+    speed depends on the ranks, not on the fitted values)."""
+    reuse_freed_memory()  # as a compressed prediction runs
+    variants = {"original": network.eval()}
+    for i, row in enumerate(rows):
+        if row.get("ranks"):
+            variant = copy.deepcopy(network)
+            compress_network(variant, TuckerConfig(**row["config"]), input_shape,
+                             plan=plan_compression_from_ranks(variant, row["ranks"]))
+            variants[str(i)] = variant
+    seconds = time_forward_passes(variants, input_shape, torch.device("cpu"), rounds)
+    original = statistics.median(seconds.pop("original"))
+    for key, timed in seconds.items():
+        row = rows[int(key)]
+        row["forward_speedup"] = original / statistics.median(timed)
+        print(f"{row['target']} {row['variant']}: forward pass {row['forward_speedup']:.2f}x the original's speed "
+              f"({rounds} rounds, {torch.get_num_threads()} threads)")
+
+
 def read_segmentations(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii.gz"))}
 
@@ -123,6 +148,8 @@ def main() -> None:
     parser.add_argument("--min-agreement", type=float, help="a floor for the self-calibrated variants")
     parser.add_argument("--self-calibrated-only", action="store_true",
                         help="only the self-calibrated variants (what the honesty table needs)")
+    parser.add_argument("--time-rounds", type=int, default=0,
+                        help="also time each compressed plan's forward pass side by side with the original's")
     parser.add_argument("--out", type=Path, help="folder for results.json and predictions (default: temporary)")
     parser.add_argument("--results", type=Path, help="also write the results JSON to this file")
     args = parser.parse_args()
@@ -196,9 +223,12 @@ def main() -> None:
                 "dice_vs_original": per_class_dice(out["segs"], original["segs"]),
                 "dice_vs_truth": per_class_dice(out["segs"], truth),
                 "config": config.to_dict(), "calibration": report["extra"].get("calibration"),
+                "ranks": {layer["name"]: layer["ranks"] for layer in report.get("layers", []) if layer["ranks"]},
             })
             print_row(rows[-1])
 
+    if args.time_rounds:
+        time_plans(rows, loaded.network, loaded.input_shape, args.time_rounds)
     print("\n" + table(rows))
     honest = honesty(rows)
     print("\n" + honesty_table(honest))
