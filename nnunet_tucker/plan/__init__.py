@@ -170,7 +170,6 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
     shapes = layer_shapes(network, input_shape)
     total, _ = count_macs(network, input_shape)
     refined = list(plan)
-    speedups = _exact_form_speedups(network, plan, shapes, timer) if timer else {}
     candidates, layers = [], []
     for i, layer in enumerate(plan):
         if layer.ranks is None:
@@ -188,8 +187,10 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
         positions = math.prod((in_shape if layer.spec.transposed else out_shape)[2:]) * in_shape[0]
         candidates.append(i)
         spectra = channel_spectra(weight, stats.whitening() if statistics else None)
-        layers.append(BudgetLayer(layer.spec, positions, *spectra, calibrated=bool(statistics),
-                                  form_faster=speedups.get(layer.name, 0.0) >= 1 / (1 - PROFILE_MARGIN)))
+        layers.append(BudgetLayer(layer.spec, positions, *spectra, calibrated=bool(statistics)))
+    speedups = _exact_form_speedups(network, [plan[i] for i in candidates], shapes, timer) if timer else {}
+    layers = [dataclasses.replace(layer, form_faster=speedups[plan[i].name] >= 1 / (1 - PROFILE_MARGIN))
+              if speedups else layer for i, layer in zip(candidates, layers, strict=True)]
     fixed = total - sum(layer.macs(None) for layer in layers)
     try:
         ranks = allocate_ranks(layers, config.mac_budget * total, fixed, config.rank_min, config.rank_multiple)
@@ -209,14 +210,12 @@ def _budgeted(network: nn.Module, plan: list[LayerPlan], config: TuckerConfig, i
 def _exact_form_speedups(network: nn.Module, plan: list[LayerPlan], shapes: dict,
                          timer: LayerTimer) -> dict[str, float]:
     """Layer name -> how much faster its exact decomposed form (full ranks) runs here than the original, for
-    the layers of `plan` that may be decomposed and that run."""
+    each layer of `plan` (all run: in `shapes`)."""
     norms = instance_norms_after(network)
     speedups = {}
     with _profiling(timer):
         for layer in plan:
             conv = network.get_submodule(layer.name)
-            if layer.ranks is None or id(conv) not in shapes:
-                continue
             exact = clamp_ranks(layer.spec, layer.spec.in_channels, layer.spec.out_channels)
             seconds = timer.seconds(conv, shapes[id(conv)][0], [None, exact], id(conv) in norms)
             speedups[layer.name] = seconds[None] / seconds[exact]
